@@ -1,0 +1,1 @@
+"""Prefect flows (extract, train, evaluate, sweep, pipeline), deployments and the ``mm`` CLI."""

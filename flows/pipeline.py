@@ -1,0 +1,82 @@
+"""The Prefect flows: extract, train, evaluate, sweep and pipeline (extract -> sweep -> report)."""
+from __future__ import annotations
+
+import itertools
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from models.config import ExperimentConfig
+from models.heads import parse_head_config
+from models.metrics import primary_metric
+from stores.feature_store import open_store
+from tasks.extraction import extract_features, version_store
+from tasks.reporting import report
+from tasks.training import threads_per_worker, train_head, update_champions
+
+
+@flow(name="extract")
+def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int | None = None) -> dict:
+    """Extract features into the LanceDB store (resumable), then version it with DVC."""
+    out = extract_features(config, max_rows=max_rows)
+    if version:
+        out.update(version_store(config))
+    return out
+
+
+@flow(name="train")
+def train_flow(config: ExperimentConfig) -> dict:
+    """One head, one training pattern, one seed: train, evaluate the grid, register in MLflow."""
+    return train_head(config)
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: ExperimentConfig, model_uri: str) -> dict:
+    """Re-evaluate a registered model (e.g. models:/avmnist-mmp@champion) on the config's scenario grid."""
+    from stores.tracking import load_predictor
+    from stores.runner import evaluate_grid, summarize
+
+    predictor = load_predictor(model_uri, config.tracking)
+    store = open_store(config)
+    scenarios = evaluate_grid(config, predictor.head, store)
+    return {"model_uri": model_uri, "summary": summarize(scenarios, store.meta["task"], store.modalities),
+            "scenarios": {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)} for s in scenarios}}
+
+
+def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
+    """The grid heads x train patterns x seeds, each a full config."""
+    out = []
+    for head, pattern, seed in itertools.product(config.sweep.heads, config.sweep.train_patterns, config.sweep.seeds):
+        out.append(config.model_copy(update={"head": parse_head_config(head), "train_pattern": pattern, "seed": seed}))
+    return out
+
+
+@flow(name="sweep")
+def sweep_flow(config: ExperimentConfig) -> dict:
+    """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
+    deterministic and one GPU is not oversubscribed), alias champions, write the report."""
+    log = get_run_logger()
+    store = open_store(config)
+    threads = threads_per_worker(config.sweep.max_parallel)
+    futures = [train_head.submit(c, threads=threads) for c in sweep_configs(config)]
+    results = [f.result() for f in futures]
+    metric = primary_metric(store.meta["task"])
+    heads = sorted({c.head.name for c in sweep_configs(config)})
+    champions = update_champions(config, heads, store.meta["dataset"], metric)
+    path = report(results, store.meta["dataset"], metric)
+    log.info("report: %s; champions: %s", path, champions)
+    return {"results": results, "champions": champions, "report": path}
+
+
+def run_sweep(config: ExperimentConfig) -> dict:
+    """``sweep_flow`` with a process pool sized by the config."""
+    runner = ProcessPoolTaskRunner(max_workers=config.sweep.max_parallel)
+    return sweep_flow.with_options(task_runner=runner)(config)
+
+
+@flow(name="pipeline")
+def pipeline_flow(config: ExperimentConfig, version: bool = True) -> dict:
+    """extract -> DVC version -> sweep -> report, for one dataset."""
+    extracted = extract_flow(config, version=version)
+    swept = run_sweep(config)
+    return {"extract": extracted, **swept}

@@ -1,0 +1,186 @@
+"""The one typed config tree (pydantic, extra="forbid"): YAML files under configs/ plus CLI overrides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from .heads import HeadConfig, parse_head_config
+from .patterns import MissingPattern
+from .training import TrainConfig
+
+DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    dataset: Literal["avmnist", "fashion", "manifest", "food101", "mmimdb"] = "avmnist"
+    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("MM_DATASETS_DIR", DEFAULT_DATASETS_DIR)))
+    manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
+    label_field: str = "subCategory"  # fashion: subCategory or masterCategory
+    min_per_class: int = 10
+    test_speakers: list[str] = Field(default_factory=lambda: ["theo", "yweweler"])  # avmnist held-out speakers
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    limit: int | None = None  # first N records per split-shuffle, for smoke runs
+    seed: int = 0
+
+
+class EncoderConfig(Strict):
+    """kind: efficientnet_lite0 | minilm | whisper_ct2 (offline packages) or hf (any model id or local path)."""
+
+    kind: Literal["efficientnet_lite0", "minilm", "whisper_ct2", "hf"]
+    model: str | None = None  # HF id or local path; defaults to the offline package's files
+    batch_size: int = 32
+    max_length: int = 64  # text tokens
+    audio_seconds: float = 3.0
+    image_size: int = 224
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+DEFAULT_ENCODERS = {
+    "avmnist": {"image": {"kind": "efficientnet_lite0"}, "audio": {"kind": "whisper_ct2"}},
+    "fashion": {"image": {"kind": "efficientnet_lite0"}, "text": {"kind": "minilm"}},
+    "food101": {"image": {"kind": "efficientnet_lite0"}, "text": {"kind": "minilm"}},
+    "mmimdb": {"image": {"kind": "efficientnet_lite0"}, "text": {"kind": "minilm"}},
+    "manifest": {"image": {"kind": "efficientnet_lite0"}, "text": {"kind": "minilm"}},
+}
+
+
+class StoreConfig(Strict):
+    root: Path = Path("data/store")  # tracked by data.dvc
+    write_every: int = 64  # rows per committed Lance write (the unit lost by a crash)
+    index_min_rows: int = 1024  # build an IVF-PQ index on pooled vectors at this many rows
+    lock_timeout_s: float = 0.0  # a second writer waits this long for the lock, then fails clearly
+    dvc_remote: Path = Path("data-remote")
+
+
+class EvalConfig(Strict):
+    test_rates: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    extra_patterns: list[MissingPattern] = Field(default_factory=list)
+
+
+class TrackingConfig(Strict):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: Path = Path("mlruns/artifacts")
+    experiment: str | None = None  # default: the dataset name
+    register_models: bool = True
+
+
+class SweepConfig(Strict):
+    heads: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": n} for n in
+                                                                  ["early", "late", "moddrop", "srmm", "mmp", "cmpt"]])
+    train_patterns: list[MissingPattern] = Field(default_factory=lambda: [MissingPattern()])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    max_parallel: int = 2  # concurrent training tasks; 1 per GPU is the safe default on GPU workers
+
+    @field_validator("heads")
+    @classmethod
+    def _known_heads(cls, v: list[dict]) -> list[dict]:
+        for h in v:
+            parse_head_config(h)
+        return v
+
+
+class ScheduleConfig(Strict):
+    pipeline_cron: str = "0 3 * * *"
+    extract_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class ExperimentConfig(Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    encoders: dict[str, EncoderConfig] | None = None  # modality -> encoder; None: the dataset's defaults
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    head: SerializeAsAny[HeadConfig] = Field(default_factory=lambda: parse_head_config({"name": "mmp"}))
+    train_pattern: MissingPattern = Field(default_factory=MissingPattern)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = 0
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _head(cls, v: Any) -> HeadConfig:
+        return parse_head_config(v)
+
+    def encoder_configs(self) -> dict[str, EncoderConfig]:
+        if self.encoders is not None:
+            return self.encoders
+        return {m: EncoderConfig(**e) for m, e in DEFAULT_ENCODERS[self.data.dataset].items()}
+
+    def flat(self) -> dict[str, str]:
+        """Every leaf as a dotted key, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict) and v:
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), x)
+            else:
+                out[prefix] = str(v)
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {k} is not a section")
+    tree[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML file (optional, may ``extends:`` another file) + dotted overrides -> validated config."""
+    tree: dict = {}
+    if path:
+        tree = _read_yaml(Path(path))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set(tree, keys, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n{e}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    base = tree.pop("extends", None)
+    if base:
+        merged = _read_yaml((path.parent / base).resolve())
+        _deep_merge(merged, tree)
+        return merged
+    return tree
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v

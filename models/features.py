@@ -1,0 +1,46 @@
+"""Turn a split's cached features into the batch a head sees under a missing pattern (pure torch)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .heads.base import FeatureBatch
+
+
+def take(data: FeatureBatch, idx: torch.Tensor) -> FeatureBatch:
+    """Rows ``idx`` of every tensor in ``data``."""
+    pick = lambda d: {k: v.index_select(0, idx) for k, v in d.items()}  # noqa: E731
+    return FeatureBatch(data.present.index_select(0, idx), data.y.index_select(0, idx), pick(data.vec),
+                        pick(data.tok), pick(data.tok_mask), pick(data.emb), pick(data.emb_mask))
+
+
+def apply_presence(data: FeatureBatch, present: torch.Tensor, placeholder: FeatureBatch,
+                   modalities: list[str]) -> FeatureBatch:
+    """Mark modalities absent where ``present`` is False and swap in the encoder's placeholder features there.
+    Rows already missing in the source data stay missing."""
+    present = present & data.present
+    out = FeatureBatch(present, data.y)
+    for i, m in enumerate(modalities):
+        gone = ~present[:, i]
+        for field in ("vec", "tok", "tok_mask", "emb", "emb_mask"):
+            src, ph = getattr(data, field), getattr(placeholder, field)
+            if m not in src:
+                continue
+            shape = (-1,) + (1,) * (src[m].dim() - 1)
+            getattr(out, field)[m] = torch.where(gone.view(shape), ph[m].to(src[m].dtype), src[m])
+    return out
+
+
+def add_noise(data: FeatureBatch, sigma: float, rng: np.random.Generator, modalities: list[str]) -> FeatureBatch:
+    """Gaussian noise with std ``sigma`` times each feature tensor's own std (so sigma means the same for
+    every encoder), on pooled vectors and tokens of ``modalities``; seeded by ``rng``."""
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    out = FeatureBatch(data.present, data.y, dict(data.vec), dict(data.tok), data.tok_mask, dict(data.emb),
+                       data.emb_mask)
+    for field in ("vec", "tok", "emb"):
+        feats = getattr(out, field)
+        for m in modalities:
+            if m in feats:
+                x = feats[m].float()
+                feats[m] = (x + sigma * x.std() * torch.randn(x.shape, generator=gen)).to(feats[m].dtype)
+    return out

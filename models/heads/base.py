@@ -1,0 +1,141 @@
+"""Head interface and registry: every head maps a FeatureBatch to logits plus an auxiliary loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Inputs = Literal["vec", "tok", "emb"]
+
+
+@dataclass
+class ModalitySpec:
+    """Shapes the head is built for; read from the feature store's metadata."""
+
+    modalities: list[str]
+    vec_dim: dict[str, int]
+    tok_dim: dict[str, int]
+    tok_len: dict[str, int]
+    n_classes: int
+    task: Literal["multiclass", "multilabel", "binary"] = "multiclass"
+    emb_dim: dict[str, int] = field(default_factory=dict)
+    emb_len: dict[str, int] = field(default_factory=dict)
+    placeholder_vec: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class FeatureBatch:
+    """A batch of cached features. Missing modalities already hold the encoder's placeholder features;
+    ``present`` [B, M] says which are real. Token tensors come with boolean masks (True = real token)."""
+
+    present: torch.Tensor
+    y: torch.Tensor
+    vec: dict[str, torch.Tensor] = field(default_factory=dict)
+    tok: dict[str, torch.Tensor] = field(default_factory=dict)
+    tok_mask: dict[str, torch.Tensor] = field(default_factory=dict)
+    emb: dict[str, torch.Tensor] = field(default_factory=dict)
+    emb_mask: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "FeatureBatch":
+        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        return FeatureBatch(self.present.to(device), self.y.to(device), move(self.vec), move(self.tok),
+                            move(self.tok_mask), move(self.emb), move(self.emb_mask))
+
+    @property
+    def size(self) -> int:
+        return self.present.shape[0]
+
+
+@dataclass
+class HeadOutput:
+    """``logits`` [N, C]; ``aux_loss`` is added to the task loss; ``target_index`` maps logits rows to batch
+    rows when a head emits several examples per sample in training (None: one row per sample, in order)."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    target_index: torch.Tensor | None = None
+
+
+class HeadConfig(BaseModel):
+    """Base of every head's config; ``name`` selects the head in the registry."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class Head(nn.Module):
+    """Base class. Subclasses declare the cached inputs they read and implement ``forward``."""
+
+    inputs: ClassVar[tuple[Inputs, ...]] = ("vec",)
+
+    def __init__(self, cfg: HeadConfig, spec: ModalitySpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(())
+
+    def forward(self, batch: FeatureBatch) -> HeadOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class HeadEntry:
+    config_cls: type[HeadConfig]
+    build: Callable[..., Head]
+
+
+HEADS: dict[str, HeadEntry] = {}
+
+
+def register_head(config_cls: type[HeadConfig]) -> Callable[[type[Head]], type[Head]]:
+    """Class decorator: ``@register_head(MyConfig)`` makes ``name`` from MyConfig's default available."""
+
+    def deco(cls: type[Head]) -> type[Head]:
+        name = config_cls.model_fields["name"].default
+        if name in HEADS:
+            raise ValueError(f"head {name!r} registered twice")
+        HEADS[name] = HeadEntry(config_cls, cls)
+        return cls
+
+    return deco
+
+
+def parse_head_config(raw: dict | HeadConfig) -> HeadConfig:
+    if isinstance(raw, HeadConfig):
+        return raw
+    name = raw.get("name")
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; registered heads: {sorted(HEADS)}")
+    return HEADS[name].config_cls.model_validate(raw)
+
+
+def build_head(cfg: HeadConfig, spec: ModalitySpec, backbones: dict[str, nn.Module] | None = None) -> Head:
+    head_cls = HEADS[cfg.name].build
+    return head_cls(cfg, spec, backbones=backbones) if getattr(head_cls, "needs_backbones", False) \
+        else head_cls(cfg, spec)
+
+
+def sample_keep_mask(present: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Randomly drop present modalities with probability p each, never dropping every present one."""
+    drop = torch.rand(present.shape, device=present.device, generator=generator) < p
+    keep = present & ~drop
+    dead = ~keep.any(1) & present.any(1)
+    if dead.any():
+        # restore one random present modality in rows that lost all
+        rows = present[dead]
+        scores = (torch.rand(rows.shape, device=present.device, generator=generator) + 1e-6) * rows
+        keep[dead] = torch.nn.functional.one_hot(scores.argmax(1), present.shape[1]).bool()
+    return keep
+
+
+def usable(present: torch.Tensor) -> torch.Tensor:
+    """Presence used for fusion: rows with nothing present fall back to every modality's placeholder."""
+    return present | ~present.any(1, keepdim=True)
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.1) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))

@@ -1,0 +1,105 @@
+"""MMP, Masked Modality Projection: learn to project available modalities' tokens into missing ones."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, sample_keep_mask, usable
+
+
+class MMPConfig(HeadConfig):
+    name: Literal["mmp"] = "mmp"
+    d_model: int = 128
+    n_agg: int = 8
+    mask_p: float = 0.5
+    n_heads: int = 4
+    fusion_layers: int = 2
+    dropout: float = 0.1
+    align_weight: float = 1.0
+    smooth_l1_beta: float = 1.0
+
+
+def _attn(d: int, heads: int, dropout: float) -> nn.MultiheadAttention:
+    return nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+
+
+@register_head(MMPConfig)
+class MMP(Head):
+    """Training masks each present modality with prob ``mask_p`` (never all). For a masked modality i and each
+    available j: j's aggregated tokens cross-attend to j's tokens (U_j); i's aggregated tokens cross-attend to U_j
+    (Z_ij); j's tokens cross-attend to Z_ij; a linear map over the token axis gives i's token count. An MLP over
+    the concatenation across j yields i's tokens in i's own feature space, aligned to the real ones with Smooth-L1.
+    At inference projected tokens replace missing ones; a fusion transformer classifies from a CLS token."""
+
+    inputs = ("tok",)
+
+    def __init__(self, cfg: MMPConfig, spec: ModalitySpec):
+        super().__init__(cfg, spec)
+        mods, d = spec.modalities, cfg.d_model
+        self.inp = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(spec.tok_dim[m]), nn.Linear(spec.tok_dim[m], d))
+                                  for m in mods})
+        self.agg = nn.ParameterDict({m: nn.Parameter(torch.randn(cfg.n_agg, d) * 0.02) for m in mods})
+        self.agg_update = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.dropout) for m in mods})
+        self.agg_query = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.dropout) for m in mods})
+        self.tok_attend = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.dropout) for m in mods})
+        self.len_map = nn.ModuleDict({f"{j}_to_{i}": nn.Linear(spec.tok_len[j], spec.tok_len[i])
+                                      for i in mods for j in mods if i != j})
+        others = max(len(mods) - 1, 1)
+        self.out = nn.ModuleDict({m: mlp(others * d, 2 * d, spec.tok_dim[m], cfg.dropout) for m in mods})
+        self.type_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in mods})
+        self.pos_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(spec.tok_len[m], d) * 0.02) for m in mods})
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
+        self.fusion = nn.TransformerEncoder(layer, cfg.fusion_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.classifier = nn.Linear(d, spec.n_classes)
+
+    def project(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor], avail: torch.Tensor,
+                targets: list[str]) -> dict[str, torch.Tensor]:
+        """Projected tokens [B, T_i, D_i] for each target modality i from the available others."""
+        mods, B = self.spec.modalities, avail.shape[0]
+        upd = {j: self.agg_update[j](self.agg[j].expand(B, -1, -1), x[j], x[j], key_padding_mask=~mask[j],
+                                     need_weights=False)[0] for j in mods}
+        out = {}
+        for i in targets:
+            parts = []
+            for jdx, j in enumerate(mods):
+                if j == i:
+                    continue
+                z = self.agg_query[i](self.agg[i].expand(B, -1, -1), upd[j], upd[j], need_weights=False)[0]
+                p = self.tok_attend[j](x[j], z, z, need_weights=False)[0] * mask[j].unsqueeze(-1)
+                p = self.len_map[f"{j}_to_{i}"](p.transpose(1, 2)).transpose(1, 2)
+                parts.append(p * avail[:, jdx, None, None])
+            out[i] = self.out[i](torch.cat(parts, -1) if parts else torch.zeros_like(x[i]))
+        return out
+
+    def forward(self, batch: FeatureBatch) -> HeadOutput:
+        mods, present = self.spec.modalities, batch.present
+        keep = sample_keep_mask(present, self.cfg.mask_p) if self.training else present
+        avail = usable(keep)
+        tok = {m: batch.tok[m] for m in mods}
+        mask = {m: batch.tok_mask[m] for m in mods}
+        x = {m: self.inp[m](tok[m]) for m in mods}
+        targets = [m for i, m in enumerate(mods) if not avail[:, i].all()]
+        proj = self.project(x, mask, avail, targets)
+        aux = self.zero(x[mods[0]])
+        for i, m in enumerate(mods):
+            if m not in proj:
+                continue
+            masked = present[:, i] & ~avail[:, i]  # real tokens exist: align the projection to them
+            if masked.any():
+                valid = mask[m][masked].unsqueeze(-1)
+                err = F.smooth_l1_loss(proj[m][masked].float(), tok[m][masked].float(), reduction="none",
+                                       beta=self.cfg.smooth_l1_beta)
+                aux = aux + (err * valid).sum() / (valid.sum() * err.shape[-1]).clamp_min(1)
+            use = avail[:, i, None, None]
+            tok[m] = torch.where(use, tok[m], proj[m].to(tok[m].dtype))
+            mask[m] = torch.where(avail[:, i, None], mask[m], torch.ones_like(mask[m]))
+        seq = [self.cls.expand(batch.size, -1, -1)]
+        seq += [self.inp[m](tok[m]) + self.pos_emb[m] + self.type_emb[m] for m in mods]
+        keys = torch.cat([torch.ones(batch.size, 1, dtype=torch.bool, device=present.device)] + [mask[m] for m in mods], 1)
+        h = self.fusion(torch.cat(seq, 1), src_key_padding_mask=~keys)
+        return HeadOutput(self.classifier(self.norm(h[:, 0])), self.cfg.align_weight * aux)

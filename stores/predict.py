@@ -1,0 +1,69 @@
+"""Classify raw samples (any modalities missing) with a trained head and the same frozen encoders."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from models.config import ExperimentConfig
+from models.heads import FeatureBatch, Head
+from models.training import predict
+from .encoders import BadInput, Encoder, build_encoder
+from .feature_store import _tokens, decode_tokens
+
+
+class Predictor:
+    """Holds a head, the store metadata it was trained on and lazily built encoders."""
+
+    def __init__(self, cfg: ExperimentConfig, head: Head, meta: dict):
+        self.cfg, self.head, self.meta = cfg, head.eval(), meta
+        self._encoders: dict[str, Encoder] = {}
+
+    def encoder(self, m: str) -> Encoder:
+        if m not in self._encoders:
+            self._encoders[m] = build_encoder(m, self.cfg.encoder_configs()[m])
+        return self._encoders[m]
+
+    def features(self, samples: list[dict[str, Any]]) -> FeatureBatch:
+        """Encode samples ({modality: path/text/None}); missing or unreadable inputs use the placeholder."""
+        meta, mods = self.meta, self.meta["modalities"]
+        present = torch.zeros(len(samples), len(mods), dtype=torch.bool)
+        batch = FeatureBatch(present, torch.zeros(len(samples), dtype=torch.long))
+        for j, m in enumerate(mods):
+            enc = self.encoder(m)
+            raw = []
+            for i, s in enumerate(samples):
+                v = s.get(m)
+                try:
+                    raw.append(enc.load(v) if v is not None and not (isinstance(v, float) and np.isnan(v)) else None)
+                except BadInput:
+                    raw.append(None)
+                present[i, j] = raw[-1] is not None
+            ph = enc.encode_placeholder()
+            idx = [i for i, x in enumerate(raw) if x is not None]
+            out = enc.encode([raw[i] for i in idx]) if idx else None
+            pick = lambda field, i: (getattr(out, field)[idx.index(i)] if i in idx else getattr(ph, field)[0])  # noqa: E731
+            batch.vec[m] = torch.from_numpy(np.stack([pick("vec", i) for i in range(len(samples))]).astype(np.float32))
+            for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]),
+                                      ("emb", meta.get("emb_dim", {}), meta.get("emb_len", {}))):
+                if m in dim:
+                    blobs, lengths = _tokens([pick(kind, i) for i in range(len(samples))])
+                    x, mask = decode_tokens(blobs, lengths.to_numpy(), dim[m], length[m])
+                    getattr(batch, kind)[m], getattr(batch, f"{kind}_mask")[m] = torch.from_numpy(x), torch.from_numpy(mask)
+        return batch
+
+    def predict(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        batch = self.features(samples)
+        logits = predict(self.head, batch, self.cfg.train)
+        classes = self.meta["classes"]
+        if self.meta["task"] == "multilabel":
+            prob = torch.sigmoid(logits)
+            return [{"labels": [classes[k] for k in torch.nonzero(p > 0.5).flatten().tolist()],
+                     "present": [m for m, f in zip(self.meta["modalities"], row) if f]}
+                    for p, row in zip(prob, batch.present.tolist())]
+        prob = torch.softmax(logits, -1)
+        return [{"label": classes[int(p.argmax())], "prob": float(p.max()),
+                 "present": [m for m, f in zip(self.meta["modalities"], row) if f]}
+                for p, row in zip(prob, batch.present.tolist())]

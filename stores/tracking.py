@@ -1,0 +1,166 @@
+"""The one module that talks to MLflow: runs, params, metrics, lineage, artifacts, registry, champion alias."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from models.config import ExperimentConfig, TrackingConfig
+from .runner import RunResult
+
+CHAMPION = "champion"
+
+
+def _uri(cfg: TrackingConfig) -> str:
+    if cfg.uri.startswith("sqlite:///") and not cfg.uri.startswith("sqlite:////"):
+        Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return cfg.uri
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig, dataset: str):
+        self.cfg = cfg
+        mlflow.set_tracking_uri(_uri(cfg))
+        self.client = MlflowClient(_uri(cfg))
+        self.experiment_name = cfg.experiment or dataset
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            root = Path(cfg.artifact_root).resolve() / self.experiment_name
+            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=root.as_uri())
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # ------------------------------------------------------------------ logging
+    def log_run(self, result: RunResult, extra_tags: dict[str, str] | None = None) -> str:
+        cfg, store = result.config, result.store
+        name = f"{cfg.head.name}-{cfg.train_pattern.key}-s{cfg.seed}"
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=name) as run:
+            mlflow.log_params(cfg.flat())
+            mlflow.set_tags({"head": cfg.head.name, "head_variant": result.variant,
+                             "train_pattern": cfg.train_pattern.key, "seed": str(cfg.seed),
+                             "store": store["name"], "store_fingerprint": store["fingerprint"],
+                             "dataset_version": store["dataset_version"], "lance_version": str(store["lance_version"]),
+                             **(extra_tags or {})})
+            dataset = mlflow.data.meta_dataset.MetaDataset(
+                source=mlflow.data.http_dataset_source.HTTPDatasetSource(url=f"lance://{store['name']}"),
+                name=store["name"], digest=store["fingerprint"])
+            mlflow.log_input(dataset, context="training")
+            for row in result.fit.history:
+                mlflow.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            mlflow.log_metrics(result.scalar_metrics())
+            with tempfile.TemporaryDirectory() as tmp:
+                self._artifacts(result, Path(tmp))
+                mlflow.log_artifacts(tmp)
+            self._log_model(result, run.info.run_id)
+            return run.info.run_id
+
+    def _artifacts(self, result: RunResult, out: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        (out / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False))
+        rows = [{"scenario": s.slug, "pattern": s.pattern.key, **{k: v for k, v in s.metrics.items()
+                                                                  if isinstance(v, float)}} for s in result.scenarios]
+        pd.DataFrame(rows).to_csv(out / "scenarios.csv", index=False)
+        (out / "per_class.json").write_text(json.dumps({s.slug: s.metrics.get("per_class_f1") for s in result.scenarios}))
+        key = next(k for k in ("acc", "auroc", "f1_macro") if k in result.scenarios[0].metrics)
+        mods = result.store["encoders"].keys()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in mods:
+            pts = [(0.0, result.scenarios[0].metrics[key])] + [
+                (s.pattern.rates[m], s.metrics[key]) for s in result.scenarios
+                if s.pattern.kind == "per_modality" and m in s.pattern.rates]
+            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=f"{m} missing")
+        ax.set(xlabel="test missing rate (%)", ylabel=key, title=f"{result.variant}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "robustness_curve.png", dpi=110)
+        plt.close(fig)
+        complete = result.scenarios[0].metrics
+        if "per_class_f1" in complete:
+            fig, ax = plt.subplots(figsize=(max(5, len(complete["per_class_f1"]) * 0.3), 3.5))
+            ax.bar(range(len(complete["per_class_f1"])), complete["per_class_f1"])
+            ax.set(xlabel="class", ylabel="F1 (complete test)")
+            fig.tight_layout()
+            fig.savefig(out / "per_class_f1.png", dpi=110)
+            plt.close(fig)
+        if "confusion" in complete:
+            fig, ax = plt.subplots(figsize=(5, 5))
+            ax.imshow(np.asarray(complete["confusion"]), cmap="Blues")
+            ax.set(xlabel="predicted", ylabel="true", title="confusion (complete test)")
+            fig.tight_layout()
+            fig.savefig(out / "confusion_matrix.png", dpi=110)
+            plt.close(fig)
+        if result.mask_tables:
+            for name, table in result.mask_tables.items():
+                table.to_parquet(out / f"masks_{name}.parquet")
+
+    def _log_model(self, result: RunResult, run_id: str) -> None:
+        from .mlflow_model import log_head_model
+
+        name = f"{result.store['name'].split('-')[0]}-{result.config.head.name}"
+        log_head_model(result, registered_name=name if self.cfg.register_models else None)
+
+    # ------------------------------------------------------------------ registry
+    def update_champion(self, model_name: str, metric: str = "summary/grid_mean_acc") -> dict | None:
+        """Alias ``champion`` to the registered version whose run has the best ``metric``."""
+        versions = self.client.search_model_versions(f"name = '{model_name}'")
+        scored = []
+        for v in versions:
+            value = self.client.get_run(v.run_id).data.metrics.get(metric)
+            if value is not None:
+                scored.append((value, int(v.version)))
+        if not scored:
+            return None
+        best, version = max(scored)
+        self.client.set_registered_model_alias(model_name, CHAMPION, str(version))
+        return {"model": model_name, "version": version, metric: best}
+
+    def runs(self, filter_string: str = "") -> pd.DataFrame:
+        return mlflow.search_runs([self.experiment_id], filter_string=filter_string)
+
+
+def load_predictor(model_uri: str, tracking: TrackingConfig):
+    """A Predictor from a registered model, e.g. ``models:/fashion-mmp@champion``."""
+    mlflow.set_tracking_uri(_uri(tracking))
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+
+
+def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> pd.DataFrame:
+    """Paper-style table: one row per (head, train pattern), one column per scenario, mean +- sd over seeds."""
+    mlflow.set_tracking_uri(_uri(tracking))
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    if runs.empty:
+        return runs
+    cols = sorted(c for c in runs.columns if c.startswith(f"metrics.test/{metric}/"))
+    runs = runs.rename(columns={"tags.head_variant": "head", "tags.train_pattern": "train_pattern"})
+    g = runs.groupby(["head", "train_pattern"])[cols]
+    mean, sd, n = g.mean(), g.std().fillna(0.0), g.size()
+    table = pd.DataFrame(index=mean.index)
+    for c in cols:
+        table[c.removeprefix(f"metrics.test/{metric}/")] = [f"{m * 100:.1f} ± {s * 100:.1f}"
+                                                            for m, s in zip(mean[c], sd[c])]
+    table["seeds"] = n
+    return table.reset_index()
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(no runs)"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    return x.tolist() if isinstance(x, (np.ndarray, torch.Tensor)) else x

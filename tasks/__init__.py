@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over stores/: retries, content-keyed caching and logging live here, logic does not."""

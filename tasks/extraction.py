@@ -1,0 +1,28 @@
+"""Extraction and versioning tasks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from models.config import ExperimentConfig
+from stores import versioning
+from stores.extraction import extract
+
+
+@task(name="extract-features", retries=1, retry_delay_seconds=5)
+def extract_features(cfg: ExperimentConfig, max_rows: int | None = None) -> dict:
+    """Resumable: a retry (or rerun) continues where the last attempt stopped."""
+    return extract(cfg, progress=True, max_rows=max_rows).as_dict()
+
+
+@task(name="version-store", retries=2, retry_delay_seconds=2)
+def version_store(cfg: ExperimentConfig, repo: str = ".", push: bool = True) -> dict:
+    """``dvc add data`` (and push to the configured remote); returns the DVC hash for lineage."""
+    repo_path = Path(repo).resolve()
+    data_dir = Path(cfg.store.root).resolve().relative_to(repo_path).parts[0]
+    versioning.ensure_repo(repo_path, cfg.store.dvc_remote)
+    md5 = versioning.track(repo_path, data_dir)
+    if push:
+        versioning.push(repo_path, data_dir)
+    return {"dvc_hash": md5, "data_dir": data_dir}
