@@ -52,13 +52,13 @@ def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
 
 
 @flow(name="sweep")
-def sweep_flow(config: ExperimentConfig) -> dict:
+def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
     deterministic and one GPU is not oversubscribed), alias champions, write the report."""
     log = get_run_logger()
     store = open_store(config)
     threads = threads_per_worker(config.sweep.max_parallel)
-    futures = [train_head.submit(c, threads=threads) for c in sweep_configs(config)]
+    futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
     results = [f.result() for f in futures]
     metric = primary_metric(store.meta["task"])
     heads = sorted({c.head.name for c in sweep_configs(config)})
@@ -68,15 +68,15 @@ def sweep_flow(config: ExperimentConfig) -> dict:
     return {"results": results, "champions": champions, "report": path}
 
 
-def run_sweep(config: ExperimentConfig) -> dict:
+def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
     """``sweep_flow`` with a process pool sized by the config."""
     runner = ProcessPoolTaskRunner(max_workers=config.sweep.max_parallel)
-    return sweep_flow.with_options(task_runner=runner)(config)
+    return sweep_flow.with_options(task_runner=runner)(config, tags)
 
 
 @flow(name="pipeline")
 def pipeline_flow(config: ExperimentConfig, version: bool = True) -> dict:
     """extract -> DVC version -> sweep -> report, for one dataset."""
     extracted = extract_flow(config, version=version)
-    swept = run_sweep(config)
+    swept = run_sweep(config, {"dvc_hash": extracted["dvc_hash"]} if "dvc_hash" in extracted else None)
     return {"extract": extracted, **swept}

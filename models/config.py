@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from typing import Annotated
 
-from .heads import HeadConfig, parse_head_config
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WithJsonSchema, field_validator
+
+from .heads import HEADS, HeadConfig, parse_head_config
 from .patterns import MissingPattern
 from .training import TrainConfig
 
@@ -58,12 +60,16 @@ class StoreConfig(Strict):
     write_every: int = 64  # rows per committed Lance write (the unit lost by a crash)
     index_min_rows: int = 1024  # build an IVF-PQ index on pooled vectors at this many rows
     lock_timeout_s: float = 0.0  # a second writer waits this long for the lock, then fails clearly
-    dvc_remote: Path = Path("data-remote")
+    dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
+    dvc_remote: Path = Path("data-remote")  # default DVC remote (relative to dvc_repo, or absolute)
 
 
 class EvalConfig(Strict):
     test_rates: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
     extra_patterns: list[MissingPattern] = Field(default_factory=list)
+    # checkpoint choice on the validation split: under the training pattern only, or averaged with each
+    # modality absent too ("robust"), so complete-data saturation does not stop training early
+    select_on: Literal["train_pattern", "robust"] = "robust"
 
 
 class TrackingConfig(Strict):
@@ -98,7 +104,12 @@ class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     encoders: dict[str, EncoderConfig] | None = None  # modality -> encoder; None: the dataset's defaults
     store: StoreConfig = Field(default_factory=StoreConfig)
-    head: SerializeAsAny[HeadConfig] = Field(default_factory=lambda: parse_head_config({"name": "mmp"}))
+    # the JSON schema (Prefect deployment parameters) admits any registered head's fields; python-side
+    # validation is the head's own strict config class
+    head: Annotated[SerializeAsAny[HeadConfig], WithJsonSchema({
+        "type": "object", "required": ["name"], "additionalProperties": True,
+        "properties": {"name": {"type": "string", "enum": sorted(HEADS)}}})] = Field(
+        default_factory=lambda: parse_head_config({"name": "mmp"}))
     train_pattern: MissingPattern = Field(default_factory=MissingPattern)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -139,7 +150,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:  # e.g. a cron string "* * * * *": keep it as text
+        value = raw
+    return key.strip().split("."), value
 
 
 def _set(tree: dict, path: list[str], value: Any) -> None:

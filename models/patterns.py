@@ -13,8 +13,9 @@ class MissingPattern(BaseModel):
 
     kinds:
       complete      nothing missing
-      per_modality  modality m missing independently at rates[m]; with ``allow_all_missing=False`` a row drawn
-                    missing everywhere keeps one random modality
+      per_modality  modality m missing in exactly rates[m] of rows; by default its rows are drawn among rows
+                    that keep another modality (no row loses all; rates summing past M-1 are capped);
+                    ``allow_all_missing`` draws each modality independently instead
       map           missing-aware-prompts protocol: ``mp_type`` (a modality, or "both"/"all") missing at rate eta;
                     "both" splits eta equally over modalities, disjointly, so no sample loses all
       simultaneous  a fraction ``rate`` of rows lose every modality in ``modalities`` (all by default) at once
@@ -88,10 +89,9 @@ def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split:
     col = {m: i for i, m in enumerate(modalities)}
     if pattern.kind == "per_modality":
         for m in modalities:
-            present[_exact_subset(rng, np.arange(n), pattern.rates.get(m, 0.0), n), col[m]] = False
-        if not pattern.allow_all_missing:
-            dead = np.flatnonzero(~present.any(1))
-            present[dead, rng.integers(0, len(modalities), size=len(dead))] = True
+            # without allow_all_missing, draw only among rows that keep another modality: rates stay exact
+            pool = np.arange(n) if pattern.allow_all_missing else np.flatnonzero(present.sum(1) >= 2)
+            present[_exact_subset(rng, pool, pattern.rates.get(m, 0.0), n), col[m]] = False
     elif pattern.kind == "map":
         targets = modalities if pattern.mp_type in ("both", "all") else [pattern.mp_type]
         chosen = rng.permutation(n)[: int(round(pattern.eta * n))]

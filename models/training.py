@@ -95,9 +95,11 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def fit(head: Head, train: FeatureBatch, val: FeatureBatch, cfg: TrainConfig, seed: int,
+def fit(head: Head, train: FeatureBatch, val: FeatureBatch | dict[str, FeatureBatch], cfg: TrainConfig, seed: int,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Train ``head`` in place; keep the weights of the best validation epoch (validation split only)."""
+    """Train ``head`` in place; keep the weights of the epoch with the best validation score: the primary
+    metric averaged over the validation scenarios in ``val`` (validation split only)."""
+    vals = val if isinstance(val, dict) else {"val": val}
     seed_everything(seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     head.to(device)
@@ -127,9 +129,10 @@ def fit(head: Head, train: FeatureBatch, val: FeatureBatch, cfg: TrainConfig, se
             sched.step()
             total += loss.item() * b.size
             aux_total += float(out.aux_loss.detach()) * b.size
-        score = classification_metrics(predict(head, val, cfg), val.y, task)[key]
+        scores = {name: classification_metrics(predict(head, v, cfg), v.y, task)[key] for name, v in vals.items()}
+        score = sum(scores.values()) / len(scores)
         row = {"epoch": epoch, "train_loss": total / train.size, "aux_loss": aux_total / train.size,
-               f"val_{key}": score}
+               f"val_{key}": score, **({f"val_{key}/{n}": v for n, v in scores.items()} if len(scores) > 1 else {})}
         history.append(row)
         if on_epoch:
             on_epoch(row)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from filelock import FileLock, Timeout
+from lancedb.index import IvfPq
 
 from models.config import ExperimentConfig
 from models.heads.base import FeatureBatch, ModalitySpec
@@ -182,8 +183,8 @@ class FeatureStore:
         for m in self.modalities:
             dim = self.meta["vec_dim"][m]
             sub = next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if s and dim % s == 0)
-            tbl.create_index(metric="cosine", vector_column_name=f"{m}_vec", num_partitions=max(1, int(np.sqrt(n))),
-                             num_sub_vectors=sub, replace=True)
+            tbl.create_index(f"{m}_vec", config=IvfPq(distance_type="cosine", num_partitions=max(1, int(np.sqrt(n))),
+                                                      num_sub_vectors=sub), replace=True)
             built.append(f"{m}_vec")
         return built
 

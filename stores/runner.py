@@ -78,6 +78,16 @@ def evaluation_patterns(cfg: ExperimentConfig, modalities: list[str]) -> list[Mi
     return robustness_grid(modalities, cfg.eval.test_rates) + list(cfg.eval.extra_patterns)
 
 
+def validation_scenarios(cfg: ExperimentConfig, split: SplitFeatures, masks: MaskStore, placeholder: FeatureBatch,
+                         modalities: list[str]) -> dict[str, FeatureBatch]:
+    """The validation split under the training pattern, plus each modality absent when select_on='robust'."""
+    patterns = [cfg.train_pattern]
+    if cfg.eval.select_on == "robust":
+        patterns += [MissingPattern(kind="absent", modality=m) for m in modalities]
+    return {scenario_slug(p, modalities): prepare(split, "val", p, cfg.seed, masks, placeholder, modalities)[0]
+            for p in patterns}
+
+
 def check_store(cfg: ExperimentConfig, store: FeatureStore) -> None:
     """Fail clearly when the config's head or patterns do not fit the store."""
     for p in [cfg.train_pattern, *cfg.eval.extra_patterns]:
@@ -124,8 +134,8 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     if not splits["train"].ids or not splits["val"].ids:
         raise StoreError(f"store {store.name} has no train or val rows; extraction incomplete?")
     train, _ = prepare(splits["train"], "train", cfg.train_pattern, cfg.seed, masks, placeholder, mods)
-    val, _ = prepare(splits["val"], "val", cfg.train_pattern, cfg.seed, masks, placeholder, mods)
-    result = fit(head, train, val, cfg.train, cfg.seed, on_epoch)
+    result = fit(head, train, validation_scenarios(cfg, splits["val"], masks, placeholder, mods), cfg.train,
+                 cfg.seed, on_epoch)
     scenarios = evaluate_grid(cfg, head, store)
     summary = summarize(scenarios, spec.task, mods)
     summary[f"val_{primary_metric(spec.task)}"] = result.best_score

@@ -17,10 +17,14 @@ def extract_features(cfg: ExperimentConfig, max_rows: int | None = None) -> dict
 
 
 @task(name="version-store", retries=2, retry_delay_seconds=2)
-def version_store(cfg: ExperimentConfig, repo: str = ".", push: bool = True) -> dict:
-    """``dvc add data`` (and push to the configured remote); returns the DVC hash for lineage."""
-    repo_path = Path(repo).resolve()
-    data_dir = Path(cfg.store.root).resolve().relative_to(repo_path).parts[0]
+def version_store(cfg: ExperimentConfig, push: bool = True) -> dict:
+    """``dvc add <top folder of store.root>`` in ``store.dvc_repo`` (and push to the configured remote);
+    returns the DVC hash for lineage."""
+    repo_path = Path(cfg.store.dvc_repo).resolve()
+    try:
+        data_dir = Path(cfg.store.root).resolve().relative_to(repo_path).parts[0]
+    except ValueError:
+        raise ValueError(f"store.root {cfg.store.root} is not inside store.dvc_repo {repo_path}") from None
     versioning.ensure_repo(repo_path, cfg.store.dvc_remote)
     md5 = versioning.track(repo_path, data_dir)
     if push:

@@ -40,7 +40,9 @@ class FeatureBatch:
     emb_mask: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "FeatureBatch":
-        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        """Move to ``device``; cached float16 features become float32 there (autocast picks bf16 on GPU)."""
+        move = lambda d: {k: v.to(device, torch.float32 if v.is_floating_point() else None, non_blocking=True)  # noqa: E731
+                          for k, v in d.items()}
         return FeatureBatch(self.present.to(device), self.y.to(device), move(self.vec), move(self.tok),
                             move(self.tok_mask), move(self.emb), move(self.emb_mask))
 
@@ -135,6 +137,23 @@ def sample_keep_mask(present: torch.Tensor, p: float, generator: torch.Generator
 def usable(present: torch.Tensor) -> torch.Tensor:
     """Presence used for fusion: rows with nothing present fall back to every modality's placeholder."""
     return present | ~present.any(1, keepdim=True)
+
+
+def pool_tokens(x: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask-aware average pooling of the token axis down to at most ``max_tokens`` windows."""
+    T = x.shape[1]
+    if T <= max_tokens:
+        return x, mask
+    w = -(-T // max_tokens)  # window size, ceil
+    pad = w * max_tokens - T
+    m = torch.nn.functional.pad(mask, (0, pad)).view(x.shape[0], max_tokens, w, 1).to(x.dtype)
+    xs = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(x.shape[0], max_tokens, w, -1)
+    count = m.sum(2)
+    return (xs * m).sum(2) / count.clamp_min(1), count.squeeze(-1) > 0
+
+
+def pooled_len(length: int, max_tokens: int) -> int:
+    return min(length, max_tokens)
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.1) -> nn.Sequential:

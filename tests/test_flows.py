@@ -1,0 +1,167 @@
+"""Prefect flows + MLflow (sqlite) end to end on a real AV-MNIST subset: pipeline, registry, champion,
+compare, predict with a missing modality, content-keyed caching, and a cron deployment that fires."""
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import DATASETS
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(avmnist_cfg, prefect_harness, tmp_path_factory):
+    import subprocess
+    from flows.pipeline import pipeline_flow
+    repo = avmnist_cfg.store.root.parents[1]  # <tmp>/data/store -> <tmp>
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    cfg = avmnist_cfg.model_copy(deep=True)
+    cfg.store.dvc_repo = repo
+    cfg.sweep.heads = [{"name": "early"}, {"name": "mmp"}]
+    cfg.sweep.seeds = [0, 1]
+    return cfg, pipeline_flow(cfg)
+
+
+def test_pipeline_registers_models_with_scenario_metrics(pipeline_run):
+    cfg, out = pipeline_run
+    assert out["extract"]["rows"] == 120 and out["extract"]["dvc_hash"].endswith(".dir")
+    assert len(out["results"]) == 4
+    client = MlflowClient(cfg.tracking.uri)
+    for head in ("early", "mmp"):
+        versions = client.search_model_versions(f"name = 'avmnist-{head}'")
+        assert len(versions) == 2
+        champ = client.get_model_version_by_alias(f"avmnist-{head}", "champion")
+        run = client.get_run(champ.run_id)
+        best = max(client.get_run(v.run_id).data.metrics["summary/grid_mean_acc"] for v in versions)
+        assert run.data.metrics["summary/grid_mean_acc"] == best
+        assert "test/acc/image-000/audio-100" in run.data.metrics
+        assert run.data.params["head.name"] == head and run.data.params["train.epochs"] == "3"
+        assert run.data.tags["dvc_hash"] == out["extract"]["dvc_hash"]
+        assert run.data.tags["store_fingerprint"] == out["extract"]["fingerprint"]
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"robustness_curve.png", "confusion_matrix.png", "per_class_f1.png", "scenarios.csv", "config.yaml"} <= arts
+    report = open(out["report"]).read()
+    assert "image-000/audio-100" in report and "mmp" in report
+
+
+def test_compare_table_has_every_head_and_seed(pipeline_run):
+    from stores.tracking import compare_table
+    cfg, _ = pipeline_run
+    table = compare_table(cfg.tracking, "avmnist")
+    assert set(table["head"]) == {"early", "mmp"} and set(table["seeds"]) == {2}
+    assert "image-000/audio-000" in table.columns and "±" in table["image-000/audio-000"].iloc[0]
+
+
+def test_predict_from_champion_with_a_missing_modality(pipeline_run):
+    from stores.tracking import load_predictor
+    cfg, _ = pipeline_run
+    pred = load_predictor("models:/avmnist-mmp@champion", cfg.tracking)
+    clip = str(DATASETS / "fsdd" / "recordings" / "7_theo_3.wav")
+    out = pred.predict([{"audio": clip, "image": None}, {"audio": None, "image": None}])
+    assert out[0]["present"] == ["audio"] and out[0]["label"] in [str(d) for d in range(10)]
+    assert out[1]["present"] == [] and 0 < out[1]["prob"] <= 1
+    # the registered pyfunc serves a DataFrame too
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    import pandas as pd
+    model = mlflow.pyfunc.load_model("models:/avmnist-early@champion")
+    df = model.predict(pd.DataFrame([{"image": None, "audio": clip}]))
+    assert list(df.columns)[:2] == ["label", "prob"]
+
+
+def test_train_results_are_cached_by_content(pipeline_run):
+    from flows.pipeline import train_flow
+    cfg, out = pipeline_run
+    one = cfg.model_copy(update={"head": __import__("models.heads", fromlist=["x"]).parse_head_config({"name": "early"}),
+                                 "seed": 0})
+    first = train_flow(one)
+    again = train_flow(one)
+    assert again["run_id"] == first["run_id"]  # second call served from the cache, no new MLflow run
+    moved = one.model_copy(deep=True)
+    moved.tracking.experiment = None  # tracking settings are not part of the key
+    assert train_flow(moved)["run_id"] == first["run_id"]
+    other = one.model_copy(update={"seed": 5})
+    assert train_flow(other)["run_id"] != first["run_id"]
+
+
+def test_evaluate_flow_on_registered_model(pipeline_run):
+    from flows.pipeline import evaluate_flow
+    cfg, _ = pipeline_run
+    out = evaluate_flow(cfg, "models:/avmnist-early@champion")
+    assert set(out["scenarios"]) >= {"image-000/audio-000", "image-100/audio-000"}
+    assert 0 <= out["summary"]["grid_mean_acc"] <= 1
+
+
+@pytest.fixture()
+def local_prefect_server(tmp_path):
+    """A real `prefect server start` on 127.0.0.1 (its scheduler service included), temporary database."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("prefect server did not start in 120 s")
+    yield env
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_cron_deployment_fires_on_the_local_server(avmnist_cfg, avmnist_store, local_prefect_server, tmp_path):
+    """`mm deploy` registers the config's cron deployments on the local Prefect server, whose scheduler creates
+    runs that the served deployments execute: the every-minute extract deployment fires and completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+    import yaml
+    from flows.deploy import deployments
+
+    cfg = avmnist_cfg.model_copy(deep=True)
+    cfg.schedule.extract_cron = "* * * * *"
+    deps = deployments(cfg, name_prefix="test")
+    assert [d.name for d in deps] == ["test-nightly-pipeline", "test-incremental-extract"]
+    assert deps[0].schedules[0].schedule.cron == cfg.schedule.pipeline_cron
+    repo = cfg.store.root.parents[1]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    cfg.store.dvc_repo = repo
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**local_prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    api = env["PREFECT_API_URL"]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", str(tmp_path / "cfg.yaml")],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    completed, deadline = [], time.time() + 240
+    try:
+        while time.time() < deadline and not completed and proc.poll() is None:
+            time.sleep(3)
+            try:
+                runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).json()
+            except httpx.HTTPError:
+                continue
+            completed = [r for r in runs if r["deployment_id"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert completed, "the cron deployment did not fire and complete within 240 s"
+    dep = httpx.get(f"{api}/deployments/{completed[0]['deployment_id']}").json()
+    assert dep["name"] == "avmnist-incremental-extract"
+    assert completed[0]["parameters"]["config"]["schedule"]["extract_cron"] == "* * * * *"
