@@ -27,9 +27,8 @@ def ensure_repo(repo: Path, remote: Path) -> None:
     repo = Path(repo)
     if not (repo / ".dvc").exists():
         dvc(repo, "init", "-q", *([] if (repo / ".git").exists() else ["--no-scm"]))
-    remote = Path(remote)
-    url = str(remote if remote.is_absolute() else os.path.relpath(repo / remote, repo / ".dvc"))
-    dvc(repo, "remote", "add", "-d", "-f", "storage", url)
+    # a relative path is taken relative to the repo (dvc runs there and stores it relative to .dvc/)
+    dvc(repo, "remote", "add", "-d", "-f", "storage", str(remote))
 
 
 def track(repo: Path, data_dir: str = "data") -> str:

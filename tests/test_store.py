@@ -79,14 +79,15 @@ def test_ann_index_and_recall(tmp_path):
     meta = {"modalities": ["image"], "vec_dim": {"image": 32}, "tok_dim": {"image": 2}, "tok_len": {"image": 1},
             "classes": ["a"], "task": "multiclass", "fingerprint": "x", "dataset_version": "v", "encoders": {}}
     store.create(meta)
-    vecs = rng.normal(size=(2000, 32)).astype(np.float32)
+    centers = rng.normal(size=(20, 32))
+    vecs = (centers[rng.integers(0, 20, 2000)] + 0.3 * rng.normal(size=(2000, 32))).astype(np.float32)  # clustered
     store.add_rows([{"id": str(i), "split": "train", "label": 0, "labels": [0], "source": "{}", "issues": None,
                      "image": {"present": True, "vec": v, "tok": np.zeros((1, 2), np.float16), "emb": None}}
                     for i, v in enumerate(vecs)])
     assert store.build_index(min_rows=5000) == []
     assert store.build_index(min_rows=1000) == ["image_vec"]
     recall = []
-    for qi in range(10):
+    for qi in range(20):
         exact = {h["id"] for h in store.search(vecs[qi], "image", 10, exact=True).to_pylist()}
         approx = {h["id"] for h in store.search(vecs[qi], "image", 10).to_pylist()}
         recall.append(len(exact & approx) / 10)

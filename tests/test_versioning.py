@@ -2,6 +2,7 @@
 import hashlib
 import shutil
 import subprocess
+from pathlib import Path
 
 from stores import versioning
 
@@ -19,11 +20,12 @@ def test_push_pull_round_trip(git_repo, colour_store):
     data = git_repo / "data"
     shutil.copytree(cfg.store.root, data / "store", ignore=shutil.ignore_patterns("*.lock"))
     before = digest(data)
-    versioning.ensure_repo(git_repo, git_repo.parent / "remote")
+    versioning.ensure_repo(git_repo, Path("dvc-remote"))  # relative to the repo, as in the default config
     md5 = versioning.track(git_repo, "data")
     assert md5 and md5.endswith(".dir") and versioning.data_hash(git_repo) == md5
     assert "/data" in (git_repo / ".gitignore").read_text()
     versioning.push(git_repo)
+    assert (git_repo / "dvc-remote" / "files").is_dir()  # landed inside the repo's remote folder
     subprocess.run(["git", "add", "data.dvc", ".gitignore", ".dvc"], cwd=git_repo, check=True)
     shutil.rmtree(data)
     shutil.rmtree(git_repo / ".dvc" / "cache")

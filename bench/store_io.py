@@ -1,0 +1,188 @@
+"""Store benchmarks (issue 5), each measured side by side in one run, printed as Markdown:
+  1. cached training vs re-encoding with the frozen encoders each epoch (MMP, CMPT, SRMM)
+  2. store reader: Lance -> torch vs Parquet vs .npy memmap (full split and random batches)
+  3. vector query latency p50/p99 with a filter, with/without the IVF-PQ index, recall@10
+
+    python bench/store_io.py [--dataset avmnist] [--sizes 100000] [--encode-sample 64]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from models.config import load_config
+from models.heads import build_head, parse_head_config
+from models.training import TrainConfig, fit
+from stores.datasets import load_dataset
+from stores.encoders import build_encoder
+from stores.feature_store import open_store
+from stores.masks import MaskStore
+from stores.runner import load_backbones, prepare
+
+
+def cached_vs_reencode(ds_name: str, sample: int) -> str:
+    cfg = load_config(f"configs/{ds_name}.yaml")
+    store, ds = open_store(cfg), load_dataset(cfg.data)
+    train_records = [r for r in ds.records if r.split == "train"]
+    enc_s = {}
+    for m, ecfg in cfg.encoder_configs().items():
+        enc = build_encoder(m, ecfg)
+        items = [enc.load(ds.raw(m, r.payload[m])) for r in train_records[:sample]]
+        enc.encode(items[:4])  # warm up
+        t0 = time.perf_counter()
+        for i in range(0, len(items), ecfg.batch_size):
+            enc.encode(items[i : i + ecfg.batch_size])
+        enc_s[m] = (time.perf_counter() - t0) / len(items) * len(train_records)
+    rows = []
+    from models.heads.base import HEADS
+    for name in ("srmm", "mmp", "cmpt"):
+        head_cfg = parse_head_config({"name": name})
+        run_cfg = cfg.model_copy(update={"head": head_cfg})
+        head = build_head(head_cfg, store.spec(), load_backbones(run_cfg, store.meta, HEADS[name].build))
+        inputs, mods = tuple(head.inputs), store.modalities
+        ph, masks = store.placeholders(inputs), MaskStore(store)
+        t0 = time.perf_counter()
+        split = store.read_split("train", inputs)
+        read_s = time.perf_counter() - t0
+        train, _ = prepare(split, "train", cfg.train_pattern, 0, masks, ph, mods)
+        val, _ = prepare(store.read_split("val", inputs), "val", cfg.train_pattern, 0, masks, ph, mods)
+        res = fit(head, train, val, TrainConfig(epochs=1, device="cpu"), seed=0)
+        epoch_s = res.seconds
+        reencode = sum(enc_s.values()) + epoch_s
+        rows.append(f"| {name} | {read_s:.2f} | {epoch_s:.1f} | {reencode:.1f} | {reencode / epoch_s:.1f}x |")
+    enc_txt = ", ".join(f"{m}: {s:.0f} s" for m, s in enc_s.items())
+    return (f"### 1. Cached training vs re-encoding each epoch ({ds_name}, {len(train_records)} train items, CPU)\n\n"
+            f"Re-encoding the train split once with the frozen encoders (timed on {sample} items, scaled): {enc_txt}.\n\n"
+            "| head | store read (s) | epoch from cache (s) | epoch re-encoding (s) | speed-up |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def _time(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def reader(ds_name: str) -> str:
+    cfg = load_config(f"configs/{ds_name}.yaml")
+    store = open_store(cfg)
+    m = store.modalities[0]
+    split = store.read_split("train", ("tok",))
+    arr = split.batch.tok[m].numpy()  # [N, T, D] float16
+    n, nbytes = arr.shape[0], arr.nbytes
+    tmp = Path(tempfile.mkdtemp())
+    np.save(tmp / "tok.npy", arr)
+    pq.write_table(pa.table({"tok": pa.array([r.tobytes() for r in arr.reshape(n, -1)], pa.binary())}),
+                   tmp / "tok.parquet")
+
+    def lance_full():
+        torch.from_numpy(np.ascontiguousarray(store.read_split("train", ("tok",)).batch.tok[m].numpy()))
+
+    def npy_full():
+        torch.from_numpy(np.array(np.load(tmp / "tok.npy", mmap_mode="r")))
+
+    def parquet_full():
+        col = pq.read_table(tmp / "tok.parquet")["tok"].combine_chunks()
+        torch.from_numpy(np.frombuffer(col.buffers()[2], np.float16)[: arr.size].reshape(arr.shape).copy())
+
+    rng = np.random.default_rng(0)
+    idx = [np.sort(rng.choice(n, 128, replace=False)) for _ in range(20)]
+    tbl = store.table
+    mm = np.load(tmp / "tok.npy", mmap_mode="r")
+
+    def lance_rand():
+        for i in idx:
+            tbl.take_offsets(i.tolist()).select([f"{m}_tok"]).to_arrow()
+
+    def npy_rand():
+        for i in idx:
+            torch.from_numpy(np.asarray(mm[i]))
+
+    def parquet_rand():
+        for i in idx:
+            pq.read_table(tmp / "tok.parquet").take(i)
+
+    rows = []
+    for name, full, rand in (("Lance (store reader)", lance_full, lance_rand), (".npy memmap", npy_full, npy_rand),
+                             ("Parquet", parquet_full, parquet_rand)):
+        tf, tr = _time(full), _time(rand)
+        rows.append((name, tf, tr))
+    base_f, base_r = rows[1][1], rows[1][2]
+    lines = [f"| {name} | {n / tf:,.0f} | {nbytes / tf / 1e9:.2f} | {tf / base_f:.2f}x | {20 * 128 / tr:,.0f} | {tr / base_r:.2f}x |"
+             for name, tf, tr in rows]
+    return (f"### 2. Reader: {ds_name} train `{m}` tokens {arr.shape} float16 ({nbytes / 1e6:.0f} MB) into torch\n\n"
+            "| reader | full split rows/s | GB/s | time vs memmap | random 128-row batches rows/s | time vs memmap |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def queries(sizes: list[int], dim: int = 384) -> str:
+    lines = []
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        centers = rng.normal(size=(64, dim)).astype(np.float32)
+        vecs = (centers[rng.integers(0, 64, n)] + 0.5 * rng.normal(size=(n, dim))).astype(np.float32)
+        db = lancedb.connect(tempfile.mkdtemp())
+        t = pa.table({"id": np.arange(n), "split": np.where(rng.random(n) < 0.2, "test", "train"),
+                      "v": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)})
+        tbl = db.create_table("q", t)
+        qs = vecs[rng.choice(n, 50, replace=False)] + 0.1
+
+        def run(exact: bool):
+            lat, res = [], []
+            for q in qs:
+                t0 = time.perf_counter()
+                b = tbl.search(q, vector_column_name="v").metric("cosine").where("split = 'test'", prefilter=True)
+                b = b.bypass_vector_index() if exact else b.nprobes(20).refine_factor(10)
+                out = b.limit(10).select(["id"]).to_arrow()
+                lat.append(time.perf_counter() - t0)
+                res.append(set(out["id"].to_pylist()))
+            return np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3, res
+        p50e, p99e, exact = run(True)
+        t0 = time.perf_counter()
+        from lancedb.index import IvfPq
+        tbl.create_index("v", config=IvfPq(distance_type="cosine", num_partitions=int(np.sqrt(n)), num_sub_vectors=dim // 16))
+        build = time.perf_counter() - t0
+        p50a, p99a, approx = run(False)
+        recall = np.mean([len(a & e) / 10 for a, e in zip(approx, exact)])
+        lines.append(f"| {n:,} | {p50e:.1f} / {p99e:.1f} | {p50a:.1f} / {p99a:.1f} | {p50e / p50a:.1f}x | {recall:.3f} | {build:.0f} |")
+    return ("### 3. Vector query, top-10 cosine with filter `split = 'test'` (20% of rows), 384-d\n\n"
+            "| rows | exact p50 / p99 (ms) | IVF-PQ p50 / p99 (ms) | p50 speed-up | recall@10 | index build (s) |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="avmnist")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[100_000])
+    ap.add_argument("--encode-sample", type=int, default=64)
+    ap.add_argument("--skip", nargs="*", default=[])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    parts = []
+    if "train" not in args.skip:
+        parts.append(cached_vs_reencode(args.dataset, args.encode_sample))
+        print(parts[-1], flush=True)
+    if "reader" not in args.skip:
+        parts.append(reader(args.dataset))
+        print(parts[-1], flush=True)
+    if "query" not in args.skip:
+        parts.append(queries(args.sizes))
+        print(parts[-1], flush=True)
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"store_io-{args.dataset}.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
