@@ -28,11 +28,14 @@ class _FillMixin(Head):
         return out
 
 
-class EarlyFusionConfig(HeadConfig):
-    name: Literal["early"] = "early"
+class _FusionConfig(HeadConfig):
     hidden: int = 256
     dropout: float = 0.1
     fill: Literal["placeholder", "zeros"] = "zeros"
+
+
+class EarlyFusionConfig(_FusionConfig):
+    name: Literal["early"] = "early"
 
 
 @register_head(EarlyFusionConfig)
@@ -54,10 +57,9 @@ class EarlyFusion(_FillMixin):
         return HeadOutput(self.net(x), self.zero(x))
 
 
-class ModalityDropoutConfig(EarlyFusionConfig):
-    name: Literal["moddrop"] = "moddrop"  # type: ignore[assignment]
+class ModalityDropoutConfig(_FusionConfig):
+    name: Literal["moddrop"] = "moddrop"
     p: float = 0.5
-    fill: Literal["placeholder", "zeros"] = "zeros"
 
 
 @register_head(ModalityDropoutConfig)
@@ -68,11 +70,8 @@ class ModalityDropout(EarlyFusion):
         return sample_keep_mask(batch.present, self.cfg.p)
 
 
-class LateFusionConfig(HeadConfig):
+class LateFusionConfig(_FusionConfig):
     name: Literal["late"] = "late"
-    hidden: int = 256
-    dropout: float = 0.1
-    fill: Literal["placeholder", "zeros"] = "zeros"
 
 
 @register_head(LateFusionConfig)
