@@ -4,12 +4,9 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
-
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -100,9 +97,9 @@ class Tracker:
             fig.tight_layout()
             fig.savefig(out / "confusion_matrix.png", dpi=110)
             plt.close(fig)
-        if result.mask_tables:
-            for name, table in result.mask_tables.items():
-                table.to_parquet(out / f"masks_{name}.parquet")
+        for name, table in result.mask_tables.items():  # the presence masks this run saw
+            import pyarrow.parquet as pq
+            pq.write_table(table, out / f"masks_{name}.parquet")
 
     def _log_model(self, result: RunResult, run_id: str) -> None:
         from .mlflow_model import log_head_model
@@ -161,6 +158,3 @@ def to_markdown(df: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
-
-def _jsonable(x: Any) -> Any:
-    return x.tolist() if isinstance(x, (np.ndarray, torch.Tensor)) else x

@@ -39,7 +39,8 @@ def test_pipeline_registers_models_with_scenario_metrics(pipeline_run):
         assert run.data.tags["dvc_hash"] == out["extract"]["dvc_hash"]
         assert run.data.tags["store_fingerprint"] == out["extract"]["fingerprint"]
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"robustness_curve.png", "confusion_matrix.png", "per_class_f1.png", "scenarios.csv", "config.yaml"} <= arts
+        assert {"robustness_curve.png", "confusion_matrix.png", "per_class_f1.png", "scenarios.csv", "config.yaml",
+                "masks_seed0.parquet" if run.data.tags["seed"] == "0" else "masks_seed1.parquet"} <= arts
     report = open(out["report"]).read()
     assert "image-000/audio-100" in report and "mmp" in report
 
