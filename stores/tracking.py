@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
-from models.config import ExperimentConfig, TrackingConfig
+from models.config import TrackingConfig
 from .runner import RunResult
 
 CHAMPION = "champion"

@@ -3,7 +3,6 @@ import json
 import threading
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from stores.feature_store import FeatureStore, StoreError, decode_tokens, _tokens
