@@ -49,6 +49,8 @@ class MaskStore:
                               **{f"{m}_present": present[:, i] for i, m in enumerate(mods)}}, schema=self._schema()))
             return present
 
-    def table(self) -> pa.Table:
+    def table(self, seed: int | None = None) -> pa.Table:
+        """The saved masks, optionally only those of one seed (filtered in the Lance query)."""
         tbl = self._table()
-        return tbl.search().limit(max(tbl.count_rows(), 1)).to_arrow()
+        q = tbl.search() if seed is None else tbl.search().where(f"seed = {int(seed)}")
+        return q.limit(max(tbl.count_rows(), 1)).to_arrow()

@@ -5,8 +5,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401
 import torch
 
 from models.config import ExperimentConfig
@@ -143,7 +141,5 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     summary[f"val_{primary_metric(spec.task)}"] = result.best_score
     variant = cfg.head.name + (f"[{','.join(f'{m}:{v}' for m, v in head.variant.items())}]"
                                if hasattr(head, "variant") else "")
-    all_masks = masks.table()
-    seed_masks = all_masks.filter(pa.compute.equal(all_masks["seed"], cfg.seed))
     return RunResult(cfg, store.info(), result, scenarios, summary, head.cpu(), variant, time.perf_counter() - t0,
-                     mask_tables={f"seed{cfg.seed}": seed_masks})
+                     mask_tables={f"seed{cfg.seed}": masks.table(seed=cfg.seed)})

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -98,7 +99,6 @@ class Tracker:
             fig.savefig(out / "confusion_matrix.png", dpi=110)
             plt.close(fig)
         for name, table in result.mask_tables.items():  # the presence masks this run saw
-            import pyarrow.parquet as pq
             pq.write_table(table, out / f"masks_{name}.parquet")
 
     def _log_model(self, result: RunResult, run_id: str) -> None:

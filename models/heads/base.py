@@ -152,9 +152,5 @@ def pool_tokens(x: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[t
     return (xs * m).sum(2) / count.clamp_min(1), count.squeeze(-1) > 0
 
 
-def pooled_len(length: int, max_tokens: int) -> int:
-    return min(length, max_tokens)
-
-
 def mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.1) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))

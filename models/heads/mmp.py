@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, pool_tokens, pooled_len,
+from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, pool_tokens,
                    register_head, sample_keep_mask, usable)
 
 
@@ -42,7 +42,7 @@ class MMP(Head):
     def __init__(self, cfg: MMPConfig, spec: ModalitySpec):
         super().__init__(cfg, spec)
         mods, d = spec.modalities, cfg.d_model
-        tlen = {m: pooled_len(spec.tok_len[m], cfg.max_tokens) for m in mods}
+        tlen = {m: min(spec.tok_len[m], cfg.max_tokens) for m in mods}  # after pool_tokens
         self.inp = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(spec.tok_dim[m]), nn.Linear(spec.tok_dim[m], d))
                                   for m in mods})
         self.agg = nn.ParameterDict({m: nn.Parameter(torch.randn(cfg.n_agg, d) * 0.02) for m in mods})
