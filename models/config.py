@@ -62,6 +62,7 @@ class StoreConfig(Strict):
     lock_timeout_s: float = 0.0  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
     dvc_remote: Path = Path("data-remote")  # default DVC remote (relative to dvc_repo, or absolute)
+    read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
 
 
 class EvalConfig(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from lancedb.index import IvfPq
 
 from models.config import ExperimentConfig
 from models.heads.base import FeatureBatch, ModalitySpec
+
+from .split_cache import SplitCache
 
 PLACEHOLDER_SUFFIX = "-placeholders"
 
@@ -98,11 +101,12 @@ class SplitFeatures:
 class FeatureStore:
     """A LanceDB table plus ``<name>.json`` metadata and a ``<name>-placeholders`` table under ``root``."""
 
-    def __init__(self, root: Path, name: str):
+    def __init__(self, root: Path, name: str, read_cache: bool = True):
         self.root, self.name = Path(root), name
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = lancedb.connect(str(self.root))
         self.meta_path = self.root / f"{name}.json"
+        self.cache = SplitCache(self.root / f"{name}.cache") if read_cache else None
 
     def _has(self, table: str) -> bool:
         return table in self.db.list_tables().tables
@@ -229,8 +233,23 @@ class FeatureStore:
         return cols
 
     def read_split(self, split: str, inputs: tuple[str, ...] = ("vec",)) -> SplitFeatures:
-        """Every row of ``split`` as one FeatureBatch of CPU tensors (ids sorted for determinism)."""
-        tbl, meta = self.table, self.meta
+        """Every row of ``split`` as one FeatureBatch of CPU tensors (ids sorted for determinism). Served from
+        the decoded split cache when it holds this table version; otherwise decoded from Lance and cached."""
+        tbl, inputs = self.table, tuple(sorted(set(inputs)))
+        version = tbl.version
+        if self.cache is not None and (hit := self.cache.load(version, split, inputs)) is not None:
+            return SplitFeatures(*hit)
+        tbl.checkout(version)  # the rows cached are exactly this version's, even if a writer commits meanwhile
+        got = self._read_lance(tbl, split, inputs)
+        if self.cache is not None:
+            try:
+                self.cache.save(version, split, inputs, got.ids, got.batch)
+            except OSError as e:  # a read-only or full disk costs speed, never the read
+                warnings.warn(f"split cache not written ({e}); reads decode from Lance", stacklevel=2)
+        return got
+
+    def _read_lance(self, tbl, split: str, inputs: tuple[str, ...]) -> SplitFeatures:
+        meta = self.meta
         t = tbl.search().where(f"split = '{split}'").select(self.columns(inputs)).limit(tbl.count_rows()).to_arrow()
         order = pa.compute.sort_indices(t["id"]).to_numpy()  # ids sorted; applied while decoding, no copy
         if meta["task"] == "multilabel":
@@ -294,7 +313,7 @@ def _quote(s: str) -> str:
 
 
 def open_store(cfg: ExperimentConfig, must_exist: bool = True) -> FeatureStore:
-    store = FeatureStore(cfg.store.root, store_name(cfg))
+    store = FeatureStore(cfg.store.root, store_name(cfg), read_cache=cfg.store.read_cache)
     if must_exist and not store.exists:
         raise StoreError(f"no feature store for this config ({store.name} under {cfg.store.root}); "
                          "run `mm extract` with the same data and encoder settings first")

@@ -4,20 +4,30 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from stores.feature_store import FeatureStore, StoreError, decode_tokens, _tokens
+
+
+def _rows(rng, toks, start=0):
+    return [{"id": f"r{start + i}", "split": "train", "label": i % 2, "labels": [i % 2], "source": "{}",
+             "issues": None, "text": {"present": True, "vec": rng.normal(size=3).astype(np.float32), "tok": t,
+                                      "emb": None}} for i, t in enumerate(toks)]
+
+
+def _tiny_store(root, read_cache=True):
+    store = FeatureStore(root, "t", read_cache=read_cache)
+    store.create({"modalities": ["text"], "vec_dim": {"text": 3}, "tok_dim": {"text": 6}, "tok_len": {"text": 7},
+                  "classes": ["a", "b"], "task": "multiclass", "fingerprint": "x", "dataset_version": "v",
+                  "encoders": {}})
+    return store
 
 
 def test_token_blobs_round_trip_through_lance(tmp_path):
     rng = np.random.default_rng(0)
     toks = [rng.normal(size=(n, 6)).astype(np.float16) for n in (1, 4, 7, 2)]
-    store = FeatureStore(tmp_path, "t")
-    meta = {"modalities": ["text"], "vec_dim": {"text": 3}, "tok_dim": {"text": 6}, "tok_len": {"text": 7},
-            "classes": ["a", "b"], "task": "multiclass", "fingerprint": "x", "dataset_version": "v", "encoders": {}}
-    store.create(meta)
-    rows = [{"id": f"r{i}", "split": "train", "label": i % 2, "labels": [i % 2], "source": "{}", "issues": None,
-             "text": {"present": True, "vec": rng.normal(size=3).astype(np.float32), "tok": t, "emb": None}}
-            for i, t in enumerate(toks)]
+    store = _tiny_store(tmp_path, read_cache=False)
+    rows = _rows(rng, toks)
     store.add_rows(rows)
     store.set_placeholders({"text": {"vec": np.zeros(3, np.float32), "tok": np.ones((2, 6), np.float16), "emb": None}})
     got = store.read_split("train", ("vec", "tok"))
@@ -35,6 +45,32 @@ def test_token_blobs_round_trip_through_lance(tmp_path):
     with pytest.raises(StoreError, match="non-finite text vectors for ids \\['nan'\\]"):
         store.add_rows([bad])
     assert store.table.count_rows() == 4
+
+
+def test_split_cache_serves_the_same_tensors_and_follows_table_versions(tmp_path):
+    rng = np.random.default_rng(1)
+    store = _tiny_store(tmp_path)
+    store.add_rows(_rows(rng, [rng.normal(size=(n, 6)).astype(np.float16) for n in (3, 5)]))
+    first = store.read_split("train", ("vec", "tok"))  # decoded from Lance, then cached
+    entry = store.cache._dir(store.table.version, "train", ("tok", "vec"))
+    assert (entry / "manifest.json").exists()
+    again = store.read_split("train", ("tok", "vec"))  # same entry whatever the order of inputs
+    assert again.ids == first.ids
+    for f in ("present", "y"):
+        assert torch.equal(getattr(again.batch, f), getattr(first.batch, f))
+    for f in ("vec", "tok", "tok_mask"):
+        assert torch.equal(getattr(again.batch, f)["text"], getattr(first.batch, f)["text"])
+    again.batch.tok["text"][0] = 9  # copy-on-write: writing a served tensor never touches the cache
+    assert not (store.read_split("train", ("vec", "tok")).batch.tok["text"][0] == 9).any()
+    # a write makes a new table version: the next read sees the new rows and drops the stale entry
+    store.add_rows(_rows(rng, [rng.normal(size=(2, 6)).astype(np.float16)], start=2))
+    grown = store.read_split("train", ("vec", "tok"))
+    assert grown.ids == ["r0", "r1", "r2"] and not entry.parent.exists()
+    # a damaged entry is not trusted: the read decodes from Lance and rewrites the entry
+    entry = store.cache._dir(store.table.version, "train", ("tok", "vec"))
+    (entry / "tok__text.npy").write_bytes(b"garbage")
+    assert torch.equal(store.read_split("train", ("vec", "tok")).batch.tok["text"], grown.batch.tok["text"])
+    assert store.cache.load(store.table.version, "train", ("tok", "vec")) is not None
 
 
 def test_decode_tokens_handles_nulls_and_truncation():
