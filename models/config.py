@@ -44,6 +44,9 @@ class EncoderConfig(Strict):
     audio_seconds: float = 3.0
     image_size: int = 224
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # compute precision of the frozen forward pass; auto = bf16 autocast on CUDA, float32 on CPU. Like device,
+    # a runtime choice: it does not name a new store (features agree to ~1e-2 relative)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 DEFAULT_ENCODERS = {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
@@ -41,9 +42,13 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed torch; ``deterministic`` also asks for deterministic kernels (cuBLAS needs its workspace setting
+    before its first call, which a fresh worker process satisfies)."""
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def batches(data: FeatureBatch, size: int, generator: torch.Generator | None = None) -> Iterator[FeatureBatch]:
@@ -74,6 +79,17 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
 
 
+def stage(data: FeatureBatch, device: torch.device, budget: float = 0.25) -> FeatureBatch:
+    """The whole split on the GPU when it fits in ``budget`` of free memory (batches are then sliced there
+    instead of copied over each step); unchanged otherwise and on CPU."""
+    if device.type != "cuda":
+        return data
+    tensors = [data.present, data.y] + [t for f in ("vec", "tok", "tok_mask", "emb", "emb_mask")
+                                        for t in getattr(data, f).values()]
+    need = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors)
+    return data.to(device) if need < budget * torch.cuda.mem_get_info(device)[0] else data
+
+
 @torch.no_grad()
 def predict(head: Head, data: FeatureBatch, cfg: TrainConfig) -> torch.Tensor:
     """Logits for every row of ``data`` (float32, CPU), in order."""
@@ -99,9 +115,10 @@ def fit(head: Head, train: FeatureBatch, val: FeatureBatch | dict[str, FeatureBa
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``head`` in place; keep the weights of the epoch with the best validation score: the primary
     metric averaged over the validation scenarios in ``val`` (validation split only)."""
-    vals = val if isinstance(val, dict) else {"val": val}
     seed_everything(seed, cfg.deterministic)
     device = resolve_device(cfg.device)
+    train = stage(train, device)
+    vals = {k: stage(v, device) for k, v in (val if isinstance(val, dict) else {"val": val}).items()}
     head.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

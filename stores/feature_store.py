@@ -33,7 +33,8 @@ class StoreError(RuntimeError):
 def store_name(cfg: ExperimentConfig) -> str:
     """Table name derived from what determines the features: dataset choice and encoder configs."""
     data = cfg.data.model_dump(mode="json", exclude={"data_dir"})
-    enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device"}) for m, e in cfg.encoder_configs().items()}
+    enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"})
+           for m, e in cfg.encoder_configs().items()}
     key = hashlib.sha256(json.dumps([data, enc], sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.dataset}-{key}"
 

