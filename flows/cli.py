@@ -55,7 +55,8 @@ def cmd_query(args) -> None:
     clauses += [f"{m}_present" for m in args.present or []]
     if args.id:
         clauses.append(f"id != '{args.id}'")
-    hits = store.search(vec, mod, args.k, " AND ".join(f"({c})" for c in clauses) or None, exact=args.exact)
+    hits = store.search(vec, mod, args.k, " AND ".join(f"({c})" for c in clauses) or None, exact=args.exact,
+                        nprobes=args.nprobes)
     classes = store.meta["classes"]
     rows = [{"id": r["id"], "split": r["split"], "label": classes[r["label"]] if r["label"] >= 0 else None,
              "distance": round(r["_distance"], 4), "source": json.loads(r["source"])} for r in hits.to_pylist()]
@@ -128,8 +129,26 @@ def cmd_deploy(args) -> None:
     serve_deployments([load_config(c, args.set) for c in args.configs])
 
 
+FLOW_COMMANDS = {"extract", "train", "evaluate", "sweep", "pipeline", "deploy"}
+
+
+def check_prefect_api(timeout_s: float) -> None:
+    """With PREFECT_API_URL set, that server must answer before a flow starts; unset, flows run on a temporary
+    local server and need nothing."""
+    from prefect.settings import PREFECT_API_URL
+    from stores.health import wait_healthy
+
+    url = PREFECT_API_URL.value()
+    if url:
+        wait_healthy(url.rstrip("/") + "/health", timeout_s, "Prefect API",
+                     "start it (`prefect server start` or `mm serve`), or unset PREFECT_API_URL to run on a "
+                     "temporary local server. Nothing ran and the feature store is untouched")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description=__doc__)
+    p.add_argument("--connect-timeout", type=float, default=20.0, metavar="S",
+                   help="seconds to wait for a configured Prefect API before failing (default 20)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def add(name, fn, help_):
@@ -161,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", help="class name or index")
     sp.add_argument("--present", action="append", help="require this modality present (repeatable)")
     sp.add_argument("--exact", action="store_true", help="bypass the ANN index")
+    sp.add_argument("--nprobes", type=int, default=20, help="IVF partitions scanned (more: higher recall, slower)")
     add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")
@@ -189,12 +209,23 @@ def main(argv: list[str] | None = None) -> None:
     from stores.datasets import DatasetError
     from stores.feature_store import StoreError
 
+    from stores.health import ServiceUnreachable
+
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd in FLOW_COMMANDS:
+            check_prefect_api(args.connect_timeout)
         args.fn(args)
-    except (ConfigError, StoreError, DatasetError) as e:
+    except (ConfigError, StoreError, DatasetError, ServiceUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # a service lost mid-run: say so plainly, the traceback adds nothing
+        import httpx
+        if not isinstance(e, httpx.TransportError):
+            raise
+        print(f"error: lost the connection to the Prefect API ({e}). Every extracted batch already committed "
+              "stays in the store; rerun the same command to resume", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

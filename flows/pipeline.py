@@ -10,6 +10,7 @@ from models.config import ExperimentConfig
 from models.heads import parse_head_config
 from models.metrics import primary_metric
 from stores.feature_store import open_store
+from stores.tracking import check_reachable
 from tasks.extraction import extract_features, version_store
 from tasks.reporting import report
 from tasks.training import threads_per_worker, train_head, update_champions
@@ -56,6 +57,7 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
     deterministic and one GPU is not oversubscribed), alias champions, write the report."""
     log = get_run_logger()
+    check_reachable(config.tracking)
     store = open_store(config)
     threads = threads_per_worker(config.sweep.max_parallel)
     futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
@@ -77,6 +79,7 @@ def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> d
 @flow(name="pipeline")
 def pipeline_flow(config: ExperimentConfig, version: bool = True) -> dict:
     """extract -> DVC version -> sweep -> report, for one dataset."""
+    check_reachable(config.tracking)  # before the long extraction, not after it
     extracted = extract_flow(config, version=version)
     swept = run_sweep(config, {"dvc_hash": extracted["dvc_hash"]} if "dvc_hash" in extracted else None)
     return {"extract": extracted, **swept}

@@ -8,7 +8,8 @@ from typing import Any, Literal
 import yaml
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WithJsonSchema, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 from .heads import HEADS, HeadConfig, parse_head_config
 from .patterns import MissingPattern
@@ -25,6 +26,7 @@ class DataConfig(Strict):
     dataset: Literal["avmnist", "fashion", "manifest", "food101", "mmimdb"] = "avmnist"
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("MM_DATASETS_DIR", DEFAULT_DATASETS_DIR)))
     manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
+    classes: list[str] | None = None  # manifest: the label set (fixed class indices); other labels are errors
     label_field: str = "subCategory"  # fashion: subCategory or masterCategory
     min_per_class: int = 10
     test_speakers: list[str] = Field(default_factory=lambda: ["theo", "yweweler"])  # avmnist held-out speakers
@@ -81,6 +83,7 @@ class TrackingConfig(Strict):
     artifact_root: Path = Path("mlruns/artifacts")
     experiment: str | None = None  # default: the dataset name
     register_models: bool = True
+    connect_timeout_s: float = 20.0  # a tracking server that does not answer /health within this fails the run
 
 
 class SweepConfig(Strict):
@@ -126,6 +129,24 @@ class ExperimentConfig(Strict):
     @classmethod
     def _head(cls, v: Any) -> HeadConfig:
         return parse_head_config(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encoder_overrides(cls, v: Any) -> Any:
+        """``--set encoders.image.precision=bfloat16`` tweaks the dataset's default encoders: entries without a
+        ``kind`` merge onto the default for their modality, and the other default modalities are kept."""
+        if not isinstance(v, dict) or not isinstance(v.get("encoders"), dict):
+            return v
+        enc = v["encoders"]
+        if all(isinstance(e, dict) and "kind" in e or isinstance(e, EncoderConfig) for e in enc.values()):
+            return v
+        data = v.get("data") or {}
+        dataset = data.dataset if isinstance(data, DataConfig) else data.get("dataset", "avmnist")
+        defaults = DEFAULT_ENCODERS.get(dataset, {})
+        merged = {m: dict(e) for m, e in defaults.items()}
+        for m, e in enc.items():
+            merged[m] = {**merged.get(m, {}), **e} if isinstance(e, dict) and "kind" not in e else e
+        return {**v, "encoders": merged}
 
     def encoder_configs(self) -> dict[str, EncoderConfig]:
         if self.encoders is not None:

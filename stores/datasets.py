@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import json
 import re
 from collections import Counter, defaultdict
@@ -145,12 +146,28 @@ def fashion(cfg: DataConfig) -> Dataset:
 MODALITY_COLUMNS = ("image", "text", "audio")
 
 
+def _text_of(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DatasetError(f"manifest {path} line {line} is not UTF-8 ({e.reason} at byte {e.start}); "
+                           "re-save it as UTF-8") from None
+
+
 def _read_table(path: Path) -> list[dict]:
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(io.StringIO(_text_of(path), newline="")))
     if path.suffix in (".jsonl", ".json"):
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(_text_of(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"manifest {path} line {n} is not valid JSON: {e.msg}") from None
+        return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
@@ -172,17 +189,24 @@ def manifest(cfg: DataConfig) -> Dataset:
     mods = [m for m in MODALITY_COLUMNS if m in rows[0]]
     as_list = lambda v: v if isinstance(v, list) else [s for s in str(v).split("|") if s]  # noqa: E731
     multilabel = any(isinstance(r["label"], list) or "|" in str(r["label"]) for r in rows)
-    classes = sorted({c for r in rows for c in as_list(r["label"])} if multilabel else {str(r["label"]) for r in rows})
+    labels = [[] if r["label"] in (None, "") else as_list(r["label"]) if multilabel else [str(r["label"])]
+              for r in rows]
+    classes = list(cfg.classes) if cfg.classes else sorted({c for ls in labels for c in ls})
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for n, r in enumerate(rows):
         if r["split"] not in ("train", "val", "test"):
             raise DatasetError(f"manifest row {n} (id={r['id']}): split {r['split']!r} not in train/val/test")
+        if not labels[n]:
+            raise DatasetError(f"manifest row {n} (id={r['id']}): empty label")
+        if unknown := [c for c in labels[n] if c not in index]:
+            raise DatasetError(f"manifest row {n} (id={r['id']}): label {unknown[0]!r} is not in data.classes "
+                               f"{classes[:10]}{' ...' if len(classes) > 10 else ''}")
         payload = {}
         for m in mods:
             v = r.get(m)
             payload[m] = None if v in (None, "") else (v if m == "text" else str((path.parent / str(v)).resolve()))
-        label = [index[c] for c in as_list(r["label"])] if multilabel else index[str(r["label"])]
+        label = [index[c] for c in labels[n]] if multilabel else index[labels[n][0]]
         records.append(Record(str(r["id"]), r["split"], label, payload))
     return Dataset(path.stem, mods, classes, _limit(records, cfg), task="multilabel" if multilabel else
                    ("binary" if len(classes) == 2 else "multiclass"))

@@ -22,6 +22,9 @@ from models.config import EncoderConfig
 LOAD_WORKERS = min(8, os.cpu_count() or 1)  # threads decoding raw inputs (PIL and wave release the GIL)
 
 
+MIN_SAMPLE_RATE = 4000  # below this, speech and most sounds are gone: the header is wrong or the file is not audio
+
+
 class BadInput(ValueError):
     """An input that cannot be decoded; extraction records the modality as missing with this reason."""
 
@@ -62,6 +65,8 @@ def load_audio(ref: Any, target_sr: int = 16000) -> np.ndarray:
         raise BadInput(f"unreadable audio: {e}") from None
     if n == 0 or not raw:
         raise BadInput("empty audio (0 samples)")
+    if sr < MIN_SAMPLE_RATE:
+        raise BadInput(f"sample rate {sr} Hz is below the {MIN_SAMPLE_RATE} Hz minimum (wrong rate in the header?)")
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
     if dtype is None:
         raise BadInput(f"unsupported wav sample width {width} bytes")

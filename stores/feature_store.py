@@ -33,6 +33,8 @@ class StoreError(RuntimeError):
 def store_name(cfg: ExperimentConfig) -> str:
     """Table name derived from what determines the features: dataset choice and encoder configs."""
     data = cfg.data.model_dump(mode="json", exclude={"data_dir"})
+    if data.get("classes") is None:  # added after stores existed: unset, it must not rename them
+        data.pop("classes", None)
     enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"})
            for m, e in cfg.encoder_configs().items()}
     key = hashlib.sha256(json.dumps([data, enc], sort_keys=True).encode()).hexdigest()[:10]
@@ -282,12 +284,15 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ search & info
     def search(self, vector: np.ndarray, modality: str, k: int = 5, where: str | None = None,
-               exact: bool = False) -> pa.Table:
+               exact: bool = False, nprobes: int = 20) -> pa.Table:
+        """Top-k cosine neighbours; ``where`` is a SQL filter applied before the search. With an IVF-PQ index,
+        ``nprobes`` partitions are scanned and 10 x k candidates re-ranked exactly (bench/store_io.py: recall
+        vs nprobes); ``exact`` scans every row."""
         q = self.table.search(np.asarray(vector, np.float32), vector_column_name=f"{modality}_vec").metric("cosine")
         if where:
             q = q.where(where, prefilter=True)
-        q = q.bypass_vector_index() if exact else q.nprobes(20).refine_factor(10)
-        cols = ["id", "split", "label", "source"] + [f"{m}_present" for m in self.modalities]
+        q = q.bypass_vector_index() if exact else q.nprobes(nprobes).refine_factor(10)
+        cols = ["id", "split", "label", "source", "_distance"] + [f"{m}_present" for m in self.modalities]
         return q.select(cols).limit(k).to_arrow()
 
     def vector_of(self, id_: str, modality: str) -> np.ndarray:

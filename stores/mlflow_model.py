@@ -38,6 +38,28 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(self.predictor.predict(samples))
 
 
+SERVING_EXCLUDES = {"prefect", "dvc", "fastapi", "sqlalchemy", "matplotlib", "tqdm"}  # not needed to predict
+
+
+def serving_requirements() -> list[str]:
+    """This project's runtime dependencies pinned to the installed versions. Given explicitly, MLflow skips
+    inferring them, which loads the model in a subprocess (over 10 s a run)."""
+    import importlib.metadata as md
+    import re
+
+    out = []
+    for req in md.requires("mmrobust") or []:
+        if "extra ==" in req:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0]
+        if name.lower() not in SERVING_EXCLUDES:
+            try:
+                out.append(f"{name}=={md.version(name).split('+')[0]}")  # no local build tag (+cpu)
+            except md.PackageNotFoundError:
+                out.append(req)
+    return out
+
+
 def log_head_model(result, registered_name: str | None) -> None:
     from mlflow.models import infer_signature
     from dataclasses import asdict
@@ -56,4 +78,5 @@ def log_head_model(result, registered_name: str | None) -> None:
                                 artifacts={"config": str(tmp / "config.yaml"), "meta": str(tmp / "meta.json"),
                                            "state": str(tmp / "state.pt")},
                                 signature=infer_signature(example.astype(str), out[["label", "prob"]]),
+                                pip_requirements=serving_requirements(),
                                 registered_model_name=registered_name)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -12,9 +14,24 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from models.config import TrackingConfig
+from .health import wait_healthy
 from .runner import RunResult
 
 CHAMPION = "champion"
+
+
+# bounded client retries: a server that goes away mid-run fails the run in about a minute, not after hours
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def check_reachable(cfg: TrackingConfig) -> None:
+    """Fail fast, before any training, when an http(s) tracking server does not answer ``/health`` within
+    ``connect_timeout_s``. File and sqlite backends need no server."""
+    if cfg.uri.startswith(("http://", "https://")):
+        wait_healthy(cfg.uri.rstrip("/") + "/health", cfg.connect_timeout_s, "MLflow tracking server",
+                     "start it, or set tracking.uri to a sqlite:/// path. Nothing was trained and the feature "
+                     "store is untouched")
 
 
 def _uri(cfg: TrackingConfig) -> str:
@@ -26,6 +43,7 @@ def _uri(cfg: TrackingConfig) -> str:
 class Tracker:
     def __init__(self, cfg: TrackingConfig, dataset: str):
         self.cfg = cfg
+        check_reachable(cfg)
         mlflow.set_tracking_uri(_uri(cfg))
         self.client = MlflowClient(_uri(cfg))
         self.experiment_name = cfg.experiment or dataset

@@ -8,15 +8,16 @@ from prefect import task
 from models.config import ExperimentConfig
 from stores import versioning
 from stores.extraction import extract
+from .common import retry_transient
 
 
-@task(name="extract-features", retries=1, retry_delay_seconds=5)
+@task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def extract_features(cfg: ExperimentConfig, max_rows: int | None = None) -> dict:
     """Resumable: a retry (or rerun) continues where the last attempt stopped."""
     return extract(cfg, progress=True, max_rows=max_rows).as_dict()
 
 
-@task(name="version-store", retries=2, retry_delay_seconds=2)
+@task(name="version-store", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def version_store(cfg: ExperimentConfig, push: bool = True) -> dict:
     """``dvc add <top folder of store.root>`` in ``store.dvc_repo`` (and push to the configured remote);
     returns the DVC hash for lineage."""

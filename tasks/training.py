@@ -9,21 +9,22 @@ from prefect import get_run_logger, task
 from models.config import ExperimentConfig
 from stores.runner import train_and_evaluate
 from stores.tracking import Tracker
-from .common import content_key
+from .common import content_key, retry_transient
 
 
 def _train_key(context, parameters) -> str:
     return content_key(parameters["cfg"], "train")
 
 
-@task(name="train-head", cache_key_fn=_train_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="train-head", cache_key_fn=_train_key, persist_result=True, retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
 def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str, str] | None = None) -> dict:
     """Train one head (one pattern, one seed), evaluate the grid, log and register in MLflow."""
     if threads:
         torch.set_num_threads(threads)
     log = get_run_logger()
+    tracker = Tracker(cfg.tracking, cfg.data.dataset)  # an unreachable tracking server fails before training
     result = train_and_evaluate(cfg, on_epoch=lambda row: log.debug("epoch %s", row))
-    tracker = Tracker(cfg.tracking, result.store["name"].split("-")[0])
     run_id = tracker.log_run(result, extra_tags=tags)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
     return {"run_id": run_id, "head": cfg.head.name, "variant": result.variant, "seed": cfg.seed,
@@ -32,7 +33,7 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
                           for s in result.scenarios}, "seconds": result.seconds}
 
 
-@task(name="update-champions", retries=2, retry_delay_seconds=2)
+@task(name="update-champions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def update_champions(cfg: ExperimentConfig, heads: list[str], dataset: str, metric: str) -> list[dict]:
     """Alias ``champion`` on each ``<dataset>-<head>`` model: best ``summary/grid_mean_<metric>``."""
     tracker = Tracker(cfg.tracking, dataset)

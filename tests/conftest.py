@@ -36,7 +36,8 @@ def write_wav(path: Path, samples: np.ndarray, sr: int = 8000) -> None:
 
 def make_manifest(root: Path, n: int = 36, bad: bool = True, audio: bool = False) -> Path:
     """Three colour classes: image = noisy colour square, text = colour words, audio = class-pitched tone.
-    With ``bad``: a truncated JPEG, an empty text, a zero-byte wav and non-UTF-8-free text are included."""
+    With ``bad``: a truncated JPEG, a corrupt image, an empty text, a zero-byte wav and a wav with a wrong
+    sample rate are included."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -59,6 +60,7 @@ def make_manifest(root: Path, n: int = 36, bad: bool = True, audio: bool = False
         rows[4]["image"] = ""  # absent in source
         if audio:
             (root / "a3.wav").write_bytes(b"")  # zero-byte wav
+            write_wav(root / "a5.wav", np.zeros(50), sr=100)  # wrong sample rate in the header
     path = root / "manifest.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path

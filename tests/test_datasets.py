@@ -79,3 +79,29 @@ def test_manifest_errors_name_the_problem(tmp_path):
         load_dataset(DataConfig(dataset="manifest", manifest=tmp_path / "cols.csv"))
     with pytest.raises(DatasetError, match="needs data.manifest"):
         load_dataset(DataConfig(dataset="manifest"))
+
+
+def test_manifest_label_set_is_enforced(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "a", "split": "train", "label": "cat", "text": "x"}\n'
+                 '{"id": "b", "split": "test", "label": "dgo", "text": "y"}\n')
+    with pytest.raises(DatasetError, match="row 1 \\(id=b\\): label 'dgo' is not in data.classes \\['cat', 'dog'\\]"):
+        load_dataset(DataConfig(dataset="manifest", manifest=m, classes=["cat", "dog"]))
+    m.write_text('{"id": "a", "split": "train", "label": "dog", "text": "x"}\n'
+                 '{"id": "b", "split": "test", "label": "", "text": "y"}\n')
+    with pytest.raises(DatasetError, match="row 1 \\(id=b\\): empty label"):
+        load_dataset(DataConfig(dataset="manifest", manifest=m, classes=["cat", "dog"]))
+    m.write_text('{"id": "a", "split": "train", "label": "dog", "text": "x"}\n')
+    ds = load_dataset(DataConfig(dataset="manifest", manifest=m, classes=["cat", "dog"]))
+    assert ds.classes == ["cat", "dog"] and ds.records[0].label == 1  # fixed indices, even for unseen classes
+
+
+def test_manifest_encoding_and_json_errors_name_the_line(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_bytes(b"id,split,label,text\n1,train,a,caf\xe9 au lait\n")  # Latin-1, not UTF-8
+    with pytest.raises(DatasetError, match="line 2 is not UTF-8"):
+        load_dataset(DataConfig(dataset="manifest", manifest=m))
+    j = tmp_path / "m.jsonl"
+    j.write_text('{"id": "a", "split": "train", "label": "x", "text": "ok"}\n{"id": "b", "split": \n')
+    with pytest.raises(DatasetError, match="line 2 is not valid JSON"):
+        load_dataset(DataConfig(dataset="manifest", manifest=j))

@@ -87,3 +87,6 @@ def test_bad_raw_inputs(tmp_path):
         load_text("  ")
     write_wav(tmp_path / "44k.wav", np.sin(np.arange(44100) / 10), sr=44100)  # other sample rates resample
     assert load_audio(str(tmp_path / "44k.wav")).shape[0] == 16000
+    write_wav(tmp_path / "100hz.wav", np.sin(np.arange(100) / 10), sr=100)  # a wrong rate in the header
+    with pytest.raises(BadInput, match="sample rate 100 Hz is below the 4000 Hz minimum"):
+        load_audio(str(tmp_path / "100hz.wav"))

@@ -156,3 +156,12 @@ def test_missing_store_is_a_clear_error(tmp_path):
     from stores.feature_store import open_store
     with pytest.raises(StoreError, match="run `mm extract`"):
         open_store(load_config(None, [f"store.root={tmp_path}"]))
+
+
+def test_store_names_of_the_shipped_configs_are_stable():
+    """Adding an optional config field must not rename existing stores (users would have to re-extract)."""
+    from models.config import load_config
+    from stores.feature_store import store_name
+    assert store_name(load_config("configs/avmnist.yaml")) == "avmnist-610a8e769c"
+    assert store_name(load_config("configs/fashion.yaml", ["encoders.image.precision=bfloat16",
+                                                           "encoders.text.device=cpu"])) == "fashion-2d447ed0c6"

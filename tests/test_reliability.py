@@ -1,0 +1,122 @@
+"""Faults with real components: concurrent readers and writers on one store, and the MLflow tracking server or
+the Prefect API unreachable. Each must fail clearly (or wait) and leave the store intact."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_manifest, manifest_config
+from stores.feature_store import FeatureStore, store_name
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRACT = ("import sys, json\nfrom models.config import load_config\nfrom stores.extraction import extract\n"
+           "from stores.feature_store import StoreError\ntry:\n"
+           "    print(json.dumps(extract(load_config(sys.argv[1]), progress=False).as_dict()))\n"
+           "except StoreError as e:\n    print('StoreError:', e)\n    sys.exit(2)\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_extraction(cfg, path: Path) -> subprocess.Popen:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return subprocess.Popen([sys.executable, "-c", EXTRACT, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def all_ids(store: FeatureStore) -> list[str]:
+    return store.table.search().select(["id"]).limit(10_000).to_arrow()["id"].to_pylist()
+
+
+def test_queries_and_reads_stay_consistent_while_extraction_writes(tmp_path):
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=60, bad=False), store__write_every=4)
+    proc = start_extraction(cfg, tmp_path / "cfg.yaml")
+    store = FeatureStore(cfg.store.root, store_name(cfg))
+    counts, deadline = [], time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if not store.exists or store.table.count_rows() == 0:
+            time.sleep(0.05)
+            continue
+        n = store.table.count_rows()
+        split = store.read_split("train", ("vec", "tok"))  # one table version, decoded or from the cache
+        assert split.ids == sorted(set(split.ids)) and split.batch.tok["text"].shape[0] == len(split.ids)
+        hits = store.search(np.ones(store.meta["vec_dim"]["text"]), "text", k=3, where="split = 'train'")
+        assert hits.num_rows == min(3, len(split.ids)) and set(hits["split"].to_pylist()) <= {"train"}
+        counts.append(n)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["rows"] == 60
+    assert len(set(counts)) >= 2, f"reads never overlapped the writes: {counts}"
+    assert counts == sorted(counts)  # readers never see rows disappear
+    ids = all_ids(store)
+    assert len(ids) == len(set(ids)) == 60
+    assert len(store.read_split("train").ids) == sum(r == "train" for r in
+                                                     store.table.to_arrow()["split"].to_pylist())
+
+
+@pytest.mark.parametrize("lock_timeout_s", [0.0, 300.0])
+def test_two_writers_on_one_store_one_fails_clearly_or_waits(tmp_path, lock_timeout_s):
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=16, bad=False),
+                          store__lock_timeout_s=lock_timeout_s)
+    procs = [start_extraction(cfg, tmp_path / f"cfg{i}.yaml") for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    store = FeatureStore(cfg.store.root, store_name(cfg))
+    ids = all_ids(store)
+    assert len(ids) == len(set(ids)) == 16  # whoever won, every row once
+    if lock_timeout_s == 0:
+        assert codes == [0, 2], outs
+        loser = next(o for o in outs if o.startswith("StoreError"))
+        assert "is being written by another process" in loser and "lock_timeout_s" in loser
+    else:  # the second waits for the lock, then finds nothing left to do
+        assert codes == [0, 0], outs
+        added = sorted(json.loads(o.strip().splitlines()[-1])["added"] for o in outs)
+        assert added == [0, 16]
+
+
+def _store_state(store: FeatureStore) -> tuple:
+    return store.table.version, store.table.count_rows(), sorted(store.db.list_tables().tables)
+
+
+def test_mlflow_unreachable_fails_before_training_and_store_is_intact(colour_store, prefect_harness):
+    from flows.pipeline import train_flow
+    from stores.health import ServiceUnreachable
+
+    cfg, report = colour_store
+    store = FeatureStore(cfg.store.root, report.store)
+    before = _store_state(store)
+    url = f"http://127.0.0.1:{free_port()}"
+    bad = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": url, "connect_timeout_s": 2})})
+    t0 = time.time()
+    with pytest.raises(ServiceUnreachable, match=f"MLflow tracking server at {url}/health is unreachable after 2 s"):
+        train_flow(bad)
+    assert time.time() - t0 < 60  # no retry storm: the health wait is not retried by the task
+    assert _store_state(store) == before
+
+
+def test_prefect_api_unreachable_cli_fails_clearly_and_store_is_intact(colour_store, tmp_path):
+    cfg, report = colour_store
+    store = FeatureStore(cfg.store.root, report.store)
+    before = _store_state(store)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    api = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": api}
+    for cmd in (["train"], ["extract", "--no-dvc"]):
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "--connect-timeout", "2", *cmd, "-c",
+                               str(tmp_path / "cfg.yaml")], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert f"error: Prefect API at {api}/health is unreachable after 2 s" in proc.stderr
+        assert "Traceback" not in proc.stderr and time.time() - t0 < 60
+    assert _store_state(store) == before
