@@ -30,8 +30,7 @@ def check_reachable(cfg: TrackingConfig) -> None:
     ``connect_timeout_s``. File and sqlite backends need no server."""
     if cfg.uri.startswith(("http://", "https://")):
         wait_healthy(cfg.uri.rstrip("/") + "/health", cfg.connect_timeout_s, "MLflow tracking server",
-                     "start it, or set tracking.uri to a sqlite:/// path. Nothing was trained and the feature "
-                     "store is untouched")
+                     "start it, or set tracking.uri to a sqlite:/// path. The feature store is untouched")
 
 
 def _uri(cfg: TrackingConfig) -> str:
