@@ -22,4 +22,6 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/store_io.py
+	.venv/bin/python bench/extraction.py
+	.venv/bin/python bench/scaling.py
 	.venv/bin/python bench/robustness.py --dataset avmnist --dataset fashion --seeds 0 1 2
