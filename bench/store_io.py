@@ -1,9 +1,9 @@
 """Store benchmarks (issue 5), each measured side by side in one run, printed as Markdown:
   1. cached training vs re-encoding with the frozen encoders each epoch (MMP, CMPT, SRMM)
-  2. store reader: Lance -> torch vs Parquet vs .npy memmap (full split and random batches)
-  3. vector query latency p50/p99 with a filter, with/without the IVF-PQ index, recall@10
+  2. store reader (decoded split cache, Lance decode) -> torch vs Parquet vs .npy memmap (full split, random batches)
+  3. vector query latency p50/p99 with a filter, with/without the IVF-PQ index, recall@10 by nprobes
 
-    python bench/store_io.py [--dataset avmnist] [--sizes 100000] [--encode-sample 64]
+    python bench/store_io.py [--dataset avmnist] [--sizes 100000 1000000] [--encode-sample 64] [--skip train reader query]
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def queries(sizes: list[int], dim: int = 384, nprobes: tuple[int, ...] = (20, 50
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="avmnist")
-    ap.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[100_000], help="add 1000000 for the 1M table (~6 min)")
     ap.add_argument("--encode-sample", type=int, default=64)
     ap.add_argument("--skip", nargs="*", default=[])
     args = ap.parse_args()
