@@ -80,9 +80,7 @@ def _time(fn, repeat: int = 3) -> float:
 
 def _materialise(batch) -> int:
     """Copy every tensor of a FeatureBatch into RAM the way the memmap baseline does; returns the bytes."""
-    ts = [batch.present, batch.y] + [t for f in ("vec", "tok", "tok_mask", "emb", "emb_mask")
-                                     for t in getattr(batch, f).values()]
-    return sum(torch.from_numpy(np.array(t.numpy())).nbytes for t in ts)
+    return sum(torch.from_numpy(np.array(t.numpy())).nbytes for t in batch.tensors().values())
 
 
 def reader(ds_name: str) -> str:
@@ -91,8 +89,7 @@ def reader(ds_name: str) -> str:
     store = open_store(cfg)
     nocache = FeatureStore(store.root, store.name, read_cache=False)
     split = nocache.read_split("train", ("tok",))
-    arrays = {"present": split.batch.present.numpy(), "y": split.batch.y.numpy()}
-    arrays.update({f"{f}__{m}": t.numpy() for f in ("tok", "tok_mask") for m, t in getattr(split.batch, f).items()})
+    arrays = {k: t.numpy() for k, t in split.batch.tensors().items()}
     n, nbytes = len(split.ids), sum(a.nbytes for a in arrays.values())
     tmp = Path(tempfile.mkdtemp())
     for k, a in arrays.items():

@@ -205,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import httpx
+
     from models.config import ConfigError
     from stores.datasets import DatasetError
     from stores.feature_store import StoreError
-
     from stores.health import ServiceUnreachable
 
     args = build_parser().parse_args(argv)
@@ -219,10 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, StoreError, DatasetError, ServiceUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # a service lost mid-run: say so plainly, the traceback adds nothing
-        import httpx
-        if not isinstance(e, httpx.TransportError):
-            raise
+    except httpx.TransportError as e:  # the Prefect API lost mid-run: the traceback adds nothing
         print(f"error: lost the connection to the Prefect API ({e}). Every extracted batch already committed "
               "stays in the store; rerun the same command to resume", file=sys.stderr)
         sys.exit(3)

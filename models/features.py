@@ -10,9 +10,7 @@ from .heads.base import FeatureBatch
 def take(data: FeatureBatch, idx: torch.Tensor) -> FeatureBatch:
     """Rows ``idx`` of every tensor in ``data`` (``idx`` follows the data to its device)."""
     idx = idx.to(data.present.device)
-    pick = lambda d: {k: v.index_select(0, idx) for k, v in d.items()}  # noqa: E731
-    return FeatureBatch(data.present.index_select(0, idx), data.y.index_select(0, idx), pick(data.vec),
-                        pick(data.tok), pick(data.tok_mask), pick(data.emb), pick(data.emb_mask))
+    return data.map(lambda t: t.index_select(0, idx))
 
 
 def apply_presence(data: FeatureBatch, present: torch.Tensor, placeholder: FeatureBatch,

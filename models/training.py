@@ -86,9 +86,7 @@ def stage(data: FeatureBatch, device: torch.device, budget: float = 0.25) -> Fea
     instead of copied over each step); unchanged otherwise and on CPU."""
     if device.type != "cuda":
         return data
-    tensors = [data.present, data.y] + [t for f in ("vec", "tok", "tok_mask", "emb", "emb_mask")
-                                        for t in getattr(data, f).values()]
-    need = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors)
+    need = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in data.tensors().values())
     return data.to(device) if need < budget * torch.cuda.mem_get_info(device)[0] else data
 
 

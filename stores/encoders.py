@@ -20,8 +20,6 @@ from models.config import EncoderConfig
 
 
 LOAD_WORKERS = min(8, os.cpu_count() or 1)  # threads decoding raw inputs (PIL and wave release the GIL)
-
-
 MIN_SAMPLE_RATE = 4000  # below this, speech and most sounds are gone: the header is wrong or the file is not audio
 
 

@@ -14,8 +14,6 @@ import torch
 
 from models.heads.base import FeatureBatch
 
-DICT_FIELDS = ("vec", "tok", "tok_mask", "emb", "emb_mask")
-
 
 class SplitCache:
     """``<root>/v<version>/<split>-<inputs>/`` holding ``ids.json`` and one ``.npy`` per tensor."""
@@ -38,11 +36,7 @@ class SplitCache:
         except (OSError, ValueError, KeyError):  # damaged: entries appear whole (rename), so drop and rebuild
             shutil.rmtree(d, ignore_errors=True)
             return None
-        batch = FeatureBatch(mapped.pop("present"), mapped.pop("y"))
-        for name, t in mapped.items():
-            field, m = name.split("__", 1)
-            getattr(batch, field)[m] = t
-        return ids, batch
+        return ids, FeatureBatch.from_tensors(mapped)
 
     def save(self, version: int, split: str, inputs: tuple[str, ...], ids: list[str], batch: FeatureBatch) -> None:
         """Write atomically (temp folder + rename); a concurrent writer of the same entry simply loses."""
@@ -51,8 +45,7 @@ class SplitCache:
             return
         tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
-        arrays = {"present": batch.present, "y": batch.y}
-        arrays.update({f"{f}__{m}": t for f in DICT_FIELDS for m, t in getattr(batch, f).items()})
+        arrays = batch.tensors()
         for name, t in arrays.items():
             np.save(tmp / f"{name}.npy", t.numpy())
         (tmp / "ids.json").write_text(json.dumps(ids))

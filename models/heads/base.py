@@ -26,6 +26,9 @@ class ModalitySpec:
     placeholder_vec: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+TENSOR_DICTS = ("vec", "tok", "tok_mask", "emb", "emb_mask")  # FeatureBatch's per-modality tensor fields
+
+
 @dataclass
 class FeatureBatch:
     """A batch of cached features. Missing modalities already hold the encoder's placeholder features;
@@ -39,12 +42,31 @@ class FeatureBatch:
     emb: dict[str, torch.Tensor] = field(default_factory=dict)
     emb_mask: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "FeatureBatch":
+        """A new batch with ``fn`` applied to every tensor."""
+        return FeatureBatch(fn(self.present), fn(self.y),
+                            *({k: fn(v) for k, v in getattr(self, f).items()} for f in TENSOR_DICTS))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by a flat name: ``present``, ``y`` and ``<field>__<modality>``."""
+        return {"present": self.present, "y": self.y,
+                **{f"{f}__{m}": t for f in TENSOR_DICTS for m, t in getattr(self, f).items()}}
+
+    @classmethod
+    def from_tensors(cls, named: dict[str, torch.Tensor]) -> "FeatureBatch":
+        """The inverse of ``tensors``."""
+        batch = cls(named["present"], named["y"])
+        for name, t in named.items():
+            if "__" in name:
+                f, m = name.split("__", 1)
+                getattr(batch, f)[m] = t
+        return batch
+
     def to(self, device: torch.device | str) -> "FeatureBatch":
         """Move to ``device``; cached float16 features become float32 there (autocast picks bf16 on GPU)."""
-        move = lambda d: {k: v.to(device, torch.float32 if v.is_floating_point() else None, non_blocking=True)  # noqa: E731
-                          for k, v in d.items()}
-        return FeatureBatch(self.present.to(device), self.y.to(device), move(self.vec), move(self.tok),
-                            move(self.tok_mask), move(self.emb), move(self.emb_mask))
+        async_copy = torch.device(device).type == "cuda"
+        return self.map(lambda t: t.to(device, torch.float32 if t.is_floating_point() else None,
+                                       non_blocking=async_copy))
 
     @property
     def size(self) -> int:
