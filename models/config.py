@@ -24,6 +24,9 @@ class Strict(BaseModel):
 
 class DataConfig(Strict):
     dataset: Literal["avmnist", "fashion", "manifest", "food101", "mmimdb"] = "avmnist"
+    # names the store's dataset table, the MLflow experiment and the registered models; default: the manifest
+    # file's stem for dataset=manifest, else the dataset name
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("MM_DATASETS_DIR", DEFAULT_DATASETS_DIR)))
     manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
     classes: list[str] | None = None  # manifest: the label set (fixed class indices); other labels are errors
@@ -34,6 +37,15 @@ class DataConfig(Strict):
     test_fraction: float = 0.2
     limit: int | None = None  # first N records per split-shuffle, for smoke runs
     seed: int = 0
+
+    @property
+    def dataset_name(self) -> str:
+        """The user-facing dataset name: ``name``, else the manifest's stem, else the adapter name."""
+        if self.name:
+            return self.name
+        if self.dataset == "manifest" and self.manifest is not None:
+            return Path(self.manifest).stem
+        return self.dataset
 
 
 class EncoderConfig(Strict):

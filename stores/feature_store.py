@@ -33,8 +33,9 @@ class StoreError(RuntimeError):
 def store_name(cfg: ExperimentConfig) -> str:
     """Table name derived from what determines the features: dataset choice and encoder configs."""
     data = cfg.data.model_dump(mode="json", exclude={"data_dir"})
-    if data.get("classes") is None:  # added after stores existed: unset, it must not rename them
-        data.pop("classes", None)
+    for added in ("classes", "name"):  # added after stores existed: unset, they must not rename them
+        if data.get(added) is None:
+            data.pop(added, None)
     enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"})
            for m, e in cfg.encoder_configs().items()}
     key = hashlib.sha256(json.dumps([data, enc], sort_keys=True).encode()).hexdigest()[:10]
