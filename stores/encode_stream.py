@@ -1,0 +1,50 @@
+"""Decode-ahead encoding: raw inputs are decoded on a thread pool a few batches ahead of the encoder, so host
+decoding (JPEG + resize, wav + resample) overlaps the device's forward pass instead of alternating with it.
+(A thread pool rather than torch's DataLoader: PIL and wave release the GIL, items are paths, and order plus
+per-item failure reasons must be kept; a DataLoader adds worker processes and pickling for none of that.)"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
+
+from .encoders import LOAD_WORKERS, BadInput, Encoder
+
+ABSENT = "absent in source"
+
+
+def _load(encoder: Encoder, ref: Any) -> tuple[Any, str | None]:
+    if ref is None:
+        return None, ABSENT
+    try:
+        return encoder.load(ref), None
+    except BadInput as e:
+        return None, str(e)
+
+
+def encode_stream(encoder: Encoder, refs: Iterable[Any], batch_size: int, workers: int = LOAD_WORKERS,
+                  prefetch: int = 2) -> Iterator[tuple[dict | None, str | None]]:
+    """For each raw ref, in order: ``({"vec", "tok", "emb"}, None)`` or ``(None, reason)`` for an absent or
+    undecodable input. Up to ``prefetch`` batches are decoded while one is encoded."""
+    it = iter(refs)
+    window: deque[Future] = deque()
+    with ThreadPoolExecutor(workers) as pool:
+        def fill() -> None:
+            while len(window) < (prefetch + 1) * batch_size:
+                ref = next(it, StopIteration)
+                if ref is StopIteration:
+                    return
+                window.append(pool.submit(_load, encoder, ref))
+
+        fill()
+        while window:
+            batch = [window.popleft().result() for _ in range(min(batch_size, len(window)))]
+            fill()  # the next batches decode while this one encodes
+            ok = [i for i, (x, _) in enumerate(batch) if x is not None]
+            feats: dict[int, dict] = {}
+            if ok:
+                enc = encoder.encode([batch[i][0] for i in ok])
+                feats = {i: {"vec": enc.vec[k], "tok": enc.tok[k], "emb": enc.emb[k] if enc.emb is not None
+                             else None} for k, i in enumerate(ok)}
+            for i, (_, reason) in enumerate(batch):
+                yield feats.get(i), reason
