@@ -160,3 +160,119 @@ def test_noise_sigma_is_absolute_by_default_and_named_in_key_and_slug():
     assert noisy.std().item() == pytest.approx(0.5, rel=0.05)  # Table IX: N(0, sigma)
     scaled = add_noise(batch, 0.5, np.random.default_rng(0), ["image"], sigma_scale="feature_std").vec["image"] - x
     assert scaled.std().item() == pytest.approx(50, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ CMPT §3, A3
+def cmpt_spec(mods=("image", "text"), width=32):
+    return ModalitySpec(list(mods), {m: 8 for m in mods}, {m: 6 for m in mods}, {m: 5 for m in mods}, n_classes=3,
+                        emb_dim={m: width for m in mods}, emb_len={m: 7 for m in mods})
+
+
+def cmpt_batch(spec, n=6, present=None):
+    g = torch.Generator().manual_seed(1)
+    mods = spec.modalities
+    emb_mask = torch.arange(7)[None] < torch.tensor([7, 3, 5, 7, 2, 6][:n])[:, None]
+    return FeatureBatch(torch.ones(n, len(mods), dtype=torch.bool) if present is None else present,
+                        torch.randint(0, 3, (n,), generator=g),
+                        {m: torch.randn(n, 8, generator=g) for m in mods},
+                        {m: torch.randn(n, 5, 6, generator=g) for m in mods},
+                        {m: torch.ones(n, 5, dtype=torch.bool) for m in mods},
+                        {m: torch.randn(n, 7, 32, generator=g) for m in mods}, {m: emb_mask for m in mods})
+
+
+def bert_blocks():
+    from transformers import BertConfig, BertModel
+    from stores.encoders import HFBlocks
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64))
+    return HFBlocks(bert.encoder.layer, 32)
+
+
+def clip_text_blocks():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from stores.encoders import BLOCK_FAMILIES, HFBlocks
+    tm = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    return HFBlocks(tm.encoder.layers, 32, tm.final_layer_norm, BLOCK_FAMILIES["clip_text_model"])
+
+
+def whisper_blocks():
+    from stores.encoders import BlockFamily, HFBlocks
+    b = bert_blocks()
+    return HFBlocks(b.layers, 32, None, BlockFamily("whisper_encoder", cls_token="none"))
+
+
+def cmpt(spec, backbones, **kw):
+    torch.manual_seed(0)
+    return build_head(parse_head_config({"name": "cmpt", **kw}), spec, backbones)
+
+
+def test_cmpt_encoder_path_uses_the_encoders_own_class_token():
+    spec = cmpt_spec()
+    head = cmpt(spec, {"text": bert_blocks()}).eval()
+    assert "text" not in head.cls_tok and not any(n.startswith("cls_tok.text") for n, _ in head.named_parameters())
+    assert head.variant["text"] == "encoder+lora" and head.variant["image"] == "trainable_block+learned_cls"
+    b = cmpt_batch(spec)
+    with torch.no_grad():
+        cls, proxies = head.run_stream("text", b)
+        x, mask = b.emb["text"], b.emb_mask["text"]
+        proxy = head.proxy_tok["text_to_image"].expand(6, 1, -1)
+        h = head.streams["text"](torch.cat([x[:, :1], proxy, x[:, 1:]], 1),
+                                 torch.cat([mask[:, :1], torch.ones(6, 1, dtype=torch.bool), mask[:, 1:]], 1))
+    assert torch.allclose(cls, h[:, 0], atol=1e-6) and torch.allclose(proxies["image"], h[:, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks,variant", [(clip_text_blocks, "encoder+lora+eos_cls"),
+                                            (whisper_blocks, "encoder+lora+meanpool_cls")])
+def test_cmpt_families_without_a_class_token_use_a_named_choice(blocks, variant):
+    spec = cmpt_spec()
+    head = cmpt(spec, {"text": blocks()}).eval()
+    assert head.variant["text"] == variant and "text" not in head.cls_tok
+    b = cmpt_batch(spec)
+    x, mask = b.emb["text"], b.emb_mask["text"]
+    with torch.no_grad():
+        cls, proxies = head.run_stream("text", b)
+        h = head.streams["text"](torch.cat([x, head.proxy_tok["text_to_image"].expand(6, 1, -1)], 1),
+                                 torch.cat([mask, torch.ones(6, 1, dtype=torch.bool)], 1))
+    last = mask.sum(1) - 1
+    want = h[torch.arange(6), last] if variant.endswith("eos_cls") else \
+        (h[:, :7] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(cls, want, atol=1e-5) and torch.allclose(proxies["image"], h[:, 7], atol=1e-6)
+
+
+def test_cmpt_alignment_is_eq4_on_output_tokens_without_stop_gradient():
+    spec = cmpt_spec(("audio", "text"))
+    head = cmpt(spec, {"audio": bert_blocks(), "text": bert_blocks()}).eval()  # equal widths: no maps at all
+    assert not head.width_map and not head.fusion_proj and "deviation" not in head.variant
+    seen, run = {}, head.run_stream
+
+    def spy(m, batch):
+        cls, proxies = run(m, batch)
+        cls.retain_grad()
+        seen[m] = (cls, proxies)
+        return cls, proxies
+
+    head.run_stream = spy
+    present = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1], [1, 1], [1, 1]], dtype=torch.bool)
+    out = head(cmpt_batch(spec, present=present))
+    c = present.all(1)
+    want = sum(torch.nn.functional.mse_loss(seen[j][1][i][c], seen[i][0][c]) for j, i in head.pairs)
+    assert torch.allclose(out.aux_loss, 0.2 * want)
+    out.aux_loss.backward()
+    assert all(seen[m][0].grad.abs().sum() > 0 for m in spec.modalities)  # the CLS target is not detached
+
+
+def test_cmpt_lora_dropout_in_training_only():
+    from models.lora import LoRALinear
+    head = cmpt(cmpt_spec(), {"text": bert_blocks()})
+    loras = [m for m in head.modules() if isinstance(m, LoRALinear)]
+    assert loras and all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.1 for m in loras)
+    lin = LoRALinear(torch.nn.Linear(16, 16), rank=1, dropout=0.1)
+    with torch.no_grad():
+        lin.lora_b.fill_(1.0)
+    x = torch.randn(4, 16)
+    lin.train()
+    assert not torch.allclose(lin(x), lin(x))
+    lin.eval()
+    exact = lin.base(x) + (x @ lin.lora_a.T) @ lin.lora_b.T * lin.scale
+    assert torch.allclose(lin(x), exact) and torch.allclose(lin(x), lin(x))

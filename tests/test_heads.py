@@ -68,7 +68,8 @@ def test_training_step_gradients_only_on_trainable(name):
         assert frozen, "CMPT's encoder blocks must stay frozen"
         lora = [m for m in head.modules() if isinstance(m, LoRALinear)]
         assert len(lora) == 2 * 4  # q, k, v, o in each of the 2 blocks
-        assert head.variant == {"image": "trainable_block", "text": "encoder+lora"}
+        assert head.variant == {"image": "trainable_block+learned_cls", "text": "encoder+lora",
+                                "deviation": "width_map+fusion_proj"}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
