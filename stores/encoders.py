@@ -387,10 +387,8 @@ class HFEncoder(Encoder):
                                do_rescale=False)
         else:
             sr = getattr(self.proc, "sampling_rate", 16000)
-            # Whisper's encoder takes only full-length (padded) windows
-            padding = "max_length" if type(self.proc).__name__ == "WhisperFeatureExtractor" else True
             inputs = self.proc([a[: int(self.cfg.audio_seconds * sr)] for a in items], sampling_rate=sr,
-                               return_tensors="pt", padding=padding, return_attention_mask=True)
+                               return_tensors="pt", padding=True, return_attention_mask=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with _autocast(self.device, self.precision):
             out = self.model(**inputs, output_hidden_states=True)

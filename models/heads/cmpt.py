@@ -129,9 +129,11 @@ class CMPT(Head):
     def run_stream(self, m: str, batch: FeatureBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CLS output [B, w_m] and proxy outputs {i: [B, w_m]} of modality m's stream (Eq. 2-3)."""
         stream, source = self.streams[m], self.cls_source[m]
-        if source == "learned":
+        if source == "learned":  # the variant's own CLS parameter goes first
             x, mask = pool_tokens(batch.tok[m], batch.tok_mask[m], self.cfg.max_tokens)
             x = stream.embed(x)
+            x = torch.cat([self.cls_tok[m].to(x.dtype).expand(x.shape[0], 1, -1), x], 1)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
         else:
             x, mask = batch.emb[m], batch.emb_mask[m]
         B, T = x.shape[:2]
@@ -139,10 +141,7 @@ class CMPT(Head):
         proxies = torch.stack([self.proxy_tok[f"{m}_to_{i}"] for i in targets]).to(x.dtype).expand(B, -1, -1) \
             if targets else x[:, :0]
         real = torch.ones(B, proxies.shape[1], dtype=torch.bool, device=mask.device)
-        if source == "learned":
-            cls = self.cls_tok[m].to(x.dtype).expand(B, 1, -1)
-            seq, seq_mask, at = torch.cat([cls, proxies, x], 1), torch.cat([torch.ones_like(mask[:, :1]), real, mask], 1), 1
-        elif source == "first":  # the encoder's class token stays first, proxies right after it
+        if source in ("learned", "first"):  # the class token stays first, proxies right after it
             seq, seq_mask, at = torch.cat([x[:, :1], proxies, x[:, 1:]], 1), \
                 torch.cat([mask[:, :1], real, mask[:, 1:]], 1), 1
         else:  # "eos" (causal) and "none": after every token
