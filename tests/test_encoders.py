@@ -135,7 +135,8 @@ def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
     encoder = whisper_encoder_from_ct2(path)
     assert len(encoder.layers) == 4 and encoder.config.d_model == 384
     t = np.arange(16000) / 16000
-    audio = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal(16000)
+    audio = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * noise).astype(np.float32)
     feats = WhisperFeatureExtractor(feature_size=80)([audio], sampling_rate=16000, return_tensors="np").input_features
     ref = np.asarray(ctranslate2.models.Whisper(path, device="cpu").encode(
         ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, np.float32)), to_cpu=True), dtype=np.float32)
