@@ -30,9 +30,13 @@ def apply_presence(data: FeatureBatch, present: torch.Tensor, placeholder: Featu
     return out
 
 
-def add_noise(data: FeatureBatch, sigma: float, rng: np.random.Generator, modalities: list[str]) -> FeatureBatch:
-    """Gaussian noise with std ``sigma`` times each feature tensor's own std (so sigma means the same for
-    every encoder), on pooled vectors and tokens of ``modalities``; seeded by ``rng``."""
+def add_noise(data: FeatureBatch, sigma: float, rng: np.random.Generator, modalities: list[str],
+              sigma_scale: str = "absolute") -> FeatureBatch:
+    """Gaussian noise N(0, sigma) on pooled vectors and tokens of ``modalities``, seeded by ``rng``.
+    ``sigma_scale``: "absolute" (004 Table IX: sigma is the noise std itself) or "feature_std" (sigma times each
+    feature tensor's own std, so sigma means the same for every encoder; this project's extension)."""
+    if sigma_scale not in ("absolute", "feature_std"):
+        raise ValueError(f"sigma_scale must be 'absolute' or 'feature_std', not {sigma_scale!r}")
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     out = FeatureBatch(data.present, data.y, dict(data.vec), dict(data.tok), data.tok_mask, dict(data.emb),
                        data.emb_mask)
@@ -41,5 +45,6 @@ def add_noise(data: FeatureBatch, sigma: float, rng: np.random.Generator, modali
         for m in modalities:
             if m in feats:
                 x = feats[m].float()
-                feats[m] = (x + sigma * x.std() * torch.randn(x.shape, generator=gen)).to(feats[m].dtype)
+                std = sigma * (x.std() if sigma_scale == "feature_std" else 1.0)
+                feats[m] = (x + std * torch.randn(x.shape, generator=gen)).to(feats[m].dtype)
     return out

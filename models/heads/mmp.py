@@ -31,11 +31,18 @@ def _attn(d: int, heads: int, dropout: float) -> nn.MultiheadAttention:
 
 @register_head(MMPConfig)
 class MMP(Head):
-    """Training masks each present modality with prob ``mask_p`` (never all). For a masked modality i and each
-    available j: j's aggregated tokens cross-attend to j's tokens (U_j); i's aggregated tokens cross-attend to U_j
-    (Z_ij); j's tokens cross-attend to Z_ij; a linear map over the token axis gives i's token count. An MLP over
-    the concatenation across j yields i's tokens in i's own feature space, aligned to the real ones with Smooth-L1.
-    At inference projected tokens replace missing ones; a fusion transformer classifies from a CLS token."""
+    """MMP (paper 000 §III). Training masks each present modality with prob ``mask_p`` = 0.5 (§III-A), per
+    sample, never all of a sample's modalities. For a masked modality i and each available j: j's ``n_agg`` = 8
+    aggregated tokens cross-attend to j's tokens (Eq. 2); i's aggregated tokens cross-attend to those (Eq. 3);
+    j's tokens cross-attend to the result (Eq. 4); a linear map over the token axis gives i's token count and an
+    MLP over the concatenation across j yields i's tokens in i's own feature space (Eq. 5, §III-C; unavailable
+    j contribute zeros so the MLP input keeps one size). The projection is aligned to the real tokens with
+    Smooth-L1 averaged over the masked modalities (Eq. 6) and added to the task loss (Eq. 7, ``align_weight``
+    = 1). Projected tokens replace missing ones, in training and at inference.
+
+    Deviations forced by frozen cached features (named in ``variant``): the tokens are the frozen encoder's
+    cached OUTPUT tokens (mask-aware pooled to ``max_tokens``), not embedding-layer tokens fed on through a
+    fine-tuned backbone (Eq. 1), and a small fusion transformer with a CLS token classifies them."""
 
     inputs = ("tok",)
 
@@ -61,6 +68,7 @@ class MMP(Head):
         self.fusion = nn.TransformerEncoder(layer, cfg.fusion_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.classifier = nn.Linear(d, spec.n_classes)
+        self.variant = {"tokens": "frozen_output_tokens+fusion_transformer"}
 
     def project(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor], avail: torch.Tensor,
                 targets: list[str]) -> dict[str, torch.Tensor]:
@@ -91,7 +99,7 @@ class MMP(Head):
         x = {m: self.inp[m](tok[m]) for m in mods}
         targets = [m for i, m in enumerate(mods) if not avail[:, i].all()]
         proj = self.project(x, mask, avail, targets)
-        aux = self.zero(x[mods[0]])
+        align = []  # Eq. 6: one Smooth-L1 term per masked modality, averaged over the masked modalities
         for i, m in enumerate(mods):
             if m not in proj:
                 continue
@@ -100,7 +108,7 @@ class MMP(Head):
                 valid = mask[m][masked].unsqueeze(-1)
                 err = F.smooth_l1_loss(proj[m][masked].float(), tok[m][masked].float(), reduction="none",
                                        beta=self.cfg.smooth_l1_beta)
-                aux = aux + (err * valid).sum() / (valid.sum() * err.shape[-1]).clamp_min(1)
+                align.append((err * valid).sum() / (valid.sum() * err.shape[-1]).clamp_min(1))
             use = avail[:, i, None, None]
             tok[m] = torch.where(use, tok[m], proj[m].to(tok[m].dtype))
             mask[m] = torch.where(avail[:, i, None], mask[m], torch.ones_like(mask[m]))
@@ -108,4 +116,5 @@ class MMP(Head):
         seq += [self.inp[m](tok[m]) + self.pos_emb[m] + self.type_emb[m] for m in mods]
         keys = torch.cat([torch.ones(batch.size, 1, dtype=torch.bool, device=present.device)] + [mask[m] for m in mods], 1)
         h = self.fusion(torch.cat(seq, 1), src_key_padding_mask=~keys)
+        aux = torch.stack(align).mean() if align else self.zero(h)
         return HeadOutput(self.classifier(self.norm(h[:, 0])), self.cfg.align_weight * aux)

