@@ -64,8 +64,8 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     results = [f.result() for f in futures]
     metric = primary_metric(store.meta["task"])
     heads = sorted({c.head.name for c in sweep_configs(config)})
-    champions = update_champions(config, heads, store.meta["dataset"], metric)
-    path = report(results, store.meta["dataset"], metric)
+    champions = update_champions(config, heads, metric)
+    path = report(results, config.data.dataset_name, metric)
     log.info("report: %s; champions: %s", path, champions)
     return {"results": results, "champions": champions, "report": path}
 
