@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label", help="class name or index")
     sp.add_argument("--present", action="append", help="require this modality present (repeatable)")
     sp.add_argument("--exact", action="store_true", help="bypass the ANN index")
-    sp.add_argument("--nprobes", type=_positive, default=20, help="IVF partitions scanned (more: higher recall, slower)")
+    sp.add_argument("--nprobes", type=_positive, default=20,
+                    help="IVF partitions scanned (more: higher recall, slower)")
     add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")

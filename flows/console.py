@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",  # the fork warning of Hugging Face tokenizers
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar (one per encoder load)
     "TRANSFORMERS_VERBOSITY": "error",
-    "LANCE_LOG": "error",  # Lance's Rust WARN lines (IVF partitions with few rows, "dataset will be created")
+    "LANCEDB_LOG": "error",  # Lance's Rust WARN lines (IVF partitions with few rows, "dataset will be created")
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }
@@ -47,7 +49,8 @@ def quiet(debug: bool | None = None) -> None:
     warnings.filterwarnings("ignore", message="Palette images with Transparency", module="PIL")  # fashion PNGs
     warnings.filterwarnings("ignore", message=".*Hint: Inferred schema contains integer", module="mlflow")
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated")  # imported by a dependency
-    warnings.filterwarnings("ignore", message=".*does not have many workers", module="lightning")
+    # mlflow's input-example check compares columns with a range (pandas 3 deprecation, inside mlflow)
+    warnings.filterwarnings("ignore", message="Operation with range is deprecated", module="mlflow")
 
 
 def console(stderr: bool = False):
@@ -66,13 +69,13 @@ def training_progress(enabled: bool = True, poll_s: float = 0.5) -> Iterator[Non
     if not enabled:
         yield
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     folder = tempfile.mkdtemp(prefix="mm-progress-")
     old = os.environ.get(progress.ENV)
     os.environ[progress.ENV] = folder
     bars = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("epochs  {task.fields[val]:<10} {task.fields[state]:<9}"), TimeElapsedColumn(),
+                    TextColumn("epochs  {task.fields[val]:<10} {task.fields[state]:<9} {task.fields[elapsed]}"),
                     console=console(stderr=True), transient=False)
     tasks: dict[str, Any] = {}
     stop = threading.Event()
@@ -82,10 +85,11 @@ def training_progress(enabled: bool = True, poll_s: float = 0.5) -> Iterator[Non
             if run not in tasks:
                 if not bars.live.is_started:
                     bars.start()
-                tasks[run] = bars.add_task(run, total=d.get("epochs") or 1, val="", state="")
+                tasks[run] = bars.add_task(run, total=d.get("epochs") or 1, val="", state="", elapsed="")
             val = f"val {d['val']:.3f}" if isinstance(d.get("val"), (int, float)) else ""
+            secs = d.get("seconds") or (time.time() - d["started"] if "started" in d else 0)
             bars.update(tasks[run], completed=d.get("epoch", 0), total=d.get("epochs") or 1, val=val,
-                        state=d.get("state", ""))
+                        state=d.get("state", ""), elapsed=f"{secs:.0f} s")
 
     def poll() -> None:
         while not stop.wait(poll_s):
@@ -101,6 +105,7 @@ def training_progress(enabled: bool = True, poll_s: float = 0.5) -> Iterator[Non
         update()
         if bars.live.is_started:
             bars.stop()
+        shutil.rmtree(folder, ignore_errors=True)
         if old is None:
             os.environ.pop(progress.ENV, None)
         else:
@@ -148,18 +153,23 @@ def records(rows: list[dict], title: str | None = None) -> None:
 
 
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
-    """The comparison table (``stores.reporting``: the same cells as the report and ``mm compare``)."""
+    """The comparison table (``stores.reporting``: the same cells as the report and ``mm compare``), turned so
+    that heads are columns and test scenarios rows: it fits a terminal."""
     from rich.table import Table
-    from stores.reporting import cell, columns
+    from stores.reporting import cell
     if not rows:
         console().print("(no runs)")
         return
     t = Table(title=title)
-    for c in columns(scenarios):
-        t.add_column(c.replace("/", "/\n") if "/" in c else c, justify="left" if c in ("head", "train_pattern")
-                     else "right")
+    t.add_column("test scenario (missing %)")
     for r in rows:
-        t.add_row(*[cell(r.get(c, "")) for c in columns(scenarios)])
+        t.add_column(r["head"] + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
+                     justify="right", overflow="fold")
+    for s in scenarios:
+        t.add_row(s.replace("-", " ").replace("/", ", "), *[cell(r.get(s, "")) for r in rows])
+    t.add_section()
+    t.add_row("grid mean", *[cell(r.get("grid_mean", "")) for r in rows], style="bold")
+    t.add_row("seeds", *[str(r["seeds"]) for r in rows])
     console().print(t)
 
 

@@ -99,7 +99,8 @@ class TrackingConfig(Strict):
     artifact_root: Path = Path("mlruns/artifacts")
     experiment: str | None = None  # default: the dataset name
     register_models: bool = True
-    connect_timeout_s: float = Field(20.0, gt=0)  # a tracking server that does not answer /health within this fails the run
+    # a tracking server that does not answer /health within this fails the run
+    connect_timeout_s: float = Field(20.0, gt=0)
 
 
 class SweepConfig(Strict):

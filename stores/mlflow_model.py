@@ -30,7 +30,8 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
         cfg = ExperimentConfig.model_validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         extras = torch.load(context.artifacts["state"], map_location="cpu", weights_only=False)
-        head = build_head(cfg.head, ModalitySpec(**extras["spec"]), load_backbones(cfg, meta, HEADS[cfg.head.name].build))
+        backbones = load_backbones(cfg, meta, HEADS[cfg.head.name].build)
+        head = build_head(cfg.head, ModalitySpec(**extras["spec"]), backbones)
         head.load_state_dict(extras["state_dict"])
         cfg.train.device = "cpu" if not torch.cuda.is_available() else cfg.train.device
         self.predictor = Predictor(cfg, head, meta)

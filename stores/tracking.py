@@ -216,7 +216,7 @@ def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc"
     and the grid mean, mean ± sd over seeds (the same builder as the sweep report)."""
     from .reporting import aggregate, cell, columns
     scenarios, rows = aggregate(run_results(tracking, experiment, metric), metric)
-    return pd.DataFrame([{c: cell(r.get(c, "")) for c in columns(scenarios)} for r in rows])
+    return pd.DataFrame([{c: r[c] if c == "seeds" else cell(r.get(c, "")) for c in columns(scenarios)} for r in rows])
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -53,4 +53,5 @@ def content_key(cfg: ExperimentConfig, *extra: str) -> str:
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
     body = cfg.model_dump(mode="json", exclude={"tracking": True, "store": {"root", "dvc_remote", "read_cache"},
                                                 "data": {"data_dir"}, "schedule": True, "sweep": True})
-    return hashlib.sha256(json.dumps([fp, body, code_version(MODELS_DIR), *extra], sort_keys=True).encode()).hexdigest()
+    key = [fp, body, code_version(MODELS_DIR), *extra]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

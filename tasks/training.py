@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from prefect import get_run_logger, task
@@ -29,21 +30,21 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     if threads:
         torch.set_num_threads(threads)
     log = get_run_logger()
-    label = run_label(cfg)
+    label, started = run_label(cfg), time.time()
     tracker = Tracker(cfg.tracking, cfg.data.dataset_name)  # an unreachable tracking server fails before training
-    progress.report(label, state="starting", epoch=0, epochs=cfg.train.epochs)
+    progress.report(label, started=started, state="starting", epoch=0, epochs=cfg.train.epochs)
     with tracker.live_run(cfg, tags) as run:
         def on_epoch(row: dict) -> None:
             run.log_epoch(row)
             metric = next((v for k, v in row.items() if k.startswith("val_") and "/" not in k), None)
-            progress.report(label, state="training", epoch=row["epoch"] + 1, epochs=cfg.train.epochs, val=metric)
+            progress.report(label, started=started, state="training", epoch=row["epoch"] + 1, epochs=cfg.train.epochs, val=metric)
             log.debug("epoch %s", row)
 
         result = train_and_evaluate(cfg, on_epoch=on_epoch)
-        progress.report(label, state="evaluated", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run,
+        progress.report(label, started=started, state="evaluated", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run,
                         val=result.fit.best_score)
         run.finish(result)
-    progress.report(label, state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run,
+    progress.report(label, started=started, state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run,
                     val=result.fit.best_score, seconds=result.seconds)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
     return {"run_id": run.run_id, "head": cfg.head.name, "variant": result.variant, "seed": cfg.seed,

@@ -115,3 +115,16 @@ def test_registered_model_serves_outside_the_repo(colours_model, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+def test_compare_of_one_seed_shows_no_spread(colours_model, capsys):
+    from flows.cli import main
+    cfg, _ = colours_model
+    args = ["--set", "data.dataset=manifest", "--set", "data.name=colours", "--set", f"tracking.uri={cfg.tracking.uri}"]
+    main(["compare", *args])
+    human = capsys.readouterr().out
+    assert "early" in human and "grid mean" in human and "±" not in human
+    main(["compare", "--json", *args])
+    res = json.loads(capsys.readouterr().out)
+    assert res["experiment"] == "colours" and res["table"][0]["seeds"] == 1
+    assert res["table"][0]["grid_mean"]["sd"] is None
