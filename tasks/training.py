@@ -1,6 +1,7 @@
 """Training, evaluation and registry tasks."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -30,22 +31,21 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     if threads:
         torch.set_num_threads(threads)
     log = get_run_logger()
-    label, started = run_label(cfg), time.time()
+    show = functools.partial(progress.report, run_label(cfg), started=time.time())  # the console's view
     tracker = Tracker(cfg.tracking, cfg.data.dataset_name)  # an unreachable tracking server fails before training
-    progress.report(label, started=started, state="starting", epoch=0, epochs=cfg.train.epochs)
+    show(state="starting", epoch=0, epochs=cfg.train.epochs)
     with tracker.live_run(cfg, tags) as run:
         def on_epoch(row: dict) -> None:
             run.log_epoch(row)
             metric = next((v for k, v in row.items() if k.startswith("val_") and "/" not in k), None)
-            progress.report(label, started=started, state="training", epoch=row["epoch"] + 1, epochs=cfg.train.epochs, val=metric)
+            show(state="training", epoch=row["epoch"] + 1, epochs=cfg.train.epochs, val=metric)
             log.debug("epoch %s", row)
 
         result = train_and_evaluate(cfg, on_epoch=on_epoch)
-        progress.report(label, started=started, state="evaluated", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run,
-                        val=result.fit.best_score)
+        show(state="logging", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score)
         run.finish(result)
-    progress.report(label, started=started, state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run,
-                    val=result.fit.best_score, seconds=result.seconds)
+    show(state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score,
+         seconds=result.seconds)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
     return {"run_id": run.run_id, "head": cfg.head.name, "variant": result.variant, "seed": cfg.seed,
             "train_pattern": cfg.train_pattern.key, "summary": result.summary,
