@@ -192,9 +192,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description=__doc__)
-    p.add_argument("--connect-timeout", type=float, default=20.0, metavar="S",
+    p.add_argument("--connect-timeout", type=_seconds, default=20.0, metavar="S",
                    help="seconds to wait for a configured Prefect API before failing (default 20)")
     sub = p.add_subparsers(dest="cmd", required=True)
 

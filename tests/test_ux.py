@@ -73,3 +73,18 @@ def test_train_cache_key_follows_the_models_code(colour_store, tmp_path, monkeyp
     head.write_text(head.read_text() + "\n# a bug fix\n")
     common.code_version.cache_clear()
     assert common.content_key(cfg, "train") != before
+
+
+def test_progress_display_shows_each_run_from_its_progress_file(capsys):
+    """Training tasks in worker processes report through files; the console turns them into one bar per run."""
+    import os
+    import time
+    from flows.console import training_progress
+    from stores import progress
+    with training_progress(poll_s=0.05):
+        folder = os.environ[progress.ENV]
+        progress.report("mmp complete s0", started=time.time(), state="training", epoch=3, epochs=5, val=0.8123)
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "mmp complete s0" in err and "3/5" in err and "val 0.812" in err and "training" in err
+    assert not os.path.exists(folder) and progress.ENV not in os.environ
