@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 
 from models.config import ExperimentConfig
 from stores import progress
+from stores.feature_store import open_store
 from stores.runner import train_and_evaluate
 from stores.tracking import Tracker
 from .common import content_key, retry_transient
@@ -32,6 +33,7 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
         torch.set_num_threads(threads)
     log = get_run_logger()
     show = functools.partial(progress.report, run_label(cfg), started=time.time())  # the console's view
+    store = open_store(cfg)  # a missing store fails before an MLflow run is opened
     tracker = Tracker(cfg.tracking, cfg.data.dataset_name)  # an unreachable tracking server fails before training
     show(state="starting", epoch=0, epochs=cfg.train.epochs)
     with tracker.live_run(cfg, tags) as run:
@@ -41,7 +43,7 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
             show(state="training", epoch=row["epoch"] + 1, epochs=cfg.train.epochs, val=metric)
             log.debug("epoch %s", row)
 
-        result = train_and_evaluate(cfg, on_epoch=on_epoch)
+        result = train_and_evaluate(cfg, store, on_epoch=on_epoch)
         show(state="logging", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score)
         run.finish(result)
     show(state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score,

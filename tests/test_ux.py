@@ -88,3 +88,19 @@ def test_progress_display_shows_each_run_from_its_progress_file(capsys):
     err = capsys.readouterr().err
     assert "mmp complete s0" in err and "3/5" in err and "val 0.812" in err and "training" in err
     assert not os.path.exists(folder) and progress.ENV not in os.environ
+
+
+def test_store_error_is_one_line_without_traceback(tmp_path):
+    """Through the real CLI process (Prefect flow and task included): the reason, not Prefect's traceback."""
+    import os
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_LOGGING_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--set", "data.dataset=fashion",
+                           "--set", f"store.root={tmp_path}/nothing", "--set",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no feature store") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists()  # no MLflow run opened
