@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -152,6 +153,12 @@ def records(rows: list[dict], title: str | None = None) -> None:
     console().print(t)
 
 
+def scenario_label(slug: str) -> str:
+    """``image-030/text-000`` -> ``image 30%, text 0%``; other scenario slugs as they are."""
+    parts = [re.fullmatch(r"(\w+)-(\d{3})", p) for p in slug.split("/")]
+    return ", ".join(f"{m[1]} {int(m[2])}%" for m in parts) if all(parts) else slug
+
+
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
     """The comparison table (``stores.reporting``: the same cells as the report and ``mm compare``), turned so
     that heads are columns and test scenarios rows: it fits a terminal."""
@@ -161,12 +168,12 @@ def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
         console().print("(no runs)")
         return
     t = Table(title=title)
-    t.add_column("test scenario (missing %)")
+    t.add_column("missing at test")
     for r in rows:
         t.add_column(r["head"] + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
                      justify="right", overflow="fold")
     for s in scenarios:
-        t.add_row(s.replace("-", " ").replace("/", ", "), *[cell(r.get(s, "")) for r in rows])
+        t.add_row(scenario_label(s), *[cell(r.get(s, "")) for r in rows])
     t.add_section()
     t.add_row("grid mean", *[cell(r.get("grid_mean", "")) for r in rows], style="bold")
     t.add_row("seeds", *[str(r["seeds"]) for r in rows])
