@@ -1,11 +1,20 @@
 # Two entry points: `make demo` (set up + run the main job end to end) and `make test` (set up + tests).
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false \
-       MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 \
-       TOKENIZERS_PARALLELISM=false
+# one variable per line: `export A=1 B=2` would export only A, with the value "1 B=2"
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export TOKENIZERS_PARALLELISM := false
 MM = .venv/bin/mm
 DEMO_SET ?= --set sweep.seeds=[0] --set train.epochs=12
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean env
+env:  # the environment every target runs with
+	@env | grep -E '^(HF_HUB_OFFLINE|TRANSFORMERS_OFFLINE|DO_NOT_TRACK|PREFECT_SERVER_ANALYTICS_ENABLED|MLFLOW_DISABLE_TELEMETRY|DVC_NO_ANALYTICS|PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS|TOKENIZERS_PARALLELISM)=' | sort
+
 setup:
 	bash scripts/setup.sh
 

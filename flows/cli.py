@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+from flows import console as out
+
+out.quiet()  # before any third-party import; runs again in Prefect's worker processes (they import this module)
 
 
 def _cfg(args):
@@ -17,18 +19,43 @@ def _cfg(args):
     return load_config(args.config, args.set)
 
 
-def _print(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+def _show(args, result, human) -> None:
+    """``--json``: the result as JSON on stdout; else ``human(result)`` renders it."""
+    if args.json:
+        out.emit_json(result)
+    else:
+        human(result)
+
+
+def _sweep_output(args, cfg, swept: dict, extra: dict | None = None) -> None:
+    from models.metrics import primary_metric
+    from stores.reporting import aggregate, json_rows
+    metric = primary_metric("multilabel" if cfg.data.dataset == "mmimdb" else "multiclass")
+    scenarios, rows = aggregate(swept["results"], metric)
+    result = {**(extra or {}), "report": swept["report"], "champions": swept["champions"],
+              "table": json_rows(scenarios, rows),
+              "runs": [{k: r[k] for k in ("run_id", "variant", "seed", "train_pattern", "summary", "seconds")}
+                       for r in swept["results"]]}
+
+    def human(res):
+        if extra and "extract" in extra:
+            out.key_values({k: v for k, v in extra["extract"].items() if k != "missing"}, title="extraction")
+        out.comparison(scenarios, rows, f"{cfg.data.dataset_name}: test {metric} (%)")
+        if res["champions"]:
+            out.records(res["champions"], title="champions")
+        out.note(f"report: {out.path_link(res['report'])}")
+    _show(args, result, human)
 
 
 def cmd_extract(args) -> None:
     from flows.pipeline import extract_flow
-    _print(extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows))
+    _show(args, extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows),
+          lambda r: out.key_values(r, title="extraction"))
 
 
 def cmd_info(args) -> None:
     from stores.feature_store import open_store
-    _print(open_store(_cfg(args)).info())
+    _show(args, open_store(_cfg(args)).info(), lambda r: out.key_values(r, title="feature store"))
 
 
 def cmd_query(args) -> None:
@@ -60,45 +87,58 @@ def cmd_query(args) -> None:
     classes = store.meta["classes"]
     rows = [{"id": r["id"], "split": r["split"], "label": classes[r["label"]] if r["label"] >= 0 else None,
              "distance": round(r["_distance"], 4), "source": json.loads(r["source"])} for r in hits.to_pylist()]
-    _print({"modality": mod, "neighbours": rows})
+    _show(args, {"modality": mod, "neighbours": rows},
+          lambda r: out.records(r["neighbours"], title=f"nearest neighbours ({r['modality']})"))
 
 
 def cmd_train(args) -> None:
     from flows.pipeline import train_flow
-    out = train_flow(_cfg(args))
-    _print({k: out[k] for k in ("run_id", "variant", "seed", "train_pattern", "summary", "seconds")})
+    with out.training_progress(not args.json):
+        res = train_flow(_cfg(args))
+    _show(args, {k: res[k] for k in ("run_id", "variant", "seed", "train_pattern", "summary", "seconds")},
+          lambda r: out.key_values(r, title="run"))
 
 
 def cmd_evaluate(args) -> None:
     from flows.pipeline import evaluate_flow
-    _print(evaluate_flow(_cfg(args), args.model))
+
+    def human(r):
+        out.key_values({"model": r["model_uri"], **r["summary"]}, title="summary")
+        out.records([{"scenario": s, **m} for s, m in r["scenarios"].items()], title="test scenarios")
+    _show(args, evaluate_flow(_cfg(args), args.model), human)
 
 
 def cmd_sweep(args) -> None:
     from flows.pipeline import run_sweep
-    out = run_sweep(_cfg(args))
-    _print({"report": out["report"], "champions": out["champions"]})
-    print(Path(out["report"]).read_text())
+    cfg = _cfg(args)
+    with out.training_progress(not args.json):
+        swept = run_sweep(cfg)
+    _sweep_output(args, cfg, swept)
 
 
 def cmd_pipeline(args) -> None:
     from flows.pipeline import pipeline_flow
-    out = pipeline_flow(_cfg(args), version=not args.no_dvc)
-    _print({"extract": out["extract"], "report": out["report"], "champions": out["champions"]})
-    print(Path(out["report"]).read_text())
+    cfg = _cfg(args)
+    with out.training_progress(not args.json):
+        res = pipeline_flow(cfg, version=not args.no_dvc)
+    _sweep_output(args, cfg, res, {"extract": res["extract"]})
 
 
 def cmd_compare(args) -> None:
-    from stores.tracking import compare_table, to_markdown
+    from stores.reporting import aggregate, json_rows
+    from stores.tracking import run_results
     cfg = _cfg(args)
-    print(to_markdown(compare_table(cfg.tracking, cfg.tracking.experiment or cfg.data.dataset, args.metric)))
+    experiment = cfg.tracking.experiment or cfg.data.dataset_name
+    scenarios, rows = aggregate(run_results(cfg.tracking, experiment, args.metric), args.metric)
+    _show(args, {"experiment": experiment, "metric": args.metric, "table": json_rows(scenarios, rows)},
+          lambda r: out.comparison(scenarios, rows, f"{experiment}: test {args.metric} (%)"))
 
 
 def cmd_predict(args) -> None:
     from stores.tracking import load_predictor
     predictor = load_predictor(args.model, _cfg(args).tracking)
     sample = {m: v for m, v in (("image", args.image), ("text", args.text), ("audio", args.audio)) if v is not None}
-    _print(predictor.predict([sample]))
+    _show(args, predictor.predict([sample]), lambda r: out.records(r, title="prediction"))
 
 
 def cmd_serve(args) -> None:
@@ -145,14 +185,32 @@ def check_prefect_api(timeout_s: float) -> None:
                      "temporary local server. Nothing ran and the feature store is untouched")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description=__doc__)
-    p.add_argument("--connect-timeout", type=float, default=20.0, metavar="S",
+    p.add_argument("--connect-timeout", type=_seconds, default=20.0, metavar="S",
                    help="seconds to wait for a configured Prefect API before failing (default 20)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def add(name, fn, help_):
-        sp = sub.add_parser(name, help=help_)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable result on stdout, no progress display")
+    common.add_argument("--debug", action="store_true", help="full tracebacks and third-party logs")
+
+    def add(name, fn, help_, parent=sub):
+        sp = parent.add_parser(name, help=help_, parents=[common])
         sp.add_argument("-c", "--config", help="YAML experiment file (configs/*.yaml)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override, e.g. --set head.name=srmm --set train.epochs=5")
@@ -161,12 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("extract", cmd_extract, "extract features into the LanceDB store (resumable) and version with DVC")
     sp.add_argument("--no-dvc", action="store_true")
-    sp.add_argument("--max-rows", type=int)
+    sp.add_argument("--max-rows", type=_positive)
     store = sub.add_parser("store", help="store commands").add_subparsers(dest="store_cmd", required=True)
-    sp = store.add_parser("info", help="versions, row counts, fingerprint")
-    sp.add_argument("-c", "--config")
-    sp.add_argument("--set", action="append", default=[])
-    sp.set_defaults(fn=cmd_info)
+    add("info", cmd_info, "versions, row counts, fingerprint", parent=store)
     sp = add("query", cmd_query, "nearest neighbours of an id, a text, an image or an audio clip")
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--id")
@@ -174,20 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image")
     src.add_argument("--audio")
     sp.add_argument("--modality", help="vector column to search (with --id)")
-    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("-k", type=_positive, default=5)
     sp.add_argument("--where", help="SQL filter, e.g. \"split = 'test'\"")
     sp.add_argument("--split")
     sp.add_argument("--label", help="class name or index")
     sp.add_argument("--present", action="append", help="require this modality present (repeatable)")
     sp.add_argument("--exact", action="store_true", help="bypass the ANN index")
-    sp.add_argument("--nprobes", type=int, default=20, help="IVF partitions scanned (more: higher recall, slower)")
+    sp.add_argument("--nprobes", type=_positive, default=20,
+                    help="IVF partitions scanned (more: higher recall, slower)")
     add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")
     add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions")
     sp = add("pipeline", cmd_pipeline, "extract -> DVC -> sweep -> report")
     sp.add_argument("--no-dvc", action="store_true")
-    sp = add("compare", cmd_compare, "paper-style table of MLflow runs (mean +- sd over seeds)")
+    sp = add("compare", cmd_compare, "paper-style table of MLflow runs (mean +- sd over seeds, grid mean)")
     sp.add_argument("--metric", default="acc")
     sp = add("predict", cmd_predict, "classify one sample with any modalities missing")
     sp.add_argument("--model", required=True)
@@ -197,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "start the Prefect and MLflow servers on 127.0.0.1 for the UIs")
     sp.add_argument("--prefect-port", type=int, default=4200)
     sp.add_argument("--mlflow-port", type=int, default=5000)
-    sp = sub.add_parser("deploy", help="serve the cron-scheduled deployments of one or more configs")
+    sp = sub.add_parser("deploy", help="serve the cron-scheduled deployments of one or more configs", parents=[common])
     sp.add_argument("configs", nargs="+")
     sp.add_argument("--set", action="append", default=[])
     sp.set_defaults(fn=cmd_deploy)
@@ -205,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out.quiet(args.debug)
     import httpx
 
     from models.config import ConfigError
@@ -212,15 +270,18 @@ def main(argv: list[str] | None = None) -> None:
     from stores.feature_store import StoreError
     from stores.health import ServiceUnreachable
 
-    args = build_parser().parse_args(argv)
     try:
         if args.cmd in FLOW_COMMANDS:
             check_prefect_api(args.connect_timeout)
         args.fn(args)
     except (ConfigError, StoreError, DatasetError, ServiceUnreachable) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except httpx.TransportError as e:  # the Prefect API lost mid-run: the traceback adds nothing
+        if args.debug:
+            raise
         print(f"error: lost the connection to the Prefect API ({e}). Every extracted batch already committed "
               "stays in the store; rerun the same command to resume", file=sys.stderr)
         sys.exit(3)

@@ -10,7 +10,7 @@ from .pipeline import extract_flow, pipeline_flow
 
 def deployments(config: ExperimentConfig, name_prefix: str | None = None) -> list:
     """The scheduled jobs declared in the config's ``schedule`` section, as Prefect deployments."""
-    prefix = name_prefix or config.data.dataset
+    prefix = name_prefix or config.data.dataset_name
     params = {"config": config.model_dump(mode="json")}
     tz = config.schedule.timezone
     return [

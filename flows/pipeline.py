@@ -10,7 +10,7 @@ from models.config import ExperimentConfig
 from models.heads import parse_head_config
 from models.metrics import primary_metric
 from stores.feature_store import open_store
-from stores.tracking import check_reachable
+from stores.tracking import Tracker, check_reachable
 from tasks.extraction import extract_features, version_store
 from tasks.reporting import report
 from tasks.training import threads_per_worker, train_head, update_champions
@@ -57,15 +57,17 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
     deterministic and one GPU is not oversubscribed), alias champions, write the report."""
     log = get_run_logger()
-    check_reachable(config.tracking)
+    # reachable, and the backend's schema and the experiment created once here: worker processes that all
+    # start on a fresh sqlite file race on its migrations
+    Tracker(config.tracking, config.data.dataset_name)
     store = open_store(config)
     threads = threads_per_worker(config.sweep.max_parallel)
     futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
     results = [f.result() for f in futures]
     metric = primary_metric(store.meta["task"])
     heads = sorted({c.head.name for c in sweep_configs(config)})
-    champions = update_champions(config, heads, store.meta["dataset"], metric)
-    path = report(results, store.meta["dataset"], metric)
+    champions = update_champions(config, heads, metric)
+    path = report(results, config.data.dataset_name, metric)
     log.info("report: %s; champions: %s", path, champions)
     return {"results": results, "champions": champions, "report": path}
 

@@ -18,6 +18,10 @@ from .training import TrainConfig
 DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
+Rate = Annotated[float, Field(ge=0, le=1)]  # a missing rate
+Seed = Annotated[int, Field(ge=0)]  # numpy and torch generators take non-negative seeds
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,12 +35,12 @@ class DataConfig(Strict):
     manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
     classes: list[str] | None = None  # manifest: the label set (fixed class indices); other labels are errors
     label_field: str = "subCategory"  # fashion: subCategory or masterCategory
-    min_per_class: int = 10
+    min_per_class: int = Field(10, ge=1)
     test_speakers: list[str] = Field(default_factory=lambda: ["theo", "yweweler"])  # avmnist held-out speakers
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    limit: int | None = None  # first N records per split-shuffle, for smoke runs
-    seed: int = 0
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    limit: int | None = Field(None, ge=1)  # first N records per split-shuffle, for smoke runs
+    seed: int = Field(0, ge=0)
 
     @property
     def dataset_name(self) -> str:
@@ -53,10 +57,10 @@ class EncoderConfig(Strict):
 
     kind: Literal["efficientnet_lite0", "minilm", "whisper_ct2", "hf"]
     model: str | None = None  # HF id or local path; defaults to the offline package's files
-    batch_size: int = 32
-    max_length: int = 64  # text tokens
-    audio_seconds: float = 3.0
-    image_size: int = 224
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(64, ge=1)  # text tokens
+    audio_seconds: float = Field(3.0, gt=0)
+    image_size: int = Field(224, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # compute precision of the frozen forward pass; auto = bf16 autocast on CUDA, float32 on CPU. Like device,
     # a runtime choice: it does not name a new store (features agree to ~1e-2 relative)
@@ -78,16 +82,16 @@ DEFAULT_ENCODERS = {
 
 class StoreConfig(Strict):
     root: Path = Path("data/store")  # tracked by data.dvc
-    write_every: int = 64  # rows per committed Lance write (the unit lost by a crash)
-    index_min_rows: int = 1024  # build an IVF-PQ index on pooled vectors at this many rows
-    lock_timeout_s: float = 0.0  # a second writer waits this long for the lock, then fails clearly
+    write_every: int = Field(64, ge=1)  # rows per committed Lance write (the unit lost by a crash)
+    index_min_rows: int = Field(1024, ge=1)  # build an IVF-PQ index on pooled vectors at this many rows
+    lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
     dvc_remote: Path = Path("data-remote")  # default DVC remote (relative to dvc_repo, or absolute)
     read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
 
 
 class EvalConfig(Strict):
-    test_rates: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    test_rates: list[Rate] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.9, 1.0], min_length=1)
     extra_patterns: list[MissingPattern] = Field(default_factory=list)
     # checkpoint choice on the validation split: under the training pattern only, or averaged with each
     # modality absent too ("robust"), so complete-data saturation does not stop training early
@@ -99,15 +103,16 @@ class TrackingConfig(Strict):
     artifact_root: Path = Path("mlruns/artifacts")
     experiment: str | None = None  # default: the dataset name
     register_models: bool = True
-    connect_timeout_s: float = 20.0  # a tracking server that does not answer /health within this fails the run
+    # a tracking server that does not answer /health within this fails the run
+    connect_timeout_s: float = Field(20.0, gt=0)
 
 
 class SweepConfig(Strict):
     heads: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": n} for n in
                                                                   ["early", "late", "moddrop", "srmm", "mmp", "cmpt"]])
     train_patterns: list[MissingPattern] = Field(default_factory=lambda: [MissingPattern()])
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    max_parallel: int = 2  # concurrent training tasks; 1 per GPU is the safe default on GPU workers
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    max_parallel: int = Field(2, ge=1)  # concurrent training tasks; 1 per GPU is the safe default on GPU workers
 
     @field_validator("heads")
     @classmethod
@@ -136,7 +141,7 @@ class ExperimentConfig(Strict):
     train_pattern: MissingPattern = Field(default_factory=MissingPattern)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: Seed = 0
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -217,7 +222,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n{e}") from None
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {describe(e)}") from None
+
+
+def describe(e: ValidationError) -> str:
+    """Each error on one line part: the dotted field, pydantic's message and the value given."""
+    parts = []
+    for err in e.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+        given = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}{given}")
+    return "; ".join(parts)
 
 
 def _read_yaml(path: Path) -> dict:

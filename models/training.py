@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .features import take
 from .heads.base import FeatureBatch, Head
@@ -20,16 +20,16 @@ from .metrics import classification_metrics, primary_metric
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.05
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_frac: float = Field(0.05, ge=0, le=1)
     schedule: Literal["cosine", "poly"] = "cosine"
-    poly_power: float = 1.0
-    patience: int = 6
-    grad_clip: float = 1.0
-    eval_batch_size: int = 512
+    poly_power: float = Field(1.0, gt=0)
+    patience: int = Field(6, ge=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
+    eval_batch_size: int = Field(512, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
     deterministic: bool = True

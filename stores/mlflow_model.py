@@ -1,5 +1,10 @@
 """The registered model format: an MLflow pyfunc that classifies raw samples with any modalities missing.
-(Part of the MLflow boundary: only tracking.py imports this module.)"""
+(Part of the MLflow boundary: only tracking.py imports this module.)
+
+Logged as *models from code*: MLflow stores this file itself (not a pickle) plus the ``models/`` and ``stores/``
+packages as code paths, and pins the project's third-party requirements, so the model loads and serves in an
+environment where this repository is not installed (``mlflow models serve -m models:/<name>/<version>``).
+Imports are absolute for that reason: MLflow runs this file as a standalone script."""
 from __future__ import annotations
 
 import json
@@ -11,24 +16,22 @@ import pandas as pd
 import torch
 import yaml
 
-from models.config import ExperimentConfig
-
 
 class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
     """predict(DataFrame with one column per modality: a path (image/audio) or text, None when missing)."""
 
     def load_context(self, context) -> None:
+        from models.config import ExperimentConfig
         from models.heads import ModalitySpec, build_head
-        from .predict import Predictor
-        from .runner import load_backbones
+        from models.heads.base import HEADS
+        from stores.predict import Predictor
+        from stores.runner import load_backbones
 
         cfg = ExperimentConfig.model_validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         extras = torch.load(context.artifacts["state"], map_location="cpu", weights_only=False)
-        spec = ModalitySpec(**extras["spec"])
-        from models.heads.base import HEADS
-
-        head = build_head(cfg.head, spec, load_backbones(cfg, meta, HEADS[cfg.head.name].build))
+        backbones = load_backbones(cfg, meta, HEADS[cfg.head.name].build)
+        head = build_head(cfg.head, ModalitySpec(**extras["spec"]), backbones)
         head.load_state_dict(extras["state_dict"])
         cfg.train.device = "cpu" if not torch.cuda.is_available() else cfg.train.device
         self.predictor = Predictor(cfg, head, meta)
@@ -37,6 +40,8 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
         samples = model_input.astype(object).where(model_input.notna(), None).to_dict("records")
         return pd.DataFrame(self.predictor.predict(samples))
 
+
+mlflow.models.set_model(MissingRobustClassifier())
 
 SERVING_EXCLUDES = {"prefect", "dvc", "fastapi", "sqlalchemy", "matplotlib", "tqdm"}  # not needed to predict
 
@@ -60,9 +65,25 @@ def serving_requirements() -> list[str]:
     return out
 
 
-def log_head_model(result, registered_name: str | None) -> None:
-    from mlflow.models import infer_signature
+def input_example(modalities: list[str]) -> pd.DataFrame:
+    """One request row with the first modality missing (text where there is one, else a file path)."""
+    row = {m: None for m in modalities}
+    other = [m for m in modalities[1:]]
+    if other:
+        m = "text" if "text" in other else other[0]
+        row[m] = "black leather shoes for men" if m == "text" else f"/path/to/{m}"
+    return pd.DataFrame([row])
+
+
+def log_head_model(result):
+    """Log the head of ``result`` to the active run; returns MLflow's ModelInfo."""
     from dataclasses import asdict
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    import models
+    import stores
 
     mods = list(result.store["encoders"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,13 +91,12 @@ def log_head_model(result, registered_name: str | None) -> None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json")))
         meta_path = Path(result.config.store.root) / f"{result.store['name']}.json"
         (tmp / "meta.json").write_text(meta_path.read_text())
-        spec = asdict(result.head.spec)
-        torch.save({"state_dict": result.head.state_dict(), "spec": spec}, tmp / "state.pt")
-        example = pd.DataFrame([{m: "path-or-text" for m in mods}, {m: None for m in mods}])
-        out = pd.DataFrame([{"label": "class", "prob": 1.0, "present": ["m"]}])
-        mlflow.pyfunc.log_model(name="model", python_model=MissingRobustClassifier(),
+        torch.save({"state_dict": result.head.state_dict(), "spec": asdict(result.head.spec)}, tmp / "state.pt")
+        signature = ModelSignature(inputs=Schema([ColSpec("string", m, required=False) for m in mods]),
+                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "prob")]))
+        return mlflow.pyfunc.log_model(name="model", python_model=__file__,
+                                code_paths=[str(Path(p).parent) for p in (models.__file__, stores.__file__)],
                                 artifacts={"config": str(tmp / "config.yaml"), "meta": str(tmp / "meta.json"),
                                            "state": str(tmp / "state.pt")},
-                                signature=infer_signature(example.astype(str), out[["label", "prob"]]),
-                                pip_requirements=serving_requirements(),
-                                registered_model_name=registered_name)
+                                signature=signature, input_example=input_example(mods),
+                                pip_requirements=serving_requirements())

@@ -1,5 +1,5 @@
-"""Sweep reports: the papers' comparison table (mean +- sd over seeds per scenario) as Markdown and HTML,
-with a robustness-curve plot."""
+"""Comparison tables and sweep reports: the papers' table (mean +- sd over seeds per scenario, grid mean) as
+Markdown, JSON and HTML, with a robustness-curve plot."""
 from __future__ import annotations
 
 import html
@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 
 
+def _mean_sd(vals: list[float]) -> tuple[float, float | None]:
+    """Mean and sample sd; sd is None for a single value (nothing to spread)."""
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
 def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
-    """Rows per (variant, train pattern): scenario -> (mean, sd, n) over seeds."""
+    """The one table builder (sweep report, ``mm compare``, bench/README): rows per (variant, train pattern),
+    scenario -> (mean, sd or None, ...) over seeds, plus the grid mean. ``results`` are the training task's
+    dicts (``variant``, ``train_pattern``, ``scenarios`` {slug: {metric: v}}, ``summary``)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["variant"], r["train_pattern"])].append(r)
@@ -20,19 +27,41 @@ def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
         row = {"head": variant, "train_pattern": pattern, "seeds": len(runs)}
         for s in scenarios:
             vals = [r["scenarios"][s][metric] for r in runs if s in r["scenarios"] and metric in r["scenarios"][s]]
-            row[s] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
-        grid = [r["summary"][f"grid_mean_{metric}"] for r in runs if f"grid_mean_{metric}" in r["summary"]]
-        row["grid_mean"] = (float(np.mean(grid)), float(np.std(grid, ddof=1)) if len(grid) > 1 else 0.0)
+            if vals:
+                row[s] = _mean_sd(vals)
+        grid = [r["summary"][f"grid_mean_{metric}"] for r in runs if f"grid_mean_{metric}" in r.get("summary", {})]
+        if grid:
+            row["grid_mean"] = _mean_sd(grid)
         rows.append(row)
     return scenarios, rows
 
 
+def columns(scenarios: list[str]) -> list[str]:
+    return ["head", "train_pattern", *scenarios, "grid_mean", "seeds"]
+
+
+def cell(v) -> str:
+    """A (mean, sd) pair in percent, "± sd" only when there is more than one seed."""
+    if not isinstance(v, tuple):
+        return str(v)
+    mean, sd = v
+    return f"{mean * 100:.1f}" + (f" ± {sd * 100:.1f}" if sd is not None else "")
+
+
 def markdown_table(scenarios: list[str], rows: list[dict]) -> str:
-    cols = ["head", "train_pattern", *scenarios, "grid_mean", "seeds"]
-    fmt = lambda v: f"{v[0] * 100:.1f} ± {v[1] * 100:.1f}" if isinstance(v, tuple) else str(v)  # noqa: E731
+    cols = columns(scenarios)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def json_rows(scenarios: list[str], rows: list[dict]) -> list[dict]:
+    """The same table for ``--json``: {column: value}, a pair as {"mean", "sd", "n"} (fractions, not %)."""
+    out = []
+    for r in rows:
+        out.append({c: ({"mean": r[c][0], "sd": r[c][1], "n": r["seeds"]} if isinstance(r.get(c), tuple)
+                        else r.get(c)) for c in columns(scenarios)})
+    return out
 
 
 def write_report(results: list[dict], out_dir: Path, title: str, metric: str = "acc") -> Path:
@@ -51,7 +80,8 @@ def write_report(results: list[dict], out_dir: Path, title: str, metric: str = "
             pts = []
             for s in scenarios:
                 parts = dict(p.rsplit("-", 1) for p in s.split("/") if "-" in p)
-                if m in parts and parts[m].isdigit() and all(v == "000" for k, v in parts.items() if k != m):
+                if s in r and m in parts and parts[m].isdigit() and all(v == "000" for k, v in parts.items()
+                                                                        if k != m):
                     pts.append((int(parts[m]), r[s][0]))
             if pts:
                 pts.sort()
@@ -61,8 +91,8 @@ def write_report(results: list[dict], out_dir: Path, title: str, metric: str = "
     fig.tight_layout()
     fig.savefig(out_dir / "robustness.png", dpi=110)
     plt.close(fig)
-    md = f"# {title}\n\nTest {metric} (mean ± sd over seeds, %). Scenario columns give each modality's " \
-         f"missing rate at test.\n\n{table}\n\n![robustness](robustness.png)\n"
+    md = f"# {title}\n\nTest {metric} (%, mean ± sd when there is more than one seed). Scenario columns give " \
+         f"each modality's missing rate at test.\n\n{table}\n\n![robustness](robustness.png)\n"
     (out_dir / "report.md").write_text(md)
     body = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in line.strip('|').split('|'))}</tr>"
                    for line in table.splitlines() if not line.startswith("|---"))

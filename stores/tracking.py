@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -13,7 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 from mlflow.tracking import MlflowClient
 
-from models.config import TrackingConfig
+from models.config import ExperimentConfig, TrackingConfig
 from .health import wait_healthy
 from .runner import RunResult
 
@@ -40,8 +42,10 @@ def _uri(cfg: TrackingConfig) -> str:
 
 
 class Tracker:
+    """One experiment (named ``tracking.experiment``, else the dataset name) in the configured backend."""
+
     def __init__(self, cfg: TrackingConfig, dataset: str):
-        self.cfg = cfg
+        self.cfg, self.dataset = cfg, dataset
         check_reachable(cfg)
         mlflow.set_tracking_uri(_uri(cfg))
         self.client = MlflowClient(_uri(cfg))
@@ -53,29 +57,30 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
+    def model_name(self, head: str) -> str:
+        """Registered model name: ``<dataset name>-<head>``."""
+        return f"{self.dataset}-{head}"
+
     # ------------------------------------------------------------------ logging
-    def log_run(self, result: RunResult, extra_tags: dict[str, str] | None = None) -> str:
-        cfg, store = result.config, result.store
+    @contextmanager
+    def live_run(self, cfg: ExperimentConfig, extra_tags: dict[str, str] | None = None) -> Iterator["LiveRun"]:
+        """Open the MLflow run BEFORE training (true start time and duration, live epoch curves in the UI);
+        ``LiveRun.log_epoch`` logs each epoch as it ends, ``LiveRun.finish`` the results and the model. An
+        exception marks the run FAILED and registers nothing."""
         name = f"{cfg.head.name}-{cfg.train_pattern.key}-s{cfg.seed}"
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=name) as run:
             mlflow.log_params(cfg.flat())
-            mlflow.set_tags({"head": cfg.head.name, "head_variant": result.variant,
-                             "train_pattern": cfg.train_pattern.key, "seed": str(cfg.seed),
-                             "store": store["name"], "store_fingerprint": store["fingerprint"],
-                             "dataset_version": store["dataset_version"], "lance_version": str(store["lance_version"]),
-                             **(extra_tags or {})})
-            dataset = mlflow.data.meta_dataset.MetaDataset(
-                source=mlflow.data.http_dataset_source.HTTPDatasetSource(url=f"lance://{store['name']}"),
-                name=store["name"], digest=store["fingerprint"])
-            mlflow.log_input(dataset, context="training")
+            mlflow.set_tags({"head": cfg.head.name, "train_pattern": cfg.train_pattern.key, "seed": str(cfg.seed),
+                             "dataset_name": self.dataset, **(extra_tags or {})})
+            yield LiveRun(self, run.info.run_id)
+
+    def log_run(self, result: RunResult, extra_tags: dict[str, str] | None = None) -> str:
+        """Log an already finished run (e.g. from a benchmark): epochs, results and model in one go."""
+        with self.live_run(result.config, extra_tags) as run:
             for row in result.fit.history:
-                mlflow.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-            mlflow.log_metrics(result.scalar_metrics())
-            with tempfile.TemporaryDirectory() as tmp:
-                self._artifacts(result, Path(tmp))
-                mlflow.log_artifacts(tmp)
-            self._log_model(result, run.info.run_id)
-            return run.info.run_id
+                run.log_epoch(row)
+            run.finish(result)
+            return run.run_id
 
     def _artifacts(self, result: RunResult, out: Path) -> None:
         import matplotlib
@@ -118,13 +123,19 @@ class Tracker:
         for name, table in result.mask_tables.items():  # the presence masks this run saw
             pq.write_table(table, out / f"masks_{name}.parquet")
 
-    def _log_model(self, result: RunResult, run_id: str) -> None:
-        from .mlflow_model import log_head_model
-
-        name = f"{result.store['name'].split('-')[0]}-{result.config.head.name}"
-        log_head_model(result, registered_name=name if self.cfg.register_models else None)
-
     # ------------------------------------------------------------------ registry
+    def register(self, name: str, info, run_id: str) -> int:
+        """A new version of registered model ``name`` from a logged model. Through the client, which (unlike
+        ``registered_model_name=``) prints no "Successfully registered" lines: the CLI shows the champions."""
+        from mlflow.exceptions import MlflowException
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return int(self.client.create_model_version(name, info.model_uri, run_id=run_id,
+                                                    model_id=info.model_id).version)
+
     def update_champion(self, model_name: str, metric: str = "summary/grid_mean_acc") -> dict | None:
         """Alias ``champion`` to the registered version whose run has the best ``metric``."""
         versions = self.client.search_model_versions(f"name = '{model_name}'")
@@ -143,28 +154,69 @@ class Tracker:
         return mlflow.search_runs([self.experiment_id], filter_string=filter_string)
 
 
+class LiveRun:
+    """An open MLflow run of one training task."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def log_epoch(self, row: dict) -> None:
+        """``train/<name>`` metrics of one epoch at step = epoch, as the epoch ends."""
+        mlflow.log_metrics({f"train/{k}": float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]),
+                           run_id=self.run_id)
+
+    def finish(self, result: RunResult) -> None:
+        """Lineage tags, the dataset input, scenario metrics, artifacts and the (registered) model."""
+        store, tracker = result.store, self.tracker
+        mlflow.set_tags({"head_variant": result.variant, "store": store["name"],
+                         "store_fingerprint": store["fingerprint"], "dataset_version": store["dataset_version"],
+                         "lance_version": str(store["lance_version"])})
+        dataset = mlflow.data.meta_dataset.MetaDataset(
+            source=mlflow.data.http_dataset_source.HTTPDatasetSource(url=f"lance://{store['name']}"),
+            name=store["name"], digest=store["fingerprint"])
+        mlflow.log_input(dataset, context="training")
+        mlflow.log_metrics(result.scalar_metrics())
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker._artifacts(result, Path(tmp))
+            mlflow.log_artifacts(tmp)
+        from .mlflow_model import log_head_model
+        info = log_head_model(result)
+        if tracker.cfg.register_models:
+            tracker.register(tracker.model_name(result.config.head.name), info, self.run_id)
+
+
 def load_predictor(model_uri: str, tracking: TrackingConfig):
     """A Predictor from a registered model, e.g. ``models:/fashion-mmp@champion``."""
     mlflow.set_tracking_uri(_uri(tracking))
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
 
 
-def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> pd.DataFrame:
-    """Paper-style table: one row per (head, train pattern), one column per scenario, mean +- sd over seeds."""
+def run_results(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> list[dict]:
+    """Finished runs of ``experiment`` in the shape the training task returns (variant, train pattern, seed,
+    scenarios, summary): the input of the one table builder, ``stores.reporting.aggregate``."""
     mlflow.set_tracking_uri(_uri(tracking))
-    runs = mlflow.search_runs(experiment_names=[experiment])
-    if runs.empty:
-        return runs
-    cols = sorted(c for c in runs.columns if c.startswith(f"metrics.test/{metric}/"))
-    runs = runs.rename(columns={"tags.head_variant": "head", "tags.train_pattern": "train_pattern"})
-    g = runs.groupby(["head", "train_pattern"])[cols]
-    mean, sd, n = g.mean(), g.std().fillna(0.0), g.size()
-    table = pd.DataFrame(index=mean.index)
-    for c in cols:
-        table[c.removeprefix(f"metrics.test/{metric}/")] = [f"{m * 100:.1f} ± {s * 100:.1f}"
-                                                            for m, s in zip(mean[c], sd[c])]
-    table["seeds"] = n
-    return table.reset_index()
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
+    out = []
+    prefix = f"metrics.test/{metric}/"
+    for _, r in runs.iterrows():
+        scenarios = {c.removeprefix(prefix): {metric: float(r[c])} for c in runs.columns
+                     if c.startswith(prefix) and pd.notna(r[c])}
+        if not scenarios:
+            continue
+        summary = {c.removeprefix("metrics.summary/"): float(r[c]) for c in runs.columns
+                   if c.startswith("metrics.summary/") and pd.notna(r[c])}
+        out.append({"run_id": r["run_id"], "variant": r.get("tags.head_variant") or r.get("tags.head"),
+                    "train_pattern": r.get("tags.train_pattern"), "seed": r.get("tags.seed"),
+                    "scenarios": scenarios, "summary": summary})
+    return out
+
+
+def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> pd.DataFrame:
+    """Paper-style table of the experiment's runs: one row per (head, train pattern), one column per scenario
+    and the grid mean, mean ± sd over seeds (the same builder as the sweep report)."""
+    from .reporting import aggregate, cell, columns
+    scenarios, rows = aggregate(run_results(tracking, experiment, metric), metric)
+    return pd.DataFrame([{c: r[c] if c == "seeds" else cell(r.get(c, "")) for c in columns(scenarios)} for r in rows])
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -174,4 +226,3 @@ def to_markdown(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
-

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+from functools import lru_cache
+from pathlib import Path
+
+import models
 
 from models.config import ConfigError, ExperimentConfig
 from stores.datasets import DatasetError
@@ -24,11 +29,29 @@ def retry_transient(task, task_run, state) -> bool:
     return True
 
 
+MODELS_DIR = Path(models.__file__).parent
+
+
+@lru_cache(maxsize=4)
+def code_version(root: Path) -> str:
+    """The package version plus a hash of every source under ``models/`` (heads, training loop, metrics):
+    a fix there must not be answered from the cache of the old code."""
+    try:
+        version = importlib.metadata.version("mmrobust")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    h = hashlib.sha256(version.encode())
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def content_key(cfg: ExperimentConfig, *extra: str) -> str:
-    """Cache key from what determines a result: the store's fingerprint and the config's content (not paths
-    or tracking settings)."""
+    """Cache key from what determines a result: the store's fingerprint, the config's content (not paths
+    or tracking settings) and the code version."""
     store = FeatureStore(cfg.store.root, store_name(cfg))
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
     body = cfg.model_dump(mode="json", exclude={"tracking": True, "store": {"root", "dvc_remote", "read_cache"},
                                                 "data": {"data_dir"}, "schedule": True, "sweep": True})
-    return hashlib.sha256(json.dumps([fp, body, *extra], sort_keys=True).encode()).hexdigest()
+    key = [fp, body, code_version(MODELS_DIR), *extra]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

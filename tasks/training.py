@@ -1,12 +1,16 @@
 """Training, evaluation and registry tasks."""
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import torch
 from prefect import get_run_logger, task
 
 from models.config import ExperimentConfig
+from stores import progress
+from stores.feature_store import open_store
 from stores.runner import train_and_evaluate
 from stores.tracking import Tracker
 from .common import content_key, retry_transient
@@ -16,28 +20,46 @@ def _train_key(context, parameters) -> str:
     return content_key(parameters["cfg"], "train")
 
 
+def run_label(cfg: ExperimentConfig) -> str:
+    return f"{cfg.head.name} {cfg.train_pattern.key} s{cfg.seed}"
+
+
 @task(name="train-head", cache_key_fn=_train_key, persist_result=True, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str, str] | None = None) -> dict:
-    """Train one head (one pattern, one seed), evaluate the grid, log and register in MLflow."""
+    """Train one head (one pattern, one seed), evaluate the grid, log and register in MLflow. The MLflow run
+    is open during training: epochs are logged live, and reported to the console's progress file."""
     if threads:
         torch.set_num_threads(threads)
     log = get_run_logger()
-    tracker = Tracker(cfg.tracking, cfg.data.dataset)  # an unreachable tracking server fails before training
-    result = train_and_evaluate(cfg, on_epoch=lambda row: log.debug("epoch %s", row))
-    run_id = tracker.log_run(result, extra_tags=tags)
+    show = functools.partial(progress.report, run_label(cfg), started=time.time())  # the console's view
+    store = open_store(cfg)  # a missing store fails before an MLflow run is opened
+    tracker = Tracker(cfg.tracking, cfg.data.dataset_name)  # an unreachable tracking server fails before training
+    show(state="starting", epoch=0, epochs=cfg.train.epochs)
+    with tracker.live_run(cfg, tags) as run:
+        def on_epoch(row: dict) -> None:
+            run.log_epoch(row)
+            metric = next((v for k, v in row.items() if k.startswith("val_") and "/" not in k), None)
+            show(state="training", epoch=row["epoch"] + 1, epochs=cfg.train.epochs, val=metric)
+            log.debug("epoch %s", row)
+
+        result = train_and_evaluate(cfg, store, on_epoch=on_epoch)
+        show(state="logging", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score)
+        run.finish(result)
+    show(state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score,
+         seconds=result.seconds)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
-    return {"run_id": run_id, "head": cfg.head.name, "variant": result.variant, "seed": cfg.seed,
+    return {"run_id": run.run_id, "head": cfg.head.name, "variant": result.variant, "seed": cfg.seed,
             "train_pattern": cfg.train_pattern.key, "summary": result.summary,
             "scenarios": {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)}
                           for s in result.scenarios}, "seconds": result.seconds}
 
 
 @task(name="update-champions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def update_champions(cfg: ExperimentConfig, heads: list[str], dataset: str, metric: str) -> list[dict]:
-    """Alias ``champion`` on each ``<dataset>-<head>`` model: best ``summary/grid_mean_<metric>``."""
-    tracker = Tracker(cfg.tracking, dataset)
-    return [c for h in heads if (c := tracker.update_champion(f"{dataset}-{h}", f"summary/grid_mean_{metric}"))]
+def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str) -> list[dict]:
+    """Alias ``champion`` on each ``<dataset name>-<head>`` model: best ``summary/grid_mean_<metric>``."""
+    tracker = Tracker(cfg.tracking, cfg.data.dataset_name)
+    return [c for h in heads if (c := tracker.update_champion(tracker.model_name(h), f"summary/grid_mean_{metric}"))]
 
 
 def threads_per_worker(parallel: int) -> int:

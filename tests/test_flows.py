@@ -53,6 +53,25 @@ def test_compare_table_has_every_head_and_seed(pipeline_run):
     assert "image-000/audio-000" in table.columns and "±" in table["image-000/audio-000"].iloc[0]
 
 
+def test_compare_and_report_show_the_same_table(pipeline_run, capsys):
+    """One table builder: `mm compare` (from MLflow) and the sweep report (from the results) agree, grid mean
+    included; `--json` gives the same numbers, machine-readable."""
+    import json
+    from flows.cli import main
+    from stores.tracking import compare_table, to_markdown
+    cfg, out = pipeline_run
+    table = to_markdown(compare_table(cfg.tracking, "avmnist"))
+    assert "grid_mean" in table.splitlines()[0] and table in open(out["report"]).read()
+    main(["compare", "--json", "--set", "data.dataset=avmnist", "--set", f"tracking.uri={cfg.tracking.uri}"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["experiment"] == "avmnist" and len(res["table"]) == 2
+    grid = {r["head"]: r["grid_mean"] for r in res["table"]}
+    for r in out["results"]:
+        assert grid[r["variant"]]["n"] == 2
+    early = [r["summary"]["grid_mean_acc"] for r in out["results"] if r["variant"] == "early"]
+    assert grid["early"]["mean"] == pytest.approx(sum(early) / 2)
+
+
 def test_predict_from_champion_with_a_missing_modality(pipeline_run):
     from stores.tracking import load_predictor
     cfg, _ = pipeline_run

@@ -1,0 +1,188 @@
+"""The CLI's console: third-party noise silenced at its source (one place), a live per-run training display fed
+by the workers' progress files, and rich tables (or JSON with ``--json``) for results."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+# Environment read by libraries at import (and inherited by Prefect's worker processes). setdefault: a value
+# the user exported wins.
+QUIET_ENV = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one "Downloading artifacts" bar per model load/log
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # the "Failed to send telemetry" errors offline
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the Prefect server's telemetry errors offline
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # the fork warning of Hugging Face tokenizers
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar (one per encoder load)
+    "TRANSFORMERS_VERBOSITY": "error",
+    "LANCEDB_LOG": "error",  # Lance's Rust WARN lines (IVF partitions with few rows, "dataset will be created")
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
+DEBUG = "MM_DEBUG"
+
+
+def quiet(debug: bool | None = None) -> None:
+    """Silence third-party noise. Call before importing Prefect or MLflow. With ``debug`` (``MM_DEBUG=1`` in
+    worker processes) Prefect logs at INFO, failed tasks with their tracebacks."""
+    if debug is None:
+        debug = os.environ.get(DEBUG) == "1"
+    os.environ[DEBUG] = "1" if debug else "0"
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    # a failed task or flow makes Prefect log its traceback at ERROR before the CLI prints the one-line reason;
+    # unexpected errors still reach the CLI, which shows their traceback
+    os.environ["PREFECT_LOGGING_LEVEL"] = "INFO" if debug else "CRITICAL"
+    for name in ("mlflow", "alembic", "httpx", "urllib3", "lance", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # warnings filtered by message and module; each is harmless and repeats once per image, model or run
+    warnings.filterwarnings("ignore", message="Palette images with Transparency", module="PIL")  # fashion PNGs
+    warnings.filterwarnings("ignore", message=".*Hint: Inferred schema contains integer", module="mlflow")
+    warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated")  # imported by a dependency
+    # mlflow's input-example check compares columns with a range (pandas 3 deprecation, inside mlflow)
+    warnings.filterwarnings("ignore", message="Operation with range is deprecated", module="mlflow")
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+@contextmanager
+def training_progress(enabled: bool = True, poll_s: float = 0.5) -> Iterator[None]:
+    """While the block runs, show one bar per training run (epochs, validation metric, state), read from the
+    progress files the training tasks write (``stores.progress``) in their worker processes. The display starts
+    with the first run, so the extraction stage before it keeps its own bar."""
+    from stores import progress
+
+    if not enabled:
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    folder = tempfile.mkdtemp(prefix="mm-progress-")
+    old = os.environ.get(progress.ENV)
+    os.environ[progress.ENV] = folder
+    bars = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("epochs  {task.fields[val]:<10} {task.fields[state]:<9} {task.fields[elapsed]}"),
+                    console=console(stderr=True), transient=False)
+    tasks: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def update() -> None:
+        for run, d in progress.read_all(folder).items():
+            if run not in tasks:
+                if not bars.live.is_started:
+                    bars.start()
+                tasks[run] = bars.add_task(run, total=d.get("epochs") or 1, val="", state="", elapsed="")
+            val = f"val {d['val']:.3f}" if isinstance(d.get("val"), (int, float)) else ""
+            secs = d.get("seconds") or (time.time() - d["started"] if "started" in d else 0)
+            bars.update(tasks[run], completed=d.get("epoch", 0), total=d.get("epochs") or 1, val=val,
+                        state=d.get("state", ""), elapsed=f"{secs:.0f} s")
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            update()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        update()
+        if bars.live.is_started:
+            bars.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+        if old is None:
+            os.environ.pop(progress.ENV, None)
+        else:
+            os.environ[progress.ENV] = old
+
+
+# ---------------------------------------------------------------------------------------------- output
+def rounded(obj: Any, digits: int = 4) -> Any:
+    """Floats rounded for reading (``--json`` keeps full precision)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def key_values(obj: dict, title: str | None = None) -> None:
+    """A two-column table of a result dict; nested values as compact JSON."""
+    from rich.table import Table
+    t = Table(title=title, show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    for k, v in rounded(obj).items():
+        t.add_row(str(k), v if isinstance(v, str) else json.dumps(v, default=str))
+    console().print(t)
+
+
+def records(rows: list[dict], title: str | None = None) -> None:
+    """A table with one row per dict (columns: the union of keys, in order)."""
+    from rich.table import Table
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(str(c), overflow="fold")
+    for r in rounded(rows):
+        t.add_row(*[v if isinstance(v, str) else "" if v is None else json.dumps(v, default=str)
+                    for v in (r.get(c) for c in cols)])
+    console().print(t)
+
+
+def scenario_label(slug: str) -> str:
+    """``image-030/text-000`` -> ``image 30%, text 0%``; other scenario slugs as they are."""
+    parts = [re.fullmatch(r"(\w+)-(\d{3})", p) for p in slug.split("/")]
+    return ", ".join(f"{m[1]} {int(m[2])}%" for m in parts) if all(parts) else slug
+
+
+def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
+    """The comparison table (``stores.reporting``: the same cells as the report and ``mm compare``), turned so
+    that heads are columns and test scenarios rows: it fits a terminal."""
+    from rich.table import Table
+    from stores.reporting import cell
+    if not rows:
+        console().print("(no runs)")
+        return
+    t = Table(title=title)
+    t.add_column("missing at test")
+    for r in rows:
+        t.add_column(r["head"] + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
+                     justify="right", overflow="fold")
+    for s in scenarios:
+        t.add_row(scenario_label(s), *[cell(r.get(s, "")) for r in rows])
+    t.add_section()
+    t.add_row("grid mean", *[cell(r.get("grid_mean", "")) for r in rows], style="bold")
+    t.add_row("seeds", *[str(r["seeds"]) for r in rows])
+    console().print(t)
+
+
+def note(text: str) -> None:
+    console().print(text)
+
+
+def path_link(p: str | Path) -> str:
+    return str(Path(p).resolve())

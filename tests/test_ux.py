@@ -1,0 +1,106 @@
+"""What a user sees: the Makefile's environment, bad values refused at load time with one line, tables without
+"± 0.0" for one seed, and a train cache key that follows the code."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_make_exports_every_variable_with_its_value():
+    """Recipes (`make test`, `make demo`) run with each variable exported on its own, from a clean env."""
+    out = subprocess.run(["make", "-s", "env"], cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, check=True).stdout
+    got = dict(line.split("=", 1) for line in out.splitlines())
+    assert got == MAKE_ENV
+
+
+@pytest.mark.parametrize("override, field", [("train.epochs=-1", "train.epochs"),
+                                             ("eval.test_rates=[1.5]", "eval.test_rates"),
+                                             ("train.lr=0", "train.lr")])
+def test_bad_value_exits_2_with_one_line_and_nothing_tracked(override, field, tmp_path, capsys):
+    from flows.cli import main
+    tracking = tmp_path / "mlruns"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--set", "data.dataset=fashion", "--set", override, "--set", f"store.root={tmp_path}/store",
+              "--set", f"tracking.uri=sqlite:///{tracking}/mlflow.db", "--set", f"tracking.artifact_root={tracking}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and field in err and "Traceback" not in err
+    assert not tracking.exists() and not (tmp_path / "store").exists()  # no MLflow run, no model version
+
+
+def test_every_numeric_field_with_a_range_is_checked():
+    from models.config import ConfigError, load_config
+    for bad in ["train.batch_size=0", "train.patience=0", "train.warmup_frac=1.5", "sweep.max_parallel=0",
+                "store.write_every=0", "store.lock_timeout_s=-1", "tracking.connect_timeout_s=0", "data.limit=0",
+                "encoders.image.batch_size=0", "data.val_fraction=1", "sweep.seeds=[-1]", "eval.test_rates=[]"]:
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(None, ["data.dataset=fashion", bad])
+
+
+def _result(variant, seed, acc):
+    return {"variant": variant, "train_pattern": "complete", "seed": seed,
+            "scenarios": {"image-000/text-000": {"acc": acc}}, "summary": {"grid_mean_acc": acc - 0.1}}
+
+
+def test_single_seed_cells_have_no_spread_and_tables_have_the_grid_mean():
+    from stores.reporting import aggregate, json_rows, markdown_table
+    scenarios, rows = aggregate([_result("early", 0, 0.9), _result("mmp", 0, 0.8), _result("mmp", 1, 0.6)], "acc")
+    table = markdown_table(scenarios, rows)
+    early, mmp = table.splitlines()[2:]
+    assert "±" not in early and "| 90.0 | 80.0 | 1 |" in early
+    assert "| 70.0 ± 14.1 | 60.0 ± 14.1 | 2 |" in mmp
+    assert json_rows(scenarios, rows)[0]["grid_mean"] == {"mean": pytest.approx(0.8), "sd": None, "n": 1}
+
+
+def test_train_cache_key_follows_the_models_code(colour_store, tmp_path, monkeypatch):
+    """A fix in a head must not be answered from the cache of the old code."""
+    import tasks.common as common
+    cfg, _ = colour_store
+    code = shutil.copytree(common.MODELS_DIR, tmp_path / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(common, "MODELS_DIR", code)
+    before = common.content_key(cfg, "train")
+    assert common.content_key(cfg, "train") == before
+    head = code / "heads" / "fusion.py"
+    head.write_text(head.read_text() + "\n# a bug fix\n")
+    common.code_version.cache_clear()
+    assert common.content_key(cfg, "train") != before
+
+
+def test_progress_display_shows_each_run_from_its_progress_file(capsys):
+    """Training tasks in worker processes report through files; the console turns them into one bar per run."""
+    import os
+    import time
+    from flows.console import training_progress
+    from stores import progress
+    with training_progress(poll_s=0.05):
+        folder = os.environ[progress.ENV]
+        progress.report("mmp complete s0", started=time.time(), state="training", epoch=3, epochs=5, val=0.8123)
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "mmp complete s0" in err and "3/5" in err and "val 0.812" in err and "training" in err
+    assert not os.path.exists(folder) and progress.ENV not in os.environ
+
+
+def test_store_error_is_one_line_without_traceback(tmp_path):
+    """Through the real CLI process (Prefect flow and task included): the reason, not Prefect's traceback."""
+    import os
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_LOGGING_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--set", "data.dataset=fashion",
+                           "--set", f"store.root={tmp_path}/nothing", "--set",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no feature store") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists()  # no MLflow run opened
