@@ -78,7 +78,10 @@ class StoreConfig(Strict):
     index_min_rows: int = 1024  # build an IVF-PQ index on pooled vectors at this many rows
     lock_timeout_s: float = 0.0  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
-    dvc_remote: Path = Path("data-remote")  # default DVC remote (relative to dvc_repo, or absolute)
+    # default DVC remote: a folder (relative to dvc_repo, or absolute) or a URI such as s3://bucket/path
+    dvc_remote: str = "data-remote"
+    # `dvc remote modify` settings for it, e.g. {endpointurl: http://minio:9000} for an S3-compatible server
+    dvc_remote_options: dict[str, str] = Field(default_factory=dict)
     read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
 
 
@@ -92,7 +95,8 @@ class EvalConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlruns/mlflow.db"
-    artifact_root: Path = Path("mlruns/artifacts")
+    # a folder, or a URI such as s3://bucket/path (endpoint: MLFLOW_S3_ENDPOINT_URL, credentials: AWS_* variables)
+    artifact_root: str = "mlruns/artifacts"
     experiment: str | None = None  # default: the dataset name
     register_models: bool = True
     connect_timeout_s: float = 20.0  # a tracking server that does not answer /health within this fails the run
@@ -104,6 +108,8 @@ class SweepConfig(Strict):
     train_patterns: list[MissingPattern] = Field(default_factory=lambda: [MissingPattern()])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     max_parallel: int = 2  # concurrent training tasks; 1 per GPU is the safe default on GPU workers
+    # process: a local process pool of max_parallel workers; ray: one Ray task per run (see the ray section)
+    runner: Literal["process", "ray"] = "process"
 
     @field_validator("heads")
     @classmethod
@@ -117,6 +123,18 @@ class ScheduleConfig(Strict):
     pipeline_cron: str = "0 3 * * *"
     extract_cron: str = "0 2 * * *"
     timezone: str = "UTC"
+
+
+class RayConfig(Strict):
+    """Where and with what resources Ray runs sweep tasks (sweep.runner: ray) and Ray Data encoding."""
+
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://head:10001": an existing one
+    num_cpus: int | None = None  # size of a local cluster (None: every core); ignored with an address
+    num_cpus_per_task: float = 1.0  # CPUs reserved per training task (also its torch threads)
+    num_gpus_per_task: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    encode_actors: int = 1  # Ray Data encoder actors (one GPU each when the cluster has GPUs)
+    # passed to ray.init, e.g. {env_vars: {MLFLOW_S3_ENDPOINT_URL: ...}} or {working_dir: .} for a remote cluster
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExperimentConfig(Strict):
@@ -136,6 +154,7 @@ class ExperimentConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("head", mode="before")
     @classmethod

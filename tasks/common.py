@@ -29,6 +29,7 @@ def content_key(cfg: ExperimentConfig, *extra: str) -> str:
     or tracking settings)."""
     store = FeatureStore(cfg.store.root, store_name(cfg))
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
-    body = cfg.model_dump(mode="json", exclude={"tracking": True, "store": {"root", "dvc_remote", "read_cache"},
-                                                "data": {"data_dir"}, "schedule": True, "sweep": True})
+    runtime = {"tracking": True, "schedule": True, "sweep": True, "ray": True, "data": {"data_dir"},
+               "store": {"root", "dvc_remote", "dvc_remote_options", "read_cache"}}
+    body = cfg.model_dump(mode="json", exclude=runtime)
     return hashlib.sha256(json.dumps([fp, body, *extra], sort_keys=True).encode()).hexdigest()
