@@ -7,14 +7,6 @@ from mlflow.tracking import MlflowClient
 from conftest import make_manifest, manifest_config
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_sweep_on_ray_lands_every_run_in_mlflow(ray_cluster, prefect_harness, tmp_path, monkeypatch):
     from flows.pipeline import run_sweep
     from stores.extraction import extract
