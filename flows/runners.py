@@ -63,9 +63,9 @@ def ray_task_runner(config: ExperimentConfig) -> ResourceRayTaskRunner:
     """A Ray task runner for ``config.ray``: a new local cluster (``num_cpus``, no dashboard) when ``address``
     is None, else the cluster at ``address``; an already initialized Ray in this process is reused as is."""
     r = config.ray
-    init: dict[str, Any] = {"include_dashboard": False}
-    if r.address is None and r.num_cpus is not None:
-        init["num_cpus"] = r.num_cpus
+    init: dict[str, Any] = {}
+    if r.address is None:  # settings of a new cluster; ray.init refuses them when it joins one
+        init = {"include_dashboard": False, **({"num_cpus": r.num_cpus} if r.num_cpus is not None else {})}
     if r.runtime_env:
         init["runtime_env"] = r.runtime_env
     return ResourceRayTaskRunner(r.address, init, num_cpus=r.num_cpus_per_task, num_gpus=r.num_gpus_per_task)
