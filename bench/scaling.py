@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="process pool vs Ray sweeps; Ray Data vs local encoding")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--encode-items", type=int, default=256)
+    ap.add_argument("--no-sweeps", dest="sweeps", action="store_false", help="with --ray: the encoders only")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if not args.copies:  # --ray alone
@@ -161,7 +162,7 @@ def ray_comparison(args, tmp: Path) -> None:
     cfg = config(manifest(args.base, 1, tmp / "ray"), tmp / "ray", epochs=args.epochs)
     rows = extract(cfg, progress=False).rows
     sweeps = []
-    for w in args.workers:
+    for w in args.workers if args.sweeps else []:
         sweeps.append(("process pool", w, None, *timed_sweep(cfg.model_copy(update={
             "sweep": cfg.sweep.model_copy(update={"max_parallel": w})}))))
         print(f"process pool, {w} workers: {sweeps[-1][3]:.1f} s", flush=True)
@@ -192,8 +193,9 @@ def ray_comparison(args, tmp: Path) -> None:
              "| runner | workers | runs | wall (s) | s/run | cluster start (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r} | {w} | {n} | {t:.1f} | {t / n:.1f} | {'-' if s is None else f'{s:.1f}'} |"
               for r, w, s, t, n in sweeps]
-    lines += ["", f"Encoding {len(ds.records)} items per modality (items/s; Ray Data includes starting its actors "
-              "and loading the encoder in each):\n", "| modality | path | items/s |", "|---|---|---|"]
+    lines += ["", f"Encoding {len(ds.records)} items per modality (items/s, decoding included; Ray Data includes "
+              "starting its actors and loading the encoder in each, the single process has its encoder loaded):\n",
+              "| modality | path | items/s |", "|---|---|---|"]
     lines += [f"| {m} | {p} | {v:.1f} |" for m, p, v in enc]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
