@@ -9,7 +9,7 @@ from models.config import ExperimentConfig
 from models.heads import parse_head_config
 from models.metrics import primary_metric
 from stores.feature_store import open_store
-from stores.tracking import check_reachable
+from stores.tracking import Tracker, check_reachable
 from tasks.extraction import extract_features, version_store
 from tasks.reporting import report
 from tasks.training import train_head, update_champions
@@ -57,7 +57,7 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
     deterministic and one GPU is not oversubscribed), alias champions, write the report."""
     log = get_run_logger()
-    check_reachable(config.tracking)
+    Tracker(config.tracking, config.data.dataset)  # creates the database and experiment before tasks race to
     store = open_store(config)
     threads = task_threads(config)
     futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
