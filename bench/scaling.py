@@ -1,7 +1,10 @@
 """Scaling (issue 5, benchmark 5), measured in one run: extraction and a sweep on 1x, 4x and 16x synthetic
 copies of real Fashion pairs (same photos and titles, new ids), and the sweep with 1 and 2 worker processes.
+With ``--ray`` (issue 12): the same sweep on the process pool vs on a local Ray cluster of 1 and 2 CPUs, and
+Ray Data encoding (1 and 2 encoder actors) vs the single-process encoder.
 
     python bench/scaling.py [--base 64] [--copies 1 4 16] [--workers 1 2]
+    python bench/scaling.py --copies --ray [--base 64] [--epochs 2] [--encode-items 256]
 
 Extraction runs the real encoders (EfficientNet-Lite0 + MiniLM) into a fresh LanceDB store per size, no ANN
 index; the sweep is the Prefect flow (process pool, MLflow sqlite, model registry) over heads early and srmm
@@ -46,12 +49,12 @@ def manifest(base: int, copies: int, out: Path) -> Path:
     return path
 
 
-def config(man: Path, tmp: Path, workers: int = 1):
+def config(man: Path, tmp: Path, workers: int = 1, epochs: int = 5):
     return load_config(None, [
         "data.dataset=manifest", f"data.manifest={man}", "encoders.image.kind=efficientnet_lite0",
         "encoders.text.kind=minilm", f"store.root={tmp}/store", "store.index_min_rows=1000000000",
         f"tracking.uri=sqlite:///{tmp}/mlruns/mlflow.db", f"tracking.artifact_root={tmp}/mlruns/art",
-        "train.epochs=5", "train.device=cpu", "eval.test_rates=[0.0,0.5,1.0]", "sweep.seeds=[0,1]",
+        f"train.epochs={epochs}", "train.device=cpu", "eval.test_rates=[0.0,0.5,1.0]", "sweep.seeds=[0,1]",
         "sweep.heads=[{name: early},{name: srmm}]", f"sweep.max_parallel={workers}"])
 
 
@@ -63,11 +66,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", type=int, default=64)
-    ap.add_argument("--copies", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--copies", nargs="*", type=int, default=[1, 4, 16])
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--ray", action="store_true", help="process pool vs Ray sweeps; Ray Data vs local encoding")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--encode-items", type=int, default=256)
+    ap.add_argument("--no-sweeps", dest="sweeps", action="store_false", help="with --ray: the encoders only")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    if not args.copies:  # --ray alone
+        return ray_comparison(args, tmp)
 
     @flow
     def warm_up() -> None:
@@ -77,7 +86,7 @@ def main() -> None:
     extract(config(manifest(8, 1, tmp / "warm"), tmp / "warm"), progress=False)  # encoders, page cache, torch init
     ext, sweep = [], []
     for c in args.copies:
-        cfg = config(manifest(args.base, c, tmp), tmp / f"{c}x")
+        cfg = config(manifest(args.base, c, tmp), tmp / f"{c}x", epochs=args.epochs)
         t0 = time.perf_counter()
         rep = extract(cfg, progress=False)
         ext.append((c, rep.rows, time.perf_counter() - t0, rep.encode_items_per_s))
@@ -107,6 +116,90 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.md").write_text(text)
+    print(text)
+    if args.ray:
+        ray_comparison(args, tmp)
+
+
+def timed_sweep(cfg) -> tuple[float, int]:
+    from flows.pipeline import run_sweep
+
+    t0 = time.perf_counter()
+    out = run_sweep(cfg)
+    return time.perf_counter() - t0, len(out["results"])
+
+
+def local_items_per_s(enc_cfg, modality: str, refs: list, batch_size: int) -> float:
+    """The single-process path: inputs decoded on a thread pool, encoded in batches (as stores/extraction.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stores.encoders import LOAD_WORKERS, build_encoder
+
+    encoder = build_encoder(modality, enc_cfg)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(LOAD_WORKERS) as pool:
+        inputs = list(pool.map(encoder.load, [r for _, r in refs]))
+    for start in range(0, len(inputs), batch_size):
+        encoder.encode(inputs[start : start + batch_size])
+    return len(refs) / (time.perf_counter() - t0)
+
+
+def ray_comparison(args, tmp: Path) -> None:
+    """Sweep wall time on the process pool vs Ray (local cluster of 1 and 2 CPUs, one CPU per task), and Ray
+    Data encoding with 1 and 2 actors vs the single-process encoder, on ``--base`` real Fashion pairs."""
+    import ray
+    from prefect import flow
+
+    from stores.datasets import load_dataset
+    from stores.extraction import extract
+    from stores.ray_extraction import encode_items
+
+    @flow
+    def warm_up() -> None:
+        """Start Prefect's local server outside the timings."""
+
+    warm_up()
+    cfg = config(manifest(args.base, 1, tmp / "ray"), tmp / "ray", epochs=args.epochs)
+    rows = extract(cfg, progress=False).rows
+    sweeps = []
+    for w in args.workers if args.sweeps else []:
+        sweeps.append(("process pool", w, None, *timed_sweep(cfg.model_copy(update={
+            "sweep": cfg.sweep.model_copy(update={"max_parallel": w})}))))
+        print(f"process pool, {w} workers: {sweeps[-1][3]:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=w, include_dashboard=False, logging_level="WARNING")
+        start = time.perf_counter() - t0
+        sweeps.append(("ray", w, start, *timed_sweep(cfg.model_copy(update={
+            "sweep": cfg.sweep.model_copy(update={"runner": "ray"})}))))
+        ray.shutdown()
+        print(f"ray, {w} CPUs: {sweeps[-1][3]:.1f} s (+{start:.1f} s cluster start)", flush=True)
+
+    big = config(manifest(args.encode_items, 1, tmp / "enc"), tmp / "enc")
+    ds = load_dataset(big.data)
+    enc = []
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="WARNING")
+    for m, enc_cfg in big.encoder_configs().items():
+        refs = [(r.id, ds.raw(m, r.payload.get(m))) for r in ds.records]
+        enc.append((m, "single process", local_items_per_s(enc_cfg, m, refs, enc_cfg.batch_size)))
+        for actors in args.workers:
+            t0 = time.perf_counter()
+            n = sum(1 for _ in encode_items(enc_cfg, m, refs, enc_cfg.batch_size, actors=actors))
+            enc.append((m, f"Ray Data, {actors} actor{'s' * (actors > 1)}", n / (time.perf_counter() - t0)))
+            print(f"{m} {enc[-1][1]}: {enc[-1][2]:.1f} items/s", flush=True)
+    ray.shutdown()
+    lines = [f"### Process pool vs Ray: {rows} real Fashion pairs ({os.cpu_count()} CPU cores)\n",
+             f"Sweep (early + srmm x 2 seeds = 4 runs, {args.epochs} epochs, MLflow sqlite + registry; Ray: a local "
+             "cluster of that many CPUs, 1 CPU per task, started before the timing):\n",
+             "| runner | workers | runs | wall (s) | s/run | cluster start (s) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r} | {w} | {n} | {t:.1f} | {t / n:.1f} | {'-' if s is None else f'{s:.1f}'} |"
+              for r, w, s, t, n in sweeps]
+    lines += ["", f"Encoding {len(ds.records)} items per modality (items/s, decoding included; Ray Data includes "
+              "starting its actors and loading the encoder in each, the single process has its encoder loaded):\n",
+              "| modality | path | items/s |", "|---|---|---|"]
+    lines += [f"| {m} | {p} | {v:.1f} |" for m, p, v in enc]
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling-ray.md").write_text(text)
     print(text)
 
 

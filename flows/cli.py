@@ -145,12 +145,12 @@ def cmd_serve(args) -> None:
     """Prefect server and MLflow UI on loopback, in the foreground until Ctrl-C."""
     cfg = _cfg(args)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
-    from stores.tracking import _uri
+    from stores.tracking import _uri, artifact_uri
     procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(args.prefect_port)], env=env),
              subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                                str(args.mlflow_port), "--backend-store-uri", _uri(cfg.tracking),
-                               "--default-artifact-root", Path(cfg.tracking.artifact_root).resolve().as_uri()], env=env)]
+                               "--default-artifact-root", artifact_uri(cfg.tracking)], env=env)]
     print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: http://127.0.0.1:{args.mlflow_port}\n"
           f"point flows at it: export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api")
     try:

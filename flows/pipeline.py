@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ProcessPoolTaskRunner
 
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
@@ -13,7 +12,8 @@ from stores.feature_store import open_store
 from stores.tracking import Tracker, check_reachable
 from tasks.extraction import extract_features, version_store
 from tasks.reporting import report
-from tasks.training import threads_per_worker, train_head, update_champions
+from tasks.training import train_head, update_champions
+from flows.runners import sweep_task_runner, task_threads
 
 
 @flow(name="extract")
@@ -61,7 +61,7 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     # start on a fresh sqlite file race on its migrations
     Tracker(config.tracking, config.data.dataset_name)
     store = open_store(config)
-    threads = threads_per_worker(config.sweep.max_parallel)
+    threads = task_threads(config)
     futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
     results = [f.result() for f in futures]
     metric = primary_metric(store.meta["task"])
@@ -73,8 +73,9 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
 
 
 def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
-    """``sweep_flow`` with a process pool sized by the config."""
-    runner = ProcessPoolTaskRunner(max_workers=config.sweep.max_parallel)
+    """``sweep_flow`` on ``sweep.runner``: a process pool of ``sweep.max_parallel`` workers, or Ray tasks with
+    the ``ray`` section's resources (paths made absolute, so workers find the store and MLflow)."""
+    config, runner = sweep_task_runner(config)
     return sweep_flow.with_options(task_runner=runner)(config, tags)
 
 

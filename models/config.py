@@ -86,7 +86,10 @@ class StoreConfig(Strict):
     index_min_rows: int = Field(1024, ge=1)  # build an IVF-PQ index on pooled vectors at this many rows
     lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
-    dvc_remote: Path = Path("data-remote")  # default DVC remote (relative to dvc_repo, or absolute)
+    # default DVC remote: a folder (relative to dvc_repo, or absolute) or a URI such as s3://bucket/path
+    dvc_remote: str = "data-remote"
+    # `dvc remote modify` settings for it, e.g. {endpointurl: http://minio:9000} for an S3-compatible server
+    dvc_remote_options: dict[str, str] = Field(default_factory=dict)
     read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
 
 
@@ -100,7 +103,8 @@ class EvalConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlruns/mlflow.db"
-    artifact_root: Path = Path("mlruns/artifacts")
+    # a folder, or a URI such as s3://bucket/path (endpoint: MLFLOW_S3_ENDPOINT_URL, credentials: AWS_* variables)
+    artifact_root: str = "mlruns/artifacts"
     experiment: str | None = None  # default: the dataset name
     register_models: bool = True
     # a tracking server that does not answer /health within this fails the run
@@ -113,6 +117,8 @@ class SweepConfig(Strict):
     train_patterns: list[MissingPattern] = Field(default_factory=lambda: [MissingPattern()])
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     max_parallel: int = Field(2, ge=1)  # concurrent training tasks; 1 per GPU is the safe default on GPU workers
+    # process: a local process pool of max_parallel workers; ray: one Ray task per run (see the ray section)
+    runner: Literal["process", "ray"] = "process"
 
     @field_validator("heads")
     @classmethod
@@ -126,6 +132,18 @@ class ScheduleConfig(Strict):
     pipeline_cron: str = "0 3 * * *"
     extract_cron: str = "0 2 * * *"
     timezone: str = "UTC"
+
+
+class RayConfig(Strict):
+    """Where and with what resources Ray runs sweep tasks (sweep.runner: ray) and Ray Data encoding."""
+
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://head:10001": an existing one
+    num_cpus: int | None = Field(None, ge=1)  # size of a local cluster (None: every core); ignored with an address
+    num_cpus_per_task: float = Field(1.0, gt=0)  # CPUs reserved per training task (also its torch threads)
+    num_gpus_per_task: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
+    encode_actors: int = Field(1, ge=1)  # Ray Data encoder actors (one GPU each when the cluster has GPUs)
+    # passed to ray.init, e.g. {env_vars: {MLFLOW_S3_ENDPOINT_URL: ...}} or {working_dir: .} for a remote cluster
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExperimentConfig(Strict):
@@ -145,6 +163,7 @@ class ExperimentConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("head", mode="before")
     @classmethod

@@ -41,6 +41,13 @@ def _uri(cfg: TrackingConfig) -> str:
     return cfg.uri
 
 
+def artifact_uri(cfg: TrackingConfig) -> str:
+    """``artifact_root`` as a URI: object-store URIs (s3://...) as given, folders resolved to file:// URIs."""
+    if "://" in cfg.artifact_root:
+        return cfg.artifact_root
+    return Path(cfg.artifact_root).resolve().as_uri()
+
+
 class Tracker:
     """One experiment (named ``tracking.experiment``, else the dataset name) in the configured backend."""
 
@@ -52,8 +59,8 @@ class Tracker:
         self.experiment_name = cfg.experiment or dataset
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is None:
-            root = Path(cfg.artifact_root).resolve() / self.experiment_name
-            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=root.as_uri())
+            location = f"{artifact_uri(cfg).rstrip('/')}/{self.experiment_name}"
+            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
 

@@ -1,5 +1,5 @@
 """DVC lineage for the feature store: ``data.dvc`` tracks ``data/``; push/pull to a remote (a local folder by
-default)."""
+default, or an object store such as ``s3://bucket/path`` through dvc-s3)."""
 from __future__ import annotations
 
 import os
@@ -22,13 +22,16 @@ def dvc(repo: Path, *args: str) -> str:
     return proc.stdout
 
 
-def ensure_repo(repo: Path, remote: Path) -> None:
-    """``dvc init`` (inside git when there is one) and a default remote named ``storage`` at ``remote``."""
+def ensure_repo(repo: Path, remote: str | Path, options: dict[str, str] | None = None) -> None:
+    """``dvc init`` (inside git when there is one) and a default remote named ``storage`` at ``remote`` (a folder
+    or a URI), with ``options`` set by ``dvc remote modify`` (e.g. ``endpointurl`` for an S3-compatible server)."""
     repo = Path(repo)
     if not (repo / ".dvc").exists():
         dvc(repo, "init", "-q", *([] if (repo / ".git").exists() else ["--no-scm"]))
     # a relative path is taken relative to the repo (dvc runs there and stores it relative to .dvc/)
     dvc(repo, "remote", "add", "-d", "-f", "storage", str(remote))
+    for key, value in (options or {}).items():
+        dvc(repo, "remote", "modify", "storage", key, str(value))
 
 
 def track(repo: Path, data_dir: str = "data") -> str:

@@ -51,7 +51,8 @@ def content_key(cfg: ExperimentConfig, *extra: str) -> str:
     or tracking settings) and the code version."""
     store = FeatureStore(cfg.store.root, store_name(cfg))
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
-    body = cfg.model_dump(mode="json", exclude={"tracking": True, "store": {"root", "dvc_remote", "read_cache"},
-                                                "data": {"data_dir"}, "schedule": True, "sweep": True})
+    runtime = {"tracking": True, "schedule": True, "sweep": True, "ray": True, "data": {"data_dir"},
+               "store": {"root", "dvc_remote", "dvc_remote_options", "read_cache"}}
+    body = cfg.model_dump(mode="json", exclude=runtime)
     key = [fp, body, code_version(MODELS_DIR), *extra]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

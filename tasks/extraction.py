@@ -26,7 +26,7 @@ def version_store(cfg: ExperimentConfig, push: bool = True) -> dict:
         data_dir = Path(cfg.store.root).resolve().relative_to(repo_path).parts[0]
     except ValueError:
         raise ValueError(f"store.root {cfg.store.root} is not inside store.dvc_repo {repo_path}") from None
-    versioning.ensure_repo(repo_path, cfg.store.dvc_remote)
+    versioning.ensure_repo(repo_path, cfg.store.dvc_remote, cfg.store.dvc_remote_options)
     md5 = versioning.track(repo_path, data_dir)
     if push:
         versioning.push(repo_path, data_dir)

@@ -141,6 +141,15 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, no dashboard) for the whole session: startup is paid once."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture()
 def git_repo(tmp_path) -> Path:
     import subprocess

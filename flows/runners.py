@@ -1,0 +1,86 @@
+"""Task runners for the sweep: a local process pool (the default) or a Ray cluster (``sweep.runner: ray``)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import RemoteOptionsContext, remote_options
+
+from models.config import ExperimentConfig
+from tasks.training import threads_per_worker
+
+
+class ResourceRayTaskRunner(RayTaskRunner):
+    """prefect-ray's runner, reserving ``num_cpus`` and ``num_gpus`` on the cluster for every task it submits
+    (``num_gpus=None``: 1 when the cluster has GPUs, else 0). An enclosing ``remote_options(...)`` wins."""
+
+    def __init__(self, address: str | None = None, init_kwargs: dict[str, Any] | None = None,
+                 num_cpus: float = 1.0, num_gpus: float | None = None):
+        super().__init__(address=address, init_kwargs=init_kwargs)
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+
+    def duplicate(self) -> ResourceRayTaskRunner:
+        return type(self)(self.address, self.init_kwargs, self.num_cpus, self.num_gpus)
+
+    def __eq__(self, other: object) -> bool:
+        return (super().__eq__(other) and isinstance(other, ResourceRayTaskRunner)
+                and (self.num_cpus, self.num_gpus) == (other.num_cpus, other.num_gpus))
+
+    def task_resources(self) -> dict[str, float]:
+        import ray
+
+        gpus = self.num_gpus
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        return {"num_cpus": self.num_cpus, "num_gpus": gpus}
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        options = {**self.task_resources(), **RemoteOptionsContext.get().current_remote_options}
+        with remote_options(**options):
+            return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+
+def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """The config with the store, DVC repo, datasets folder, sqlite tracking database and artifact folder made
+    absolute, so a task finds them from any working directory (a Ray worker's is not the driver's).
+    ``data.manifest`` is left as written: it is part of the store's name."""
+    cfg = config.model_copy(deep=True)
+    cfg.store.root = Path(cfg.store.root).resolve()
+    cfg.store.dvc_repo = Path(cfg.store.dvc_repo).resolve()
+    cfg.data.data_dir = Path(cfg.data.data_dir).resolve()
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.tracking.uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in cfg.tracking.artifact_root:
+        cfg.tracking.artifact_root = str(Path(cfg.tracking.artifact_root).resolve())
+    return cfg
+
+
+def ray_task_runner(config: ExperimentConfig) -> ResourceRayTaskRunner:
+    """A Ray task runner for ``config.ray``: a new local cluster (``num_cpus``, no dashboard) when ``address``
+    is None, else the cluster at ``address``; an already initialized Ray in this process is reused as is."""
+    r = config.ray
+    init: dict[str, Any] = {}
+    if r.address is None:  # settings of a new cluster; ray.init refuses them when it joins one
+        init = {"include_dashboard": False, **({"num_cpus": r.num_cpus} if r.num_cpus is not None else {})}
+    if r.runtime_env:
+        init["runtime_env"] = r.runtime_env
+    return ResourceRayTaskRunner(r.address, init, num_cpus=r.num_cpus_per_task, num_gpus=r.num_gpus_per_task)
+
+
+def sweep_task_runner(config: ExperimentConfig) -> tuple[ExperimentConfig, TaskRunner]:
+    """The sweep's task runner and the config its tasks receive (paths made absolute for Ray workers)."""
+    if config.sweep.runner == "ray":
+        return absolute_paths(config), ray_task_runner(config)
+    return config, ProcessPoolTaskRunner(max_workers=config.sweep.max_parallel)
+
+
+def task_threads(config: ExperimentConfig) -> int:
+    """torch threads per training task: the CPUs Ray reserves for it, or this machine's cores shared by the
+    process pool's workers."""
+    if config.sweep.runner == "ray":
+        return max(1, math.ceil(config.ray.num_cpus_per_task))
+    return threads_per_worker(config.sweep.max_parallel)
