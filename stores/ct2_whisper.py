@@ -8,10 +8,12 @@ CT2 ships no reader for it, hence this small one. int8 weights come with a per-r
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # CT2's DataType enum order
 
@@ -102,3 +104,20 @@ def whisper_encoder_from_ct2(model_dir: str | Path) -> "torch.nn.Module":
     encoder.config._attn_implementation = "eager"
     encoder.load_state_dict(state, strict=True)
     return encoder.eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=4)
+def cached_whisper_encoder(model_dir: str) -> "torch.nn.Module":
+    """``whisper_encoder_from_ct2`` converted once per model folder and shared: treat it as read-only
+    (deep-copy the layers before adding LoRA to them)."""
+    return whisper_encoder_from_ct2(model_dir)
+
+
+def whisper_embed(encoder: "torch.nn.Module", features: torch.Tensor) -> torch.Tensor:
+    """The encoder's embedding-layer tokens (what transformers returns as ``hidden_states[0]``): GELU(conv1),
+    GELU(conv2), plus the first T sinusoidal positions, for log-mel ``features`` [B, n_mels, 2T] of any chunk
+    length up to 30 s. transformers' forward insists on a 30 s input; CT2 encodes shorter chunks with the first
+    T positions, which this reproduces."""
+    x = F.gelu(encoder.conv1(features))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    return x + encoder.embed_positions.weight[: x.shape[1]]

