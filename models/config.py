@@ -69,6 +69,9 @@ class EncoderConfig(Strict):
     # antialiased bicubic: host decoding caps a GPU at ~1.5k img/s). Device-decoded features differ slightly,
     # so "device" names its own features
     decode: Literal["host", "device"] = "host"
+    # keep embedding-layer tokens (CMPT's encoder path reads them): None = the kind's default, on for hf/minilm,
+    # off for whisper_ct2 (its whole-chunk tokens add ~115 KB a clip and make CMPT ~5x slower an epoch on CPU)
+    embedding_tokens: bool | None = None
 
 
 DEFAULT_ENCODERS = {

