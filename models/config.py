@@ -80,6 +80,9 @@ class StoreConfig(Strict):
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
     dvc_remote: Path = Path("data-remote")  # default DVC remote (relative to dvc_repo, or absolute)
     read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
+    # time travel: pin the Lance version a run reads, per part: "dataset" (the dataset table) and each modality's
+    # feature view, e.g. {dataset: 3, text: 7}; unpinned parts read the latest. Runs log what they read
+    versions: dict[str, int] = Field(default_factory=dict)
 
 
 class EvalConfig(Strict):
