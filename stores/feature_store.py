@@ -390,7 +390,8 @@ class FeatureStore:
         for m, (rows, take) in batch_parts.items():
             if "vec" in inputs:
                 col = rows["vec"].combine_chunks()
-                b.vec[m] = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)[take])
+                vec = col.values.to_numpy(zero_copy_only=False).reshape(len(col), meta["vec_dim"][m])
+                b.vec[m] = torch.from_numpy(vec[take])
             for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]),
                                       ("emb", meta.get("emb_dim", {}), meta.get("emb_len", {}))):
                 if kind in inputs and m in dim:
