@@ -4,6 +4,7 @@ run read, and migration of stores written by the old one-table-per-encoder-set l
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def _clean_table(tbl, pinned: set[int], older_than_s: float) -> dict:
     age = timedelta(seconds=older_than_s)
     if kept:  # keep the oldest pinned version and everything after it (1 s of slack for clock granularity)
         age = max(age, datetime.now() - stamps[kept[0]] + timedelta(seconds=1))
-    tbl.optimize(cleanup_older_than=age)
+    with warnings.catch_warnings():  # Lance warns that age 0 breaks concurrent readers: the caller chose it
+        warnings.simplefilter("ignore", UserWarning)
+        tbl.optimize(cleanup_older_than=age)
     after = [v["version"] for v in tbl.list_versions()]
     return {"versions_before": len(before), "versions_after": len(after), "pinned": kept,
             "removed": sorted(set(before) - set(after))}
