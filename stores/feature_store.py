@@ -444,7 +444,7 @@ class FeatureStore:
     def info(self) -> dict:
         meta, tbl = self.meta, self.table
         counts = {s: tbl.count_rows(filters.eq("split", s)) for s in ("train", "val", "test")}
-        present = {m: tbl.count_rows(f"{filters.column(m + '_present')}") for m in meta["modalities"]}
+        present = {m: tbl.count_rows(filters.eq(f"{m}_present", True)) for m in meta["modalities"]}
         return {"name": self.name, "dataset": self.dataset, "fingerprint": meta["fingerprint"],
                 "dataset_version": meta["dataset_version"], "lance_version": meta["versions"]["dataset"],
                 "versions": meta["versions"], "views": self.view_names, "lineage": self.lineage(),
