@@ -193,3 +193,61 @@ def test_gc_never_removes_a_pinned_version_unless_forced(logged):
     gc(cfg.store.root, pinned, force=True, older_than_s=0)
     with pytest.raises(StoreError, match="not available"):
         store.pin(versions).entity_table()
+
+
+def test_migrate_an_old_layout_store_without_reencoding(tmp_path):
+    """A store in the old layout (one table per encoder set + .json) becomes views; nothing is encoded again."""
+    import lancedb
+    import pyarrow as pa
+    from stores.feature_store import legacy_store_name
+    from stores.store_admin import migrate_legacy
+    from stores.views import fixed, tokens
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=6, bad=False))
+    extract(cfg, progress=False)
+    store = open_store(cfg)
+    meta, splits = store.meta, {s: store.read_split(s, ("vec", "tok", "emb")) for s in ("train", "val", "test")}
+    ph = store.placeholders()
+    legacy_root = tmp_path / "legacy"
+    db, name = lancedb.connect(str(legacy_root)), legacy_store_name(cfg)
+    cols: dict = {"id": [], "split": [], "label": [], "labels": [], "source": [], "issues": []}
+    per = {m: {"present": [], "vec": [], "tok": [], "emb": []} for m in meta["modalities"]}
+    for s, got in splits.items():
+        for i, id_ in enumerate(got.ids):
+            cols["id"].append(id_), cols["split"].append(s), cols["source"].append("{}"), cols["issues"].append(None)
+            cols["label"].append(int(got.batch.y[i])), cols["labels"].append([int(got.batch.y[i])])
+            for j, m in enumerate(meta["modalities"]):
+                per[m]["present"].append(bool(got.batch.present[i, j]))
+                per[m]["vec"].append(got.batch.vec[m][i].numpy())
+                for k in ("tok", "emb"):
+                    if m in getattr(got.batch, k):
+                        n = int(getattr(got.batch, f"{k}_mask")[m][i].sum())
+                        per[m][k].append(getattr(got.batch, k)[m][i, :n].numpy())
+                    else:
+                        per[m][k].append(None)
+    for m, p in per.items():
+        cols[f"{m}_present"], cols[f"{m}_vec"] = p["present"], fixed(np.stack(p["vec"]))
+        cols[f"{m}_tok"], cols[f"{m}_ntok"] = tokens(p["tok"])
+        cols[f"{m}_emb"], cols[f"{m}_nemb"] = tokens(p["emb"])
+    db.create_table(name, pa.table(cols))
+    phc = {"modality": meta["modalities"], "vec": [ph.vec[m][0].tolist() for m in meta["modalities"]]}
+    phc["tok"], phc["ntok"] = tokens([ph.tok[m][0, : int(ph.tok_mask[m][0].sum())].numpy() for m in meta["modalities"]])
+    phc["emb"], phc["nemb"] = tokens([ph.emb[m][0, : int(ph.emb_mask[m][0].sum())].numpy() if m in ph.emb else None
+                                      for m in meta["modalities"]])
+    db.create_table(name + "-placeholders", pa.table(phc))
+    (legacy_root / f"{name}.json").write_text(json.dumps({"fingerprint": "old", "modalities": meta["modalities"],
+                                                          "encoders": meta["encoders"]}))
+    moved = cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": legacy_root})})
+    with pytest.raises(StoreError, match="mm store migrate"):
+        open_store(moved)
+    out = migrate_legacy(moved)
+    assert out["copied"] == {"image": 6, "text": 3}
+    assert extract(moved, progress=False).encoded == {"image": 0, "text": 0}  # the views already hold everything
+    new = open_store(moved).read_split("train", ("vec", "tok"))
+    assert new.ids == splits["train"].ids
+    assert np.allclose(new.batch.vec["image"].numpy(), splits["train"].batch.vec["image"].numpy())
+    assert torch_equal(new.batch.tok["text"], splits["train"].batch.tok["text"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return bool(torch.equal(a, b))
