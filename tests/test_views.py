@@ -1,7 +1,6 @@
 """Feature views (issue 11): per-modality encoder switches, split/label changes, new/changed/removed rows,
 shared inputs across datasets, time travel, exact reproduction from MLflow, gc of pinned versions, quoting."""
 import json
-import shutil
 
 import numpy as np
 import pytest
