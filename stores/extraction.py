@@ -145,6 +145,9 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         rows = entity_rows(ds, store.entities())
         changes = store.sync_entities(rows, mods)
         _record_dataset(store, ds, cfg)
+        if not store.meta_path.exists():  # readable as soon as its first rows land, even if this run dies
+            store.write_meta({**store.meta, "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
+                              "created": now()})
 
         in_search = store.search_rows()
         stale = [r for r in rows if not _up_to_date(r, in_search.get(r["id"]), mods)]
