@@ -136,6 +136,8 @@ def reader(ds_name: str) -> str:
         .limit(ent.count_rows()).to_arrow()
     tables = {m: v.table() for m, v in views.items()}
     row_ids = {m: views[m].row_ids(tables[m]) for m in store.modalities}
+    keys = keys.filter(pa.array([all(k in row_ids[m] for m, k in zip(store.modalities, r.values()))  # extracted
+                                 for r in keys.to_pylist()]))
 
     def lance_take_rand():
         for i in idx:
