@@ -25,6 +25,7 @@ from models.training import TrainConfig, fit
 from stores.datasets import load_dataset
 from stores.encoders import build_encoder
 from models.features import take
+from stores import filters
 from stores.feature_store import FeatureStore, decode_tokens, open_store
 from stores.masks import MaskStore
 from stores.runner import load_backbones, prepare
@@ -130,14 +131,20 @@ def reader(ds_name: str) -> str:
         for i in idx:
             take(b, torch.from_numpy(i))
 
+    ent, views, meta = store.entity_table(), store.views(), store.meta  # the join a random-access loader does
+    keys = ent.search().where(filters.eq("split", "train")).select([f"{m}_key" for m in store.modalities]) \
+        .limit(ent.count_rows()).to_arrow()
+    tables = {m: v.table() for m, v in views.items()}
+    row_ids = {m: views[m].row_ids(tables[m]) for m in store.modalities}
+    keys = keys.filter(pa.array([all(k in row_ids[m] for m, k in zip(store.modalities, r.values()))  # extracted
+                                 for r in keys.to_pylist()]))
+
     def lance_take_rand():
-        tbl, cols = store.table, store.columns(("tok",))
-        meta = store.meta
         for i in idx:
-            t = tbl.take_offsets(i.tolist()).select(cols).to_arrow()
             for m in store.modalities:
-                decode_tokens(t[f"{m}_tok"], t[f"{m}_ntok"].fill_null(0).to_numpy(), meta["tok_dim"][m],
-                              meta["tok_len"][m])
+                ids = [row_ids[m][k] for k in keys[f"{m}_key"].take(i).to_pylist()]
+                t = tables[m].take_row_ids(ids).select(["tok", "ntok"]).to_arrow()
+                decode_tokens(t["tok"], t["ntok"].fill_null(0).to_numpy(), meta["tok_dim"][m], meta["tok_len"][m])
 
     def npy_rand():
         mm = {k: np.load(tmp / f"{k}.npy", mmap_mode="r") for k in arrays}

@@ -55,7 +55,49 @@ def cmd_extract(args) -> None:
 
 def cmd_info(args) -> None:
     from stores.feature_store import open_store
-    _show(args, open_store(_cfg(args)).info(), lambda r: out.key_values(r, title="feature store"))
+    from stores.store_admin import overview
+    cfg = _cfg(args)
+    res = overview(cfg.store.root)
+    try:
+        res["config"] = open_store(cfg).info()
+    except Exception as e:  # noqa: BLE001 - the listing is still useful when this config's store is absent
+        res["config"] = f"not extracted: {e}"
+    _show(args, res, lambda r: out.key_values(r, title="feature store"))
+
+
+def cmd_gc(args) -> None:
+    from stores.store_admin import gc
+    from stores.tracking import pinned_store_versions
+    cfg = _cfg(args)
+    pinned = pinned_store_versions(cfg.tracking)
+    res = {"pinned_by_registered_runs": pinned, **gc(cfg.store.root, pinned, force=args.force,
+                                                       older_than_s=args.older_than,
+                                                       lock_timeout_s=cfg.store.lock_timeout_s)}
+    _show(args, res, lambda r: out.key_values(r, title="store gc"))
+
+
+def cmd_migrate(args) -> None:
+    from stores.extraction import extract
+    from stores.store_admin import migrate_legacy
+    cfg = _cfg(args)
+    res = migrate_legacy(cfg)
+    res["extract"] = extract(cfg, progress=False).as_dict()
+    _show(args, res, lambda r: out.key_values(r, title="store migrate"))
+
+
+def query_filter(args, classes: list[str]) -> str | None:
+    """The Lance filter of ``mm query``'s options, built from typed values (stores/filters.py); ``--where`` is
+    the user's own SQL and is ANDed in parenthesised."""
+    from stores import filters
+    clauses = [args.where]
+    if args.split:
+        clauses.append(filters.eq("split", args.split))
+    if args.label is not None:
+        clauses.append(filters.eq("label", classes.index(args.label) if args.label in classes else int(args.label)))
+    clauses += [filters.eq(f"{m}_present", True) for m in args.present or []]
+    if args.id:
+        clauses.append(filters.ne("id", args.id))
+    return filters.all_of(*clauses)
 
 
 def cmd_query(args) -> None:
@@ -72,23 +114,33 @@ def cmd_query(args) -> None:
         mod = "text" if args.text is not None else "image" if args.image else "audio"
         enc = build_encoder(mod, cfg.encoder_configs()[mod])
         vec = enc.encode([enc.load(raw)]).vec[0]
-    clauses = [args.where] if args.where else []
-    if args.split:
-        clauses.append(f"split = '{args.split}'")
-    if args.label is not None:
-        classes = store.meta["classes"]
-        label = classes.index(args.label) if args.label in classes else int(args.label)
-        clauses.append(f"label = {label}")
-    clauses += [f"{m}_present" for m in args.present or []]
-    if args.id:
-        clauses.append(f"id != '{args.id}'")
-    hits = store.search(vec, mod, args.k, " AND ".join(f"({c})" for c in clauses) or None, exact=args.exact,
-                        nprobes=args.nprobes)
     classes = store.meta["classes"]
+    hits = store.search(vec, mod, args.k, query_filter(args, classes), exact=args.exact, nprobes=args.nprobes)
     rows = [{"id": r["id"], "split": r["split"], "label": classes[r["label"]] if r["label"] >= 0 else None,
              "distance": round(r["_distance"], 4), "source": json.loads(r["source"])} for r in hits.to_pylist()]
     _show(args, {"modality": mod, "neighbours": rows},
           lambda r: out.records(r["neighbours"], title=f"nearest neighbours ({r['modality']})"))
+
+
+def cmd_reproduce(args) -> None:
+    """Re-run a logged run from its config and the store versions it read; its metrics beside the original."""
+    from models.config import ExperimentConfig, _set, parse_override
+    from stores.runner import train_and_evaluate
+    from stores.tracking import logged_run
+
+    logged = logged_run(_cfg(args).tracking, args.run_id)
+    tree = logged["config"]
+    for item in args.set:  # e.g. store.root when the store moved; the versions always come from the run
+        _set(tree, *parse_override(item))
+    tree.setdefault("store", {})["versions"] = logged["versions"]
+    result = train_and_evaluate(ExperimentConfig.model_validate(tree))
+    new = result.scalar_metrics()
+    rows = [{"metric": k, "original": v, "reproduced": new.get(k), "equal": new.get(k) == v}
+            for k, v in sorted(logged["metrics"].items()) if k in new and k != "fit/seconds"]
+    res = {"run_id": args.run_id, "versions": logged["versions"], "identical": all(r["equal"] for r in rows),
+           "metrics": rows}
+    _show(args, res, lambda r: (out.records(r["metrics"], title=f"reproduce {r['run_id']}"),
+                                out.note(f"identical: {r['identical']}; versions: {r['versions']}")))
 
 
 def cmd_train(args) -> None:
@@ -221,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-dvc", action="store_true")
     sp.add_argument("--max-rows", type=_positive)
     store = sub.add_parser("store", help="store commands").add_subparsers(dest="store_cmd", required=True)
-    add("info", cmd_info, "versions, row counts, fingerprint", parent=store)
+    add("info", cmd_info, "views, dataset tables, versions, sizes and the configs using them", parent=store)
+    sp = add("gc", cmd_gc, "remove old Lance versions and unused views (never a registered run's pinned version "
+                           "unless --force)", parent=store)
+    sp.add_argument("--force", action="store_true", help="also remove versions registered runs read")
+    sp.add_argument("--older-than", type=float, default=3600.0, metavar="S",
+                    help="keep versions younger than S seconds (readers may still use them; default 3600)")
+    add("migrate", cmd_migrate, "convert an old-layout store into views (no re-encoding)", parent=store)
     sp = add("query", cmd_query, "nearest neighbours of an id, a text, an image or an audio clip")
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--id")
@@ -238,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nprobes", type=_positive, default=20,
                     help="IVF partitions scanned (more: higher recall, slower)")
     add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
+    sp = add("reproduce", cmd_reproduce, "re-run a logged run on the store versions it read; compare metrics")
+    sp.add_argument("run_id")
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")
     add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions")

@@ -94,6 +94,9 @@ class StoreConfig(Strict):
     # `dvc remote modify` settings for it, e.g. {endpointurl: http://minio:9000} for an S3-compatible server
     dvc_remote_options: dict[str, str] = Field(default_factory=dict)
     read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
+    # time travel: pin the Lance version a run reads, per part: "dataset" (the dataset table) and each modality's
+    # feature view, e.g. {dataset: 3, text: 7}; unpinned parts read the latest. Runs log what they read
+    versions: dict[str, int] = Field(default_factory=dict)
 
 
 class EvalConfig(Strict):

@@ -1,4 +1,8 @@
-"""Batched, incremental, resumable extraction of frozen-encoder features into the feature store."""
+"""Batched, incremental, resumable extraction into the feature views, the dataset table and the search table.
+
+Only inputs whose content key is not yet in a modality's view are encoded: a new encoder for one modality
+encodes only that modality, split/label changes encode nothing, a changed file is encoded again (new key),
+rows removed from the source leave the dataset table (older Lance versions keep them)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +10,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -14,77 +19,108 @@ from tqdm import tqdm
 from models.config import ExperimentConfig
 from .datasets import Dataset, Record, load_dataset
 from .encoders import LOAD_WORKERS, BadInput, Encoded, Encoder, build_encoder
-from .feature_store import FeatureStore, StoreError, fingerprint, now, store_name
+from .feature_store import FeatureStore, StoreError
+from .views import ABSENT, View, content_key, now, write_json
 
 
 @dataclass
 class ExtractReport:
     store: str
     fingerprint: str
-    added: int
-    skipped: int
+    added: int  # rows new to this config's search table
+    skipped: int  # rows already up to date
     rows: int
-    lance_version: int
+    lance_version: int  # the dataset table's version
     missing_counts: dict[str, dict[str, int]]
     seconds: float
     encode_items_per_s: dict[str, float] = field(default_factory=dict)
     indices: list[str] = field(default_factory=list)
+    encoded: dict[str, int] = field(default_factory=dict)  # inputs encoded per modality (0: view untouched)
+    updated: int = 0  # rows whose split, label, source or content changed
+    removed: int = 0  # rows no longer in the source (kept in older versions)
+    versions: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _first(enc: Encoded, i: int = 0) -> dict[str, Any]:
+def _features(enc: Encoded, i: int = 0) -> dict[str, Any]:
     return {"vec": enc.vec[i], "tok": enc.tok[i], "emb": enc.emb[i] if enc.emb is not None else None}
 
 
-def _encode_modality(encoder: Encoder, dataset: Dataset, modality: str, records: list[Record], batch_size: int,
-                     placeholder: dict[str, Any], timing: Counter) -> tuple[list[dict], list[str | None]]:
-    """Features per record; a record whose input is absent or unreadable gets the placeholder and a reason.
-    Inputs are decoded on a thread pool (image/audio decoding releases the GIL), in record order."""
+def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any]],
+                 batch_size: int = 32) -> Iterator[tuple[str, dict[str, Any] | str]]:
+    """The encode step, one modality: (content key, raw input) pairs -> (key, features ``{vec, tok, emb}``) or
+    (key, reason the input is unusable). Inputs are decoded on a thread pool (image/audio decoding releases
+    the GIL) and encoded in batches of ``batch_size``; results come back in input order."""
+    items = list(items)
 
-    def load(r: Record) -> tuple[Any, str | None]:
-        ref = r.payload.get(modality)
+    def load(raw: Any) -> tuple[Any, str | None]:
         try:
-            if ref is None:
-                raise BadInput("absent in source")
-            return encoder.load(dataset.raw(modality, ref)), None
+            return encoder.load(raw), None
         except BadInput as e:
             return None, str(e)
 
     with ThreadPoolExecutor(LOAD_WORKERS) as pool:
-        inputs, reasons = zip(*pool.map(load, records)) if records else ((), ())
-    feats: list[dict] = [dict(placeholder, present=False) for _ in records]
-    todo = [i for i, x in enumerate(inputs) if x is not None]
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
-        t0 = time.perf_counter()
-        enc = encoder.encode([inputs[i] for i in idx])
-        timing[modality + "_s"] += time.perf_counter() - t0
-        timing[modality + "_n"] += len(idx)
+        loaded = list(pool.map(load, [raw for _, raw in items]))
+    out: list[dict | str] = [reason for _, reason in loaded]
+    good = [i for i, (x, _) in enumerate(loaded) if x is not None]
+    for start in range(0, len(good), batch_size):
+        idx = good[start : start + batch_size]
+        enc = encoder.encode([loaded[i][0] for i in idx])
         for k, i in enumerate(idx):
-            feats[i] = dict(_first(enc, k), present=True)
-    return feats, list(reasons)
+            out[i] = _features(enc, k)
+    for (key, _), res in zip(items, out):
+        yield key, res
 
 
-def _meta(cfg: ExperimentConfig, ds: Dataset, encoders: dict[str, Encoder], ph: dict[str, dict], fp: str) -> dict:
-    return {
-        "name": store_name(cfg), "dataset": ds.name, "dataset_version": ds.version, "fingerprint": fp,
-        "modalities": ds.modalities, "classes": ds.classes, "task": ds.task,
-        "encoders": {m: e.fingerprint for m, e in encoders.items()},
-        "vec_dim": {m: int(p["vec"].shape[-1]) for m, p in ph.items()},
-        "tok_dim": {m: int(p["tok"].shape[-1]) for m, p in ph.items()},
-        "tok_len": {m: int(p["tok"].shape[0]) for m, p in ph.items()},
-        "emb_dim": {m: int(p["emb"].shape[-1]) for m, p in ph.items() if p.get("emb") is not None},
-        "emb_len": {m: int(p["emb"].shape[0]) for m, p in ph.items() if p.get("emb") is not None},
-        "data_config": cfg.data.model_dump(mode="json"), "created": now(),
-    }
+def _stat(raw: Any) -> str | None:
+    """(path, size, mtime) of a file input: an unchanged stat lets a rerun skip re-hashing the file."""
+    if isinstance(raw, str) and Path(raw).is_file():
+        st = Path(raw).stat()
+        return json.dumps([raw, st.st_size, st.st_mtime_ns])
+    return None
+
+
+def entity_rows(ds: Dataset, old: dict[str, dict]) -> list[dict]:
+    """The dataset table's rows: entity columns plus each modality's content key (re-hashed only when the
+    file's stat changed)."""
+
+    def row(r: Record) -> dict:
+        out = {"id": r.id, "split": r.split, "label": -1 if isinstance(r.label, list) else r.label,
+               "labels": r.label if isinstance(r.label, list) else [r.label],
+               "source": json.dumps({m: str(v) if v is not None else None for m, v in r.payload.items()
+                                     if not isinstance(v, np.ndarray)})}
+        prev = old.get(r.id, {})
+        for m in ds.modalities:
+            ref = r.payload.get(m)
+            raw = None if ref is None else ds.raw(m, ref)
+            stat = _stat(raw) if m != "text" else None
+            if ref is None:
+                key = ABSENT
+            elif stat is not None and prev.get(f"{m}_stat") == stat:
+                key = prev[f"{m}_key"]
+            else:
+                key = content_key(m, raw)
+            out[f"{m}_key"], out[f"{m}_stat"] = key, stat
+        return out
+
+    with ThreadPoolExecutor(LOAD_WORKERS) as pool:  # file hashing releases the GIL
+        return list(pool.map(row, ds.records))
+
+
+SEARCH_COLUMNS = ("split", "label", "labels", "source")
+
+
+def _up_to_date(row: dict, have: dict | None, modalities: list[str]) -> bool:
+    return have is not None and all(have[c] == row[c] for c in SEARCH_COLUMNS) and \
+        all(have[f"{m}_key"] == row[f"{m}_key"] for m in modalities)
 
 
 def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None = None) -> ExtractReport:
-    """Extract every record not yet in the store. Each ``store.write_every`` rows are one atomic Lance commit,
-    so a crash loses at most the batch in flight and a rerun resumes without duplicates. ``max_rows`` stops
-    after that many new rows (incremental runs, tests)."""
+    """Bring the store up to date with the source and the config's encoders. Each ``store.write_every`` rows
+    are one atomic commit per view and one to the search table, so a crash loses at most the batch in flight
+    and a rerun resumes without duplicates. ``max_rows`` stops after that many rows (incremental runs, tests)."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data)
     ids = [r.id for r in ds.records]
@@ -94,58 +130,121 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
     enc_cfgs = cfg.encoder_configs()
     if missing := [m for m in ds.modalities if m not in enc_cfgs]:
         raise StoreError(f"no encoder configured for modalities {missing} of dataset {ds.name}")
-    store = FeatureStore(cfg.store.root, store_name(cfg))
+    store = FeatureStore.for_config(cfg, ds.modalities)
+    mods = ds.modalities
     with store.writer_lock(cfg.store.lock_timeout_s):
-        encoders = {m: build_encoder(m, enc_cfgs[m]) for m in ds.modalities}
-        fp = fingerprint(ds.version, {m: e.fingerprint for m, e in encoders.items()})
-        ph = {m: _first(encoders[m].encode_placeholder()) for m in ds.modalities}
-        if store.exists:
-            if store.meta["fingerprint"] != fp:
-                raise StoreError(f"store {store.name} holds fingerprint {store.meta['fingerprint']} but the dataset "
-                                 f"and encoders now give {fp} (data or encoder changed); extract into a new "
-                                 "store.root or remove the old table")
-            meta = store.meta
-        else:
-            meta = _meta(cfg, ds, encoders, ph, fp)
-            store.set_placeholders(ph)
-            store.create(meta)
-        done = store.existing_ids()
-        todo = [r for r in ds.records if r.id not in done][:max_rows]
+        if store.dataset_meta_path.exists() and store.dataset_meta["modalities"] != mods:
+            raise StoreError(f"dataset table {store.dataset} holds modalities {store.dataset_meta['modalities']} "
+                             f"but the source now has {mods}; set data.name to a new dataset name")
+        encoders = {m: build_encoder(m, enc_cfgs[m]) for m in mods}
+        views = store.views()
+        for m in mods:
+            views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, _features(encoders[m].encode_placeholder()))
+        vec_dim = {m: views[m].meta["vec_dim"] for m in mods}
+
+        rows = entity_rows(ds, store.entities())
+        changes = store.sync_entities(rows, mods)
+        _record_dataset(store, ds, cfg)
+        if not store.meta_path.exists():  # readable as soon as its first rows land, even if this run dies
+            store.write_meta({**store.meta, "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
+                              "created": now()})
+
+        in_search = store.search_rows()
+        stale = [r for r in rows if not _up_to_date(r, in_search.get(r["id"]), mods)]
+        work = stale[:max_rows]
+        current = set(ids)
+        store.delete_search([i for i in in_search if i not in current])
+        have = {m: views[m].row_ids(views[m].table()) for m in mods}
         timing: Counter = Counter()
-        bar = tqdm(total=len(todo), desc=f"extract {store.name}", disable=not progress, unit="item")
-        for start in range(0, len(todo), cfg.store.write_every):
-            chunk = todo[start : start + cfg.store.write_every]
-            per_mod = {m: _encode_modality(encoders[m], ds, m, chunk, enc_cfgs[m].batch_size, ph[m], timing)
-                       for m in ds.modalities}
-            rows = []
-            for i, r in enumerate(chunk):
-                issues = {m: per_mod[m][1][i] for m in ds.modalities if per_mod[m][1][i]}
-                rows.append({"id": r.id, "split": r.split, "label": -1 if isinstance(r.label, list) else r.label,
-                             "labels": r.label if isinstance(r.label, list) else [r.label],
-                             "source": json.dumps({m: str(v) if v is not None else None for m, v in r.payload.items()
-                                                   if not isinstance(v, np.ndarray)}),
-                             "issues": json.dumps(issues) if issues else None,
-                             **{m: per_mod[m][0][i] for m in ds.modalities}})
-            for m in ds.modalities:  # grow padded lengths before the rows land, so meta always covers them
-                meta["tok_len"][m] = max(meta["tok_len"][m], *(r[m]["tok"].shape[0] for r in rows))
-                if m in meta["emb_len"]:
-                    meta["emb_len"][m] = max(meta["emb_len"][m], *(r[m]["emb"].shape[0] for r in rows))
-            store.write_meta(meta)
-            store.add_rows(rows)
+        bar = tqdm(total=len(work), desc=f"extract {store.name}", disable=not progress, unit="item")
+        raw_of = {r.id: r.payload for r in ds.records}
+        for start in range(0, len(work), cfg.store.write_every):
+            chunk = work[start : start + cfg.store.write_every]
+            feats = {m: _view_features(views[m], encoders[m], m, chunk, raw_of, ds, have, timing,
+                                       enc_cfgs[m].batch_size) for m in mods}
+            search = []
+            for r in chunk:
+                issues = {m: feats[m][r[f"{m}_key"]]["reason"] for m in mods
+                          if not feats[m][r[f"{m}_key"]]["present"]}
+                search.append({**{c: r[c] for c in ("id", *SEARCH_COLUMNS)},
+                               "issues": json.dumps(issues) if issues else None,
+                               **{k: v for m in mods for k, v in ((f"{m}_key", r[f"{m}_key"]),
+                                                                  (f"{m}_present", feats[m][r[f"{m}_key"]]["present"]),
+                                                                  (f"{m}_vec", feats[m][r[f"{m}_key"]]["vec"]))}})
+            fresh = [s for s in search if s["id"] not in in_search]
+            if fresh:
+                store.upsert_search(fresh, vec_dim, new=True)
+            if len(fresh) < len(search):
+                store.upsert_search([s for s in search if s["id"] in in_search], vec_dim, new=False)
             bar.update(len(chunk))
         bar.close()
+
+        added = sum(r["id"] not in in_search for r in work)
         tbl = store.table
-        meta["missing_counts"] = _missing_counts(store, ds.modalities)
-        indices = store.build_index(cfg.store.index_min_rows) if todo else [i.name for i in tbl.list_indices()]
-        meta.update(rows=tbl.count_rows(), lance_version=store.table.version, updated=now())
-        store.write_meta(meta)
-    return ExtractReport(store.name, fp, len(todo), len(done), meta["rows"], meta["lance_version"],
-                         meta["missing_counts"], time.perf_counter() - t_start,
-                         {m: timing[m + "_n"] / timing[m + "_s"] for m in ds.modalities if timing[m + "_s"]}, indices)
+        changed = bool(work) or bool(changes["removed"])
+        indices = store.build_index(cfg.store.index_min_rows) if changed else [i.name for i in tbl.list_indices()]
+        meta = store.meta
+        out = {**meta, "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
+               "missing_counts": _missing_counts(store, mods), "rows": tbl.count_rows(), "updated": now(),
+               "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now()}
+        store.write_meta(out)
+    return ExtractReport(store.name, meta["fingerprint"], added, len(rows) - len(stale), out["rows"],
+                         meta["versions"]["dataset"], out["missing_counts"], time.perf_counter() - t_start,
+                         {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
+                         {m: int(timing[m + "_n"]) for m in mods}, len(work) - added, len(changes["removed"]),
+                         meta["versions"])
+
+
+def _view_features(view: View, encoder: Encoder, m: str, chunk: list[dict], payloads: dict, ds: Dataset,
+                   have: dict[str, dict], timing: Counter, batch_size: int) -> dict[str, dict]:
+    """key -> {present, reason, vec} for the chunk's keys of modality ``m``: inputs not yet in the view are
+    encoded and committed (one Lance commit), the rest read back from the view."""
+    keys = list(dict.fromkeys(r[f"{m}_key"] for r in chunk))
+    todo = [k for k in keys if k not in have[m]]
+    out: dict[str, dict] = {}
+    if todo:
+        first = {}
+        for r in chunk:
+            first.setdefault(r[f"{m}_key"], r["id"])
+        items = [(k, ds.raw(m, payloads[first[k]][m])) for k in todo]
+        t0 = time.perf_counter()
+        encoded = list(encode_items(encoder, m, items, batch_size))
+        timing[m + "_s"] += time.perf_counter() - t0
+        timing[m + "_n"] += len(encoded)
+        placeholder = _features(encoder.encode_placeholder()) if any(isinstance(f, str) for _, f in encoded) else None
+        rows = [(k, dict(f, present=True, reason=None) if isinstance(f, dict) else
+                 dict(placeholder, present=False, reason=f)) for k, f in encoded]
+        view.add(rows)
+        for k, f in rows:
+            out[k] = {"present": f["present"], "reason": f["reason"], "vec": f["vec"]}
+            have[m][k] = None  # in the view; its row id is looked up only if a later chunk needs it
+    rest = [k for k in keys if k not in out]
+    if any(have[m][k] is None for k in rest):
+        have[m].update(view.row_ids(view.table()))
+    if rest:
+        tbl = view.table()
+        t = view.take(tbl, [have[m][k] for k in rest], ["key", "present", "reason", "vec"])
+        for k, p, reason, vec in zip(t["key"].to_pylist(), t["present"].to_pylist(), t["reason"].to_pylist(),
+                                     t["vec"].to_numpy(zero_copy_only=False)):
+            out[k] = {"present": p, "reason": reason, "vec": np.asarray(vec, np.float32)}
+    return out
+
+
+def _record_dataset(store: FeatureStore, ds: Dataset, cfg: ExperimentConfig) -> None:
+    """``<dataset>.json``: modalities and, per dataset-table version, the classes and task it was written with."""
+    meta = json.loads(store.dataset_meta_path.read_text()) if store.dataset_meta_path.exists() else {
+        "kind": "dataset", "name": store.dataset, "modalities": ds.modalities, "history": {}, "created": now()}
+    version = store.entity_table().version
+    last = meta["history"][max(meta["history"], key=int)] if meta["history"] else None
+    state = {"classes": ds.classes, "task": ds.task}
+    if last != state:
+        meta["history"][str(version)] = state
+    meta.update(data_config=cfg.data.model_dump(mode="json"), updated=now())
+    write_json(store.dataset_meta_path, meta)
 
 
 def _missing_counts(store: FeatureStore, modalities: list[str]) -> dict[str, dict[str, int]]:
-    """Missing rows per modality, by reason, counted from the table itself (correct after any crash)."""
+    """Missing rows per modality, by reason, counted from the search table itself (correct after any crash)."""
     tbl = store.table
     out: dict[str, dict[str, int]] = {m: {} for m in modalities}
     t = tbl.search().where("issues IS NOT NULL").select(["issues"]).limit(max(tbl.count_rows(), 1)).to_arrow()

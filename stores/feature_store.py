@@ -1,12 +1,20 @@
-"""LanceDB feature store: one table per (dataset, encoder set), pooled vectors for search and token sequences
-for training, plus placeholder features and per-store metadata (fingerprint, dims, counts, lineage)."""
+"""LanceDB feature store. Three kinds of table under ``store.root``:
+
+- feature views ``view-<modality>-<hash>`` (stores/views.py): features per (modality, encoder), keyed by the
+  content hash of the input, shared by every dataset and config that uses that encoder;
+- the dataset (entity) table ``<data.dataset_name>``: id, split, label(s), source and each modality's content
+  key, so split and label changes re-extract nothing and a changed file gets a new key;
+- per config ``<dataset>-<hash of its views>``: the join materialised for filtered vector search (id, split,
+  label, presence, issues and pooled vectors, with an IVF-PQ index), plus ``<name>.json`` metadata.
+
+Training reads join the dataset table and the views at pinned Lance versions (``store.versions``), so a run
+can be repeated on exactly the rows it read; decoded splits are cached by those versions (stores/split_cache.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,19 +29,24 @@ from lancedb.index import IvfPq
 from models.config import ExperimentConfig
 from models.heads.base import FeatureBatch, ModalitySpec
 
+from . import filters
 from .split_cache import SplitCache
+from .views import View, StoreError, fixed, now, tokens, view_name, write_json
 
-PLACEHOLDER_SUFFIX = "-placeholders"
-
-
-class StoreError(RuntimeError):
-    """The store is missing, locked, corrupt or does not match the config."""
+__all__ = ["FeatureStore", "StoreError", "open_store", "store_name", "decode_tokens", "SplitFeatures", "now"]
+_tokens = tokens  # the name stores/predict.py imports
 
 
 def store_name(cfg: ExperimentConfig) -> str:
-    """Table name derived from what determines the features: dataset choice and encoder configs."""
+    """The config's search table: its dataset plus the views its encoders name (not splits, labels or limits)."""
+    views = {m: view_name(m, e) for m, e in sorted(cfg.encoder_configs().items())}
+    return f"{cfg.data.dataset_name}-{hashlib.sha256(json.dumps(views).encode()).hexdigest()[:10]}"
+
+
+def legacy_store_name(cfg: ExperimentConfig) -> str:
+    """The table name of the old layout (one table per dataset and encoder set), for migration."""
     data = cfg.data.model_dump(mode="json", exclude={"data_dir"})
-    for added in ("classes", "name"):  # added after stores existed: unset, they must not rename them
+    for added in ("classes", "name"):
         if data.get(added) is None:
             data.pop(added, None)
     enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"}
@@ -44,31 +57,22 @@ def store_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.data.dataset}-{key}"
 
 
-def fingerprint(dataset_version: str, encoders: dict[str, dict]) -> str:
-    return hashlib.sha256(json.dumps([dataset_version, encoders], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def schema_for(modalities: list[str], vec_dim: dict[str, int]) -> pa.Schema:
-    """Tokens are stored as raw float16 bytes plus a length: a layout that round-trips in every Lance format
-    (nested fixed-size lists do not) and decodes zero-copy into padded numpy arrays."""
+def entity_schema(modalities: list[str]) -> pa.Schema:
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("split", pa.string()),
-              pa.field("label", pa.int32()), pa.field("labels", pa.list_(pa.int32())),
-              pa.field("source", pa.string()), pa.field("issues", pa.string())]
-    for m in modalities:
-        fields += [pa.field(f"{m}_present", pa.bool_()), pa.field(f"{m}_vec", pa.list_(pa.float32(), vec_dim[m])),
-                   pa.field(f"{m}_tok", pa.binary()), pa.field(f"{m}_ntok", pa.int32()),
-                   pa.field(f"{m}_emb", pa.binary()), pa.field(f"{m}_nemb", pa.int32())]
+              pa.field("label", pa.int32()), pa.field("labels", pa.list_(pa.int32())), pa.field("source", pa.string())]
+    for m in modalities:  # stat: the file's (path, size, mtime) when its key was hashed, to skip re-hashing
+        fields += [pa.field(f"{m}_key", pa.string()), pa.field(f"{m}_stat", pa.string())]
     return pa.schema(fields)
 
 
-def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def _tokens(arrays: list[np.ndarray | None]) -> tuple[pa.Array, pa.Array]:
-    blobs = [None if a is None else np.ascontiguousarray(a, dtype=np.float16).tobytes() for a in arrays]
-    return pa.array(blobs, pa.binary()), pa.array([None if a is None else a.shape[0] for a in arrays], pa.int32())
+def search_schema(modalities: list[str], vec_dim: dict[str, int]) -> pa.Schema:
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("split", pa.string()),
+              pa.field("label", pa.int32()), pa.field("labels", pa.list_(pa.int32())), pa.field("source", pa.string()),
+              pa.field("issues", pa.string())]
+    for m in modalities:
+        fields += [pa.field(f"{m}_key", pa.string()), pa.field(f"{m}_present", pa.bool_()),
+                   pa.field(f"{m}_vec", pa.list_(pa.float32(), vec_dim[m]))]
+    return pa.schema(fields)
 
 
 def decode_tokens(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray, dim: int, pad_to: int,
@@ -76,17 +80,17 @@ def decode_tokens(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray, dim: int
     """Binary float16 blobs -> padded [N, pad_to, dim] float16 and mask [N, pad_to]. Row ``order[i]`` of the
     column lands at output row i (default: same order); one memcpy per row, no intermediate copies."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
+    n = len(arr) if order is None else len(order)
     out = np.zeros((n, pad_to, dim), dtype=np.float16)
     mask = np.zeros((n, pad_to), dtype=bool)
     if n == 0:
         return out, mask
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8).view(np.float16)
     starts = offsets[:-1] // (2 * dim)
     counts = np.minimum(np.where(np.diff(offsets) > 0, lengths, 0), pad_to).astype(np.int64)
     rows = np.arange(n) if order is None else order
-    if (counts == pad_to).all() and (np.diff(starts) == pad_to).all() and order is None:
+    if order is None and (counts == pad_to).all() and (np.diff(starts) == pad_to).all():
         out[:] = data[starts[0] * dim : (starts[0] + n * pad_to) * dim].reshape(n, pad_to, dim)
         mask[:] = True
         return out, mask
@@ -105,99 +109,226 @@ class SplitFeatures:
 
 
 class FeatureStore:
-    """A LanceDB table plus ``<name>.json`` metadata and a ``<name>-placeholders`` table under ``root``."""
+    """One config's view of the store: its dataset table, its feature views (one per modality) and its search
+    table ``name``. ``versions`` pins Lance versions (``{"dataset": 3, "text": 7}``); unpinned parts read the
+    latest. Constructed from a name alone it reads the views from ``<name>.json``."""
 
-    def __init__(self, root: Path, name: str, read_cache: bool = True):
+    def __init__(self, root: Path, name: str, read_cache: bool = True, versions: dict[str, int] | None = None,
+                 dataset: str | None = None, views: dict[str, str] | None = None):
         self.root, self.name = Path(root), name
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = lancedb.connect(str(self.root))
         self.meta_path = self.root / f"{name}.json"
+        self.pinned = dict(versions or {})
+        self._dataset, self._views = dataset, views
+        self.read_cache = read_cache
         self.cache = SplitCache(self.root / f"{name}.cache") if read_cache else None
+        self._lengths: dict[tuple[str, int], dict[str, int]] = {}
+        self._meta_memo: tuple[tuple, dict] | None = None
+
+    @classmethod
+    def for_config(cls, cfg: ExperimentConfig, modalities: list[str] | None = None) -> "FeatureStore":
+        """The store a config reads; ``modalities`` (the dataset's) limits the views when known."""
+        views = {m: view_name(m, e) for m, e in cfg.encoder_configs().items() if modalities is None or m in modalities}
+        return cls(cfg.store.root, store_name(cfg), read_cache=cfg.store.read_cache, versions=cfg.store.versions,
+                   dataset=cfg.data.dataset_name, views=views)
+
+    def pin(self, versions: dict[str, int] | None = None) -> "FeatureStore":
+        """The same store with every part pinned (default: at the versions it would read now)."""
+        return FeatureStore(self.root, self.name, self.read_cache, versions or self.versions(), self.dataset,
+                            self.view_names)
 
     def _has(self, table: str) -> bool:
         return table in self.db.list_tables().tables
 
-    # ------------------------------------------------------------------ metadata
+    # ------------------------------------------------------------------ names and metadata
     @property
-    def exists(self) -> bool:
-        return self.meta_path.exists() and self._has(self.name)
-
-    @property
-    def meta(self) -> dict:
+    def config_meta(self) -> dict:
         if not self.meta_path.exists():
             raise StoreError(f"no feature store {self.name!r} under {self.root}; run `mm extract` with this config")
         return json.loads(self.meta_path.read_text())
 
+    @property
+    def dataset(self) -> str:
+        return self._dataset or self.config_meta["dataset"]
+
+    @property
+    def view_names(self) -> dict[str, str]:
+        """modality -> view name, for the dataset's modalities (a config may name encoders for others)."""
+        names = self._views or self.config_meta["views"]
+        if self._dataset and self.dataset_meta_path.exists():
+            return {m: names[m] for m in self.dataset_meta["modalities"] if m in names}
+        return names
+
+    @property
+    def dataset_meta_path(self) -> Path:
+        return self.root / f"{self.dataset}.json"
+
+    @property
+    def dataset_meta(self) -> dict:
+        if not self.dataset_meta_path.exists():
+            raise StoreError(f"no dataset table {self.dataset!r} under {self.root}; run `mm extract`")
+        return json.loads(self.dataset_meta_path.read_text())
+
+    def views(self) -> dict[str, View]:
+        return {m: View(self.db, self.root, v, self.pinned.get(m)) for m, v in self.view_names.items()}
+
+    @property
+    def exists(self) -> bool:
+        return (self.meta_path.exists() and self.dataset_meta_path.exists() and self._has(self.name)
+                and self._has(self.dataset) and all(v.exists for v in self.views().values()))
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.dataset_meta["modalities"]
+
     def write_meta(self, meta: dict) -> None:
-        tmp = self.meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.replace(self.meta_path)  # atomic
+        write_json(self.meta_path, meta)
+
+    def entity_table(self, version: int | None = None):
+        if not self._has(self.dataset):
+            raise StoreError(f"dataset table {self.dataset!r} does not exist under {self.root}")
+        tbl = self.db.open_table(self.dataset)
+        v = version if version is not None else self.pinned.get("dataset")
+        if v is not None:
+            try:
+                tbl.checkout(int(v))
+            except Exception as e:  # noqa: BLE001 - Lance raises a bare error for a removed version
+                raise StoreError(f"version {v} of dataset table {self.dataset} is not available ({e})") from None
+        return tbl
 
     @property
     def table(self):
+        """The search table (latest): the join of the dataset table and the views, with pooled vectors."""
         if not self._has(self.name):
             raise StoreError(f"feature table {self.name!r} does not exist under {self.root}")
         return self.db.open_table(self.name)
 
-    @property
-    def modalities(self) -> list[str]:
-        return self.meta["modalities"]
+    def versions(self) -> dict[str, int]:
+        """The Lance version of each part this store reads: pinned, else the latest."""
+        out = {"dataset": int(self.pinned.get("dataset") or self.entity_table().version)}
+        for m, v in self.views().items():
+            out[m] = int(v.pinned or v.version)
+        return out
 
+    def lengths(self, modality: str, version: int) -> dict[str, int]:
+        key = (modality, version)
+        if key not in self._lengths:
+            view = self.views()[modality]
+            self._lengths[key] = view.lengths(view.table(version))
+        return self._lengths[key]
+
+    def dataset_state(self, version: int) -> dict:
+        """Classes and task of the dataset table at ``version`` (recorded by each extraction that changed it)."""
+        history = self.dataset_meta["history"]
+        known = [int(v) for v in history if int(v) <= version]
+        return history[str(max(known))] if known else history[min(history, key=int)]
+
+    @property
+    def meta(self) -> dict:
+        """Everything about what this store reads, at its (pinned or latest) versions: modalities, classes,
+        task, dims, padded lengths, encoder fingerprints, views and versions."""
+        vers = self.versions()
+        memo_key = tuple(sorted(vers.items()))
+        if self._meta_memo and self._meta_memo[0] == memo_key:
+            return self._meta_memo[1]
+        views, ds = self.views(), self.dataset_meta
+        state = self.dataset_state(vers["dataset"])
+        vm = {m: v.meta for m, v in views.items()}
+        mods = ds["modalities"]
+        meta = {"name": self.name, "dataset": self.dataset, "modalities": mods, "classes": state["classes"],
+                "task": state["task"], "views": self.view_names, "versions": vers,
+                "dataset_version": f"{self.dataset}@{vers['dataset']}",
+                "encoders": {m: vm[m]["encoder"] for m in mods},
+                "vec_dim": {m: vm[m]["vec_dim"] for m in mods}, "tok_dim": {m: vm[m]["tok_dim"] for m in mods},
+                "tok_len": {m: self.lengths(m, vers[m])["tok"] for m in mods},
+                "emb_dim": {m: vm[m]["emb_dim"] for m in mods if vm[m]["emb_dim"] is not None},
+                "emb_len": {m: self.lengths(m, vers[m])["emb"] for m in mods if vm[m]["emb_dim"] is not None}}
+        meta["fingerprint"] = hashlib.sha256(json.dumps([meta["encoders"], self.view_names, vers],
+                                                        sort_keys=True).encode()).hexdigest()[:16]
+        self._meta_memo = (memo_key, meta)
+        return meta
+
+    # ------------------------------------------------------------------ locking
     @contextmanager
     def writer_lock(self, timeout: float) -> Iterator[None]:
-        lock = FileLock(str(self.root / f"{self.name}.lock"), timeout=timeout)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise StoreError(f"store {self.name!r} is being written by another process ({lock.lock_file}); "
-                             "wait for it to finish or raise store.lock_timeout_s") from None
-        try:
+        """Exclusive write access to the dataset table and this config's views (locks taken in name order)."""
+        names = sorted({self.dataset, *self.view_names.values()}) if self._dataset or self.meta_path.exists() \
+            else [self.name]
+        with ExitStack() as stack:
+            for n in names:
+                lock = FileLock(str(self.root / f"{n}.lock"), timeout=timeout)
+                try:
+                    lock.acquire()
+                except Timeout:
+                    raise StoreError(f"store {n!r} is being written by another process ({lock.lock_file}); "
+                                     "wait for it to finish or raise store.lock_timeout_s") from None
+                stack.callback(lock.release)
             yield
-        finally:
-            lock.release()
 
-    # ------------------------------------------------------------------ writing
-    def create(self, meta: dict) -> None:
+    # ------------------------------------------------------------------ writing (stores/extraction.py)
+    def entities(self) -> dict[str, dict]:
+        """The latest dataset table as id -> row."""
+        if not self._has(self.dataset):
+            return {}
+        tbl = self.db.open_table(self.dataset)
+        return {r["id"]: r for r in tbl.search().limit(max(tbl.count_rows(), 1)).to_arrow().to_pylist()}
+
+    def sync_entities(self, rows: list[dict], modalities: list[str]) -> dict[str, list[str]]:
+        """Make the dataset table hold exactly ``rows`` (one commit for new/changed, one for removed ids; the
+        previous versions keep the old rows). Returns the ids new, changed and removed."""
+        schema = entity_schema(modalities)
+        if not self._has(self.dataset):
+            self.db.create_table(self.dataset, schema=schema)
+        old = self.entities()
+        new = [r for r in rows if r["id"] not in old]
+        changed = [r for r in rows if r["id"] in old and old[r["id"]] != r]
+        removed = sorted(set(old) - {r["id"] for r in rows})
+        tbl = self.db.open_table(self.dataset)
+        if changed:
+            (tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+             .execute(pa.Table.from_pylist(changed + new, schema=schema)))
+        elif new:
+            tbl.add(pa.Table.from_pylist(new, schema=schema))
+        if removed:
+            tbl.delete(filters.isin("id", removed))
+        return {"new": [r["id"] for r in new], "changed": [r["id"] for r in changed], "removed": removed}
+
+    def search_rows(self) -> dict[str, dict]:
+        """id -> the entity columns and keys the search table holds (to find rows that need an update)."""
         if not self._has(self.name):
-            self.db.create_table(self.name, schema=schema_for(meta["modalities"], meta["vec_dim"]))
-        self.write_meta(meta)
-
-    def existing_ids(self) -> set[str]:
+            return {}
         tbl = self.table
-        n = tbl.count_rows()
-        return set(tbl.search().select(["id"]).limit(n).to_arrow()["id"].to_pylist()) if n else set()
+        cols = ["id", "split", "label", "labels", "source"] + [f"{m}_key" for m in self.view_names]
+        return {r["id"]: r for r in tbl.search().select(cols).limit(max(tbl.count_rows(), 1)).to_arrow().to_pylist()}
 
-    def add_rows(self, rows: list[dict[str, Any]]) -> int:
-        """Append rows (one atomic Lance commit). Each row: id, split, label, labels, source, issues and per
-        modality ``present``, ``vec``, ``tok``, ``emb``. Returns the new table version."""
-        mods, meta = self.modalities, self.meta
-        cols: dict[str, Any] = {k: [r[k] for r in rows] for k in ("id", "split", "label", "labels", "source", "issues")}
-        for m in mods:
-            vecs = np.stack([r[m]["vec"] for r in rows])
-            if not np.isfinite(vecs).all():
-                bad = [rows[i]["id"] for i in np.flatnonzero(~np.isfinite(vecs).all(1))]
-                raise StoreError(f"non-finite {m} vectors for ids {bad[:5]}; nothing from this batch was written")
-            cols[f"{m}_present"] = [r[m]["present"] for r in rows]
-            cols[f"{m}_vec"] = _fixed(vecs)
-            cols[f"{m}_tok"], cols[f"{m}_ntok"] = _tokens([r[m]["tok"] for r in rows])
-            cols[f"{m}_emb"], cols[f"{m}_nemb"] = _tokens([r[m].get("emb") for r in rows])
-        self.table.add(pa.table(cols, schema=schema_for(mods, meta["vec_dim"])))
-        return self.table.version
+    def upsert_search(self, rows: list[dict], vec_dim: dict[str, int], new: bool) -> None:
+        """One commit: append (``new``) or merge on id. Rows: entity columns, issues and per modality
+        ``<m>_key``, ``<m>_present``, ``<m>_vec``."""
+        schema = search_schema(list(self.view_names), vec_dim)
+        if not self._has(self.name):
+            self.db.create_table(self.name, schema=schema)
+        cols: dict[str, Any] = {f.name: [r[f.name] for r in rows] for f in schema if not f.name.endswith("_vec")}
+        for m in self.view_names:
+            cols[f"{m}_vec"] = fixed(np.stack([r[f"{m}_vec"] for r in rows]))
+        t = pa.table(cols, schema=schema)
+        if new:
+            self.table.add(t)
+        else:
+            self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(t)
 
-    def set_placeholders(self, enc: dict[str, dict]) -> None:
-        cols = {"modality": list(enc), "vec": [e["vec"].astype(np.float32).tolist() for e in enc.values()]}
-        cols["tok"], cols["ntok"] = _tokens([e["tok"] for e in enc.values()])
-        cols["emb"], cols["nemb"] = _tokens([e.get("emb") for e in enc.values()])
-        self.db.create_table(self.name + PLACEHOLDER_SUFFIX, pa.table(cols), mode="overwrite")
+    def delete_search(self, ids: list[str]) -> None:
+        if ids and self._has(self.name):
+            self.table.delete(filters.isin("id", ids))
 
     def build_index(self, min_rows: int) -> list[str]:
-        """IVF-PQ cosine index on each pooled vector column once the table is large enough."""
+        """IVF-PQ cosine index on each pooled vector column of the search table once it is large enough."""
         tbl, built = self.table, []
         n = tbl.count_rows()
         if n < min_rows:
             return built
-        for m in self.modalities:
-            dim = self.meta["vec_dim"][m]
+        for m, view in self.views().items():
+            dim = view.meta["vec_dim"]
             sub = next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if s and dim % s == 0)
             tbl.create_index(f"{m}_vec", config=IvfPq(distance_type="cosine", num_partitions=max(1, int(np.sqrt(n))),
                                                       num_sub_vectors=sub), replace=True)
@@ -211,71 +342,72 @@ class FeatureStore:
                             len(meta["classes"]), meta["task"], meta.get("emb_dim", {}), meta.get("emb_len", {}),
                             placeholder_vec={m: v[0] for m, v in ph.vec.items()})
 
-    def _decode(self, t: pa.Table, inputs: tuple[str, ...], y: torch.Tensor, present: torch.Tensor,
-                order: np.ndarray) -> FeatureBatch:
-        meta = self.meta
-        b = FeatureBatch(present, y)
-        for m in meta["modalities"]:
-            if "vec" in inputs:
-                col = t[f"{m}_vec"].combine_chunks()
-                b.vec[m] = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)[order])
-            for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]), ("emb", meta.get("emb_dim", {}),
-                                                                                  meta.get("emb_len", {}))):
-                if kind in inputs and m in dim:
-                    lengths = t[f"{m}_n{kind}"].fill_null(0).to_numpy()
-                    x, mask = decode_tokens(t[f"{m}_{kind}"], lengths, dim[m], length[m], order)
-                    getattr(b, kind)[m], getattr(b, f"{kind}_mask")[m] = torch.from_numpy(x), torch.from_numpy(mask)
-        return b
-
-    def columns(self, inputs: tuple[str, ...]) -> list[str]:
-        cols = ["id", "split", "label", "labels"]
-        for m in self.modalities:
-            cols.append(f"{m}_present")
-            if "vec" in inputs:
-                cols.append(f"{m}_vec")
-            for kind in ("tok", "emb"):
-                if kind in inputs:
-                    cols += [f"{m}_{kind}", f"{m}_n{kind}"]
-        return cols
-
     def read_split(self, split: str, inputs: tuple[str, ...] = ("vec",)) -> SplitFeatures:
-        """Every row of ``split`` as one FeatureBatch of CPU tensors (ids sorted for determinism). Served from
-        the decoded split cache when it holds this table version; otherwise decoded from Lance and cached."""
-        tbl, inputs = self.table, tuple(sorted(set(inputs)))
-        version = tbl.version
-        if self.cache is not None and (hit := self.cache.load(version, split, inputs)) is not None:
+        """Every row of ``split`` as one FeatureBatch of CPU tensors (ids sorted), the dataset table joined with
+        the views at the versions this store reads. Served from the decoded split cache when it holds exactly
+        those versions; otherwise decoded from Lance and cached. Rows whose features are not extracted yet
+        are left out."""
+        inputs = tuple(sorted(set(inputs)))
+        store = self.pin()  # one set of versions for the whole read, even if a writer commits meanwhile
+        vers = store.pinned
+        if self.cache is not None and (hit := self.cache.load(vers, split, inputs)) is not None:
             return SplitFeatures(*hit)
-        tbl.checkout(version)  # the rows cached are exactly this version's, even if a writer commits meanwhile
-        got = self._read_lance(tbl, split, inputs)
+        got = store._read_lance(split, inputs)
         if self.cache is not None:
             try:
-                self.cache.save(version, split, inputs, got.ids, got.batch)
+                self.cache.save(vers, split, inputs, got.ids, got.batch)
             except OSError as e:  # a read-only or full disk costs speed, never the read
                 warnings.warn(f"split cache not written ({e}); reads decode from Lance", stacklevel=2)
         return got
 
-    def _read_lance(self, tbl, split: str, inputs: tuple[str, ...]) -> SplitFeatures:
-        meta = self.meta
-        t = tbl.search().where(f"split = '{split}'").select(self.columns(inputs)).limit(tbl.count_rows()).to_arrow()
-        order = pa.compute.sort_indices(t["id"]).to_numpy()  # ids sorted; applied while decoding, no copy
+    def _read_lance(self, split: str, inputs: tuple[str, ...]) -> SplitFeatures:
+        meta, mods, views = self.meta, self.modalities, self.views()
+        ent = self.entity_table()
+        cols = ["id", "label", "labels"] + [f"{m}_key" for m in mods]
+        t = ent.search().where(filters.eq("split", split)).select(cols).limit(max(ent.count_rows(), 1)).to_arrow()
+        tables = {m: v.table() for m, v in views.items()}
+        row_ids = {m: views[m].row_ids(tables[m]) for m in mods}
+        keys = {m: t[f"{m}_key"].to_pylist() for m in mods}
+        keep = np.array([all(keys[m][i] in row_ids[m] for m in mods) for i in range(t.num_rows)], bool)
+        order = np.flatnonzero(keep)[np.argsort(np.asarray(t["id"].to_pylist(), dtype=object)[keep], kind="stable")]
+        order = order.astype(np.int64)
         if meta["task"] == "multilabel":
-            y = torch.zeros(t.num_rows, len(meta["classes"]))
+            y = torch.zeros(len(order), len(meta["classes"]))
             for i, labels in enumerate(t["labels"].take(order).to_pylist()):
                 y[i, labels] = 1
         else:
             y = torch.from_numpy(t["label"].to_numpy().astype(np.int64)[order])
-        present = torch.from_numpy(np.stack([t[f"{m}_present"].to_numpy(zero_copy_only=False)[order]
-                                             for m in meta["modalities"]], 1))
-        return SplitFeatures(t["id"].take(order).to_pylist(), self._decode(t, inputs, y, present, order))
+        want = ["key", "present"] + (["vec"] if "vec" in inputs else []) + \
+            [c for k in ("tok", "emb") if k in inputs for c in (k, f"n{k}")]
+        present, batch_parts = [], {}
+        for m in mods:
+            rk = [keys[m][i] for i in order]
+            uniq = sorted({row_ids[m][k] for k in rk})
+            rows = views[m].take(tables[m], uniq, want)
+            pos = {k: i for i, k in enumerate(rows["key"].to_pylist())}
+            take = np.array([pos[k] for k in rk], np.int64)
+            present.append(rows["present"].to_numpy(zero_copy_only=False)[take])
+            batch_parts[m] = (rows, take)
+        b = FeatureBatch(torch.from_numpy(np.stack(present, 1) if present else np.zeros((len(order), 0), bool)), y)
+        for m, (rows, take) in batch_parts.items():
+            if "vec" in inputs:
+                col = rows["vec"].combine_chunks()
+                vec = col.values.to_numpy(zero_copy_only=False).reshape(len(col), meta["vec_dim"][m])
+                b.vec[m] = torch.from_numpy(vec[take])
+            for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]),
+                                      ("emb", meta.get("emb_dim", {}), meta.get("emb_len", {}))):
+                if kind in inputs and m in dim:
+                    lengths = rows[f"n{kind}"].fill_null(0).to_numpy()
+                    x, mask = decode_tokens(rows[kind], lengths, dim[m], length[m], take)
+                    getattr(b, kind)[m], getattr(b, f"{kind}_mask")[m] = torch.from_numpy(x), torch.from_numpy(mask)
+        return SplitFeatures(t["id"].take(order).to_pylist(), b)
 
     def placeholders(self, inputs: tuple[str, ...] = ("vec", "tok", "emb")) -> FeatureBatch:
         """One-row FeatureBatch per modality's placeholder features (same padding as read_split)."""
         meta = self.meta
-        t = self.db.open_table(self.name + PLACEHOLDER_SUFFIX).to_arrow()
-        order = {m: i for i, m in enumerate(t["modality"].to_pylist())}
         b = FeatureBatch(torch.zeros(1, len(meta["modalities"]), dtype=torch.bool), torch.zeros(1, dtype=torch.long))
-        for m in meta["modalities"]:
-            row = t.slice(order[m], 1)
+        for m, view in self.views().items():
+            row = view.placeholder(view.table(meta["versions"][m]))
             if "vec" in inputs:
                 b.vec[m] = torch.tensor(row["vec"][0].as_py(), dtype=torch.float32)[None]
             for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]),
@@ -288,9 +420,9 @@ class FeatureStore:
     # ------------------------------------------------------------------ search & info
     def search(self, vector: np.ndarray, modality: str, k: int = 5, where: str | None = None,
                exact: bool = False, nprobes: int = 20) -> pa.Table:
-        """Top-k cosine neighbours; ``where`` is a SQL filter applied before the search. With an IVF-PQ index,
-        ``nprobes`` partitions are scanned and 10 x k candidates re-ranked exactly (bench/store_io.py: recall
-        vs nprobes); ``exact`` scans every row."""
+        """Top-k cosine neighbours; ``where`` is a filter from stores/filters.py, applied before the search.
+        With an IVF-PQ index, ``nprobes`` partitions are scanned and 10 x k candidates re-ranked exactly
+        (bench/store_io.py: recall vs nprobes); ``exact`` scans every row."""
         q = self.table.search(np.asarray(vector, np.float32), vector_column_name=f"{modality}_vec").metric("cosine")
         if where:
             q = q.where(where, prefilter=True)
@@ -299,35 +431,39 @@ class FeatureStore:
         return q.select(cols).limit(k).to_arrow()
 
     def vector_of(self, id_: str, modality: str) -> np.ndarray:
-        t = self.table.search().where(f"id = '{_quote(id_)}'").select([f"{modality}_vec", f"{modality}_present"]).limit(1).to_arrow()
+        t = self.table.search().where(filters.eq("id", id_)).select([f"{modality}_vec"]).limit(1).to_arrow()
         if t.num_rows == 0:
             raise StoreError(f"id {id_!r} not in store {self.name}")
         return np.asarray(t[f"{modality}_vec"][0].as_py(), np.float32)
 
+    def lineage(self) -> dict[str, str]:
+        """Flat tags naming exactly what a run read: ``lineage.version.<part>`` and ``lineage.view.<modality>``."""
+        vers = self.versions()
+        return {**{f"lineage.version.{k}": str(v) for k, v in vers.items()},
+                "lineage.dataset_table": self.dataset,
+                **{f"lineage.view.{m}": v for m, v in self.view_names.items()}}
+
     def info(self) -> dict:
         meta, tbl = self.meta, self.table
-        counts = {}
-        for split in ("train", "val", "test"):
-            counts[split] = tbl.count_rows(f"split = '{split}'")
-        present = {m: tbl.count_rows(f"{m}_present") for m in meta["modalities"]}
-        return {"name": self.name, "fingerprint": meta["fingerprint"], "dataset_version": meta["dataset_version"],
-                "lance_version": tbl.version, "versions": len(tbl.list_versions()), "rows": tbl.count_rows(),
-                "splits": counts, "present": present, "indices": [i.name for i in tbl.list_indices()],
-                "encoders": meta["encoders"], "missing_counts": meta.get("missing_counts", {}),
-                "updated": meta.get("updated")}
-
-
-def _quote(s: str) -> str:
-    return s.replace("'", "''")
+        counts = {s: tbl.count_rows(filters.eq("split", s)) for s in ("train", "val", "test")}
+        present = {m: tbl.count_rows(filters.eq(f"{m}_present", True)) for m in meta["modalities"]}
+        return {"name": self.name, "dataset": self.dataset, "fingerprint": meta["fingerprint"],
+                "dataset_version": meta["dataset_version"], "lance_version": meta["versions"]["dataset"],
+                "versions": meta["versions"], "views": self.view_names, "lineage": self.lineage(),
+                "rows": tbl.count_rows(), "splits": counts, "present": present,
+                "indices": [i.name for i in tbl.list_indices()], "encoders": meta["encoders"],
+                "missing_counts": self.config_meta.get("missing_counts", {}),
+                "updated": self.config_meta.get("updated")}
 
 
 def open_store(cfg: ExperimentConfig, must_exist: bool = True) -> FeatureStore:
-    store = FeatureStore(cfg.store.root, store_name(cfg), read_cache=cfg.store.read_cache)
+    store = FeatureStore.for_config(cfg)
     if must_exist and not store.exists:
+        legacy = Path(cfg.store.root) / f"{legacy_store_name(cfg)}.json"
+        if legacy.exists():
+            raise StoreError(f"the store under {cfg.store.root} was written by the old one-table-per-encoder-set "
+                             f"layout ({legacy.stem}); convert it with `mm store migrate` (no re-encoding) or "
+                             "re-extract with `mm extract`")
         raise StoreError(f"no feature store for this config ({store.name} under {cfg.store.root}); "
                          "run `mm extract` with the same data and encoder settings first")
     return store
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,20 +1,25 @@
 """Mask table: the presence masks every method sees, saved per (dataset version, split, pattern, seed)."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
 from models.patterns import MissingPattern, presence_mask
+from . import filters
 from .feature_store import FeatureStore, StoreError
 
 
 class MaskStore:
-    """A Lance table ``<store>-masks`` with one row per (dataset_version, split, pattern, seed, id)."""
+    """A Lance table ``<dataset>-masks`` with one row per (dataset_version, split, pattern, seed, id); the dataset
+    version names the dataset table's Lance version, so a pinned rerun finds its masks again."""
 
     def __init__(self, store: FeatureStore):
         self.store = store
-        self.name = store.name + "-masks"
+        self.name = store.dataset + "-masks"
         self.lock = FileLock(str(store.root / f"{self.name}.lock"), timeout=120)
 
     def _schema(self) -> pa.Schema:
@@ -30,9 +35,11 @@ class MaskStore:
 
     def get(self, split: str, ids: list[str], pattern: MissingPattern, seed: int) -> np.ndarray:
         """[len(ids), M] presence (True = present) in ``ids`` order, created and saved on first use."""
-        mods, version = self.store.modalities, self.store.meta["dataset_version"]
-        where = (f"dataset_version = '{version}' AND split = '{split}' AND pattern = '{pattern.key}' "
-                 f"AND seed = {seed}")
+        mods = self.store.modalities
+        # the dataset table version plus the ids read: a partly extracted store reads fewer ids at one version
+        version = f"{self.store.meta['dataset_version']}/{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
+        where = filters.all_of(filters.eq("dataset_version", version), filters.eq("split", split),
+                               filters.eq("pattern", pattern.key), filters.eq("seed", int(seed)))
         with self.lock:
             tbl = self._table()
             t = tbl.search().where(where).limit(max(tbl.count_rows(), 1)).to_arrow()
@@ -52,5 +59,5 @@ class MaskStore:
     def table(self, seed: int | None = None) -> pa.Table:
         """The saved masks, optionally only those of one seed (filtered in the Lance query)."""
         tbl = self._table()
-        q = tbl.search() if seed is None else tbl.search().where(f"seed = {int(seed)}")
+        q = tbl.search() if seed is None else tbl.search().where(filters.eq("seed", int(seed)))
         return q.limit(max(tbl.count_rows(), 1)).to_arrow()

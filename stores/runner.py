@@ -121,7 +121,7 @@ def summarize(scenarios: list[Scenario], task: str, modalities: list[str]) -> di
 def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None, on_epoch=None) -> RunResult:
     """Fit ``cfg.head`` on train (under ``cfg.train_pattern``), select on val, evaluate the test grid."""
     t0 = time.perf_counter()
-    store = store or open_store(cfg)
+    store = (store or open_store(cfg)).pin()  # one set of Lance versions for the whole run, logged with it
     check_store(cfg, store)
     from models.heads.base import HEADS
     backbones = load_backbones(cfg, store.meta, HEADS[cfg.head.name].build)

@@ -177,7 +177,7 @@ class LiveRun:
         store, tracker = result.store, self.tracker
         mlflow.set_tags({"head_variant": result.variant, "store": store["name"],
                          "store_fingerprint": store["fingerprint"], "dataset_version": store["dataset_version"],
-                         "lance_version": str(store["lance_version"])})
+                         "lance_version": str(store["lance_version"]), **store.get("lineage", {})})
         dataset = mlflow.data.meta_dataset.MetaDataset(
             source=mlflow.data.http_dataset_source.HTTPDatasetSource(url=f"lance://{store['name']}"),
             name=store["name"], digest=store["fingerprint"])
@@ -233,3 +233,38 @@ def to_markdown(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+
+# ---------------------------------------------------------------------- store lineage (reproduce, gc)
+LINEAGE_VERSION = "lineage.version."
+
+
+def logged_run(tracking: TrackingConfig, run_id: str) -> dict:
+    """A logged run's config (its ``config.yaml`` artifact), the store versions it read (``lineage.version.*``
+    tags) and its metrics."""
+    client = MlflowClient(_uri(tracking))
+    run = client.get_run(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp,
+                                                   tracking_uri=_uri(tracking))
+        config = yaml.safe_load(Path(path).read_text())
+    versions = {k.removeprefix(LINEAGE_VERSION): int(v) for k, v in run.data.tags.items()
+                if k.startswith(LINEAGE_VERSION)}
+    return {"config": config, "versions": versions, "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
+
+
+def pinned_store_versions(tracking: TrackingConfig) -> list[dict]:
+    """For each registered model version: the Lance tables and versions its run read, as
+    ``{"model", "version", "run_id", "tables": {table: version}}``."""
+    client = MlflowClient(_uri(tracking))
+    out = []
+    for mv in client.search_model_versions():  # every registered model's versions (no filter to quote)
+        if mv.run_id:
+            tags = client.get_run(mv.run_id).data.tags
+            names = {"dataset": tags.get("lineage.dataset_table")}
+            names.update({k.removeprefix("lineage.view."): v for k, v in tags.items() if k.startswith("lineage.view.")})
+            tables = {names[p]: int(v) for p, v in ((k.removeprefix(LINEAGE_VERSION), v) for k, v in tags.items()
+                                                    if k.startswith(LINEAGE_VERSION)) if names.get(p)}
+            out.append({"model": mv.name, "version": int(mv.version), "run_id": mv.run_id, "tables": tables})
+    return out

@@ -1,4 +1,5 @@
 """Extraction: resume after interruption (incl. SIGKILL), fingerprint guard, bad audio, masks."""
+import json
 import os
 import signal
 import subprocess
@@ -46,11 +47,11 @@ def test_sigkill_mid_extraction_then_rerun(tmp_path):
     code = ("import sys; from models.config import load_config; from stores.extraction import extract; "
             "extract(load_config(sys.argv[1]), progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_file)], cwd=ROOT, start_new_session=True)
-    store = FeatureStore(cfg.store.root, __import__("stores.feature_store", fromlist=["store_name"]).store_name(cfg))
+    store = FeatureStore.for_config(cfg)
     deadline = time.time() + 180
     while time.time() < deadline:  # kill once some, but not all, rows have landed
         try:
-            n = store.table.count_rows() if store.exists else 0
+            n = store.table.count_rows()
         except Exception:
             n = 0
         if 0 < n < 60:
@@ -66,13 +67,17 @@ def test_sigkill_mid_extraction_then_rerun(tmp_path):
     assert len(ids) == len(set(ids)) == 60
 
 
-def test_changed_data_does_not_mix_into_an_existing_store(tmp_path):
-    manifest = make_manifest(tmp_path / "raw", n=12, bad=False)
-    cfg = manifest_config(tmp_path, manifest)
+def test_changed_encoder_weights_do_not_mix_into_an_existing_view(tmp_path, tiny_hf):
+    """Same encoder config, different weights in the model folder: the view refuses instead of mixing."""
+    import shutil
+    model = shutil.copytree(tiny_hf["text"], tmp_path / "bert")
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=6, bad=False))
+    cfg = cfg.model_copy(update={"encoders": {**cfg.encoders, "text": cfg.encoders["text"].model_copy(
+        update={"kind": "hf", "model": str(model)})}})
     extract(cfg, progress=False)
-    text = manifest.read_text().replace("deep blue ocean", "navy")
-    manifest.write_text(text)
-    with pytest.raises(StoreError, match="data or encoder changed"):
+    conf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**conf, "layer_norm_eps": 1e-6}))
+    with pytest.raises(StoreError, match="weights changed"):
         extract(cfg, progress=False)
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import make_manifest, manifest_config
-from stores.feature_store import FeatureStore, store_name
+from stores import filters
+from stores.feature_store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRACT = ("import sys, json\nfrom models.config import load_config\nfrom stores.extraction import extract\n"
@@ -41,16 +42,16 @@ def all_ids(store: FeatureStore) -> list[str]:
 def test_queries_and_reads_stay_consistent_while_extraction_writes(tmp_path):
     cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=60, bad=False), store__write_every=4)
     proc = start_extraction(cfg, tmp_path / "cfg.yaml")
-    store = FeatureStore(cfg.store.root, store_name(cfg))
+    store = FeatureStore.for_config(cfg)
     counts, deadline = [], time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if not store.exists or store.table.count_rows() == 0:
+        if not store._has(store.name) or store.table.count_rows() == 0:
             time.sleep(0.05)
             continue
         n = store.table.count_rows()
         split = store.read_split("train", ("vec", "tok"))  # one table version, decoded or from the cache
         assert split.ids == sorted(set(split.ids)) and split.batch.tok["text"].shape[0] == len(split.ids)
-        hits = store.search(np.ones(store.meta["vec_dim"]["text"]), "text", k=3, where="split = 'train'")
+        hits = store.search(np.ones(store.meta["vec_dim"]["text"]), "text", k=3, where=filters.eq("split", "train"))
         # the query may see a later version than the read: rows only ever grow
         assert min(3, len(split.ids)) <= hits.num_rows <= 3 and set(hits["split"].to_pylist()) == {"train"}
         counts.append(n)
@@ -72,7 +73,7 @@ def test_two_writers_on_one_store_one_fails_clearly_or_waits(tmp_path, lock_time
     procs = [start_extraction(cfg, tmp_path / f"cfg{i}.yaml") for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
-    store = FeatureStore(cfg.store.root, store_name(cfg))
+    store = FeatureStore.for_config(cfg)
     ids = all_ids(store)
     assert len(ids) == len(set(ids)) == 16  # whoever won, every row once
     if lock_timeout_s == 0:
@@ -86,9 +87,8 @@ def test_two_writers_on_one_store_one_fails_clearly_or_waits(tmp_path, lock_time
 
 
 def _store_state(store: FeatureStore) -> tuple:
-    """The feature table and its placeholders (a run may add its masks to the separate mask table)."""
-    ph = store.db.open_table(store.name + "-placeholders")
-    return store.table.version, store.table.count_rows(), ph.version, store.meta["fingerprint"]
+    """The dataset table, the views and the search table (a run may add its masks to the separate mask table)."""
+    return store.versions(), store.table.version, store.table.count_rows(), store.meta["fingerprint"]
 
 
 def test_mlflow_unreachable_fails_before_training_and_store_is_intact(colour_store, prefect_harness):

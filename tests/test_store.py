@@ -6,53 +6,70 @@ import numpy as np
 import pytest
 import torch
 
+from stores import filters
 from stores.feature_store import FeatureStore, StoreError, decode_tokens, _tokens
 
 
-def _rows(rng, toks, start=0):
-    return [{"id": f"r{start + i}", "split": "train", "label": i % 2, "labels": [i % 2], "source": "{}",
-             "issues": None, "text": {"present": True, "vec": rng.normal(size=3).astype(np.float32), "tok": t,
-                                      "emb": None}} for i, t in enumerate(toks)]
+def _tiny_store(root, toks=(), read_cache=True, rng=None, dim=3):
+    """A one-modality store written through the same calls extraction uses: a view, the dataset table."""
+    from models.config import EncoderConfig
+    from stores.views import View, write_json
+    store = FeatureStore(root, "t", read_cache=read_cache, dataset="d", views={"text": "view-text-t"})
+    write_json(store.dataset_meta_path, {"kind": "dataset", "modalities": ["text"],
+                                         "history": {"1": {"classes": ["a", "b"], "task": "multiclass"}}})
+    View(store.db, root, "view-text-t").create("text", EncoderConfig(kind="minilm"), {"id": "x"},
+                                               {"vec": np.zeros(dim, np.float32), "tok": np.ones((2, 6), np.float16)})
+    return _add(store, toks, rng or np.random.default_rng(0), dim=dim)
 
 
-def _tiny_store(root, read_cache=True):
-    store = FeatureStore(root, "t", read_cache=read_cache)
-    store.create({"modalities": ["text"], "vec_dim": {"text": 3}, "tok_dim": {"text": 6}, "tok_len": {"text": 7},
-                  "classes": ["a", "b"], "task": "multiclass", "fingerprint": "x", "dataset_version": "v",
-                  "encoders": {}})
-    return store
+def _add(store, toks, rng, start=0, dim=3):
+    rows = [(f"k{start + i}", {"present": True, "vec": rng.normal(size=dim).astype(np.float32), "tok": t})
+            for i, t in enumerate(toks)]
+    if rows:
+        store.views()["text"].add(rows)
+    old = list(store.entities().values())
+    store.sync_entities(old + [{"id": f"r{start + i}", "split": "train", "label": i % 2, "labels": [i % 2],
+                                "source": "{}", "text_key": k, "text_stat": None} for i, (k, _) in enumerate(rows)],
+                        ["text"])
+    return store, rows
 
 
 def test_token_blobs_round_trip_through_lance(tmp_path):
     rng = np.random.default_rng(0)
     toks = [rng.normal(size=(n, 6)).astype(np.float16) for n in (1, 4, 7, 2)]
-    store = _tiny_store(tmp_path, read_cache=False)
-    rows = _rows(rng, toks)
-    store.add_rows(rows)
-    store.set_placeholders({"text": {"vec": np.zeros(3, np.float32), "tok": np.ones((2, 6), np.float16), "emb": None}})
+    store, rows = _tiny_store(tmp_path, toks, read_cache=False, rng=rng)
     got = store.read_split("train", ("vec", "tok"))
     assert got.ids == ["r0", "r1", "r2", "r3"]
     for i, t in enumerate(toks):
         assert got.batch.tok_mask["text"][i].sum() == len(t)
         assert np.array_equal(got.batch.tok["text"][i, : len(t)].numpy(), t)
         assert (got.batch.tok["text"][i, len(t):] == 0).all()
-        assert np.allclose(got.batch.vec["text"][i].numpy(), rows[i]["text"]["vec"])
+        assert np.allclose(got.batch.vec["text"][i].numpy(), rows[i][1]["vec"])
     ph = store.placeholders(("vec", "tok"))
     assert ph.tok["text"].shape == (1, 7, 6) and ph.tok_mask["text"].sum() == 2
     # non-finite vectors are refused and nothing of that batch lands
-    bad = dict(rows[0], id="nan")
-    bad["text"] = dict(rows[0]["text"], vec=np.array([np.nan, 0, 0], np.float32))
-    with pytest.raises(StoreError, match="non-finite text vectors for ids \\['nan'\\]"):
-        store.add_rows([bad])
-    assert store.table.count_rows() == 4
+    view = store.views()["text"]
+    n = view.table().count_rows()
+    with pytest.raises(StoreError, match="non-finite vectors for keys \\['nan'\\]"):
+        view.add([("nan", {"present": True, "vec": np.array([np.nan, 0, 0], np.float32), "tok": toks[0]})])
+    assert view.table().count_rows() == n
+
+
+def test_rows_sharing_an_input_share_one_view_row_and_read_back(tmp_path):
+    rng = np.random.default_rng(3)
+    store, rows = _tiny_store(tmp_path, [rng.normal(size=(2, 6)).astype(np.float16)], rng=rng)
+    store.sync_entities(list(store.entities().values()) + [dict(next(iter(store.entities().values())), id="twin")],
+                        ["text"])
+    got = store.read_split("train", ("vec", "tok"))
+    assert got.ids == ["r0", "twin"] and torch.equal(got.batch.tok["text"][0], got.batch.tok["text"][1])
+    assert store.views()["text"].table().count_rows() == 2  # the placeholder row and one shared feature row
 
 
 def test_split_cache_serves_the_same_tensors_and_follows_table_versions(tmp_path):
     rng = np.random.default_rng(1)
-    store = _tiny_store(tmp_path)
-    store.add_rows(_rows(rng, [rng.normal(size=(n, 6)).astype(np.float16) for n in (3, 5)]))
-    first = store.read_split("train", ("vec", "tok"))  # decoded from Lance, then cached
-    entry = store.cache._dir(store.table.version, "train", ("tok", "vec"))
+    store, _ = _tiny_store(tmp_path, [rng.normal(size=(n, 6)).astype(np.float16) for n in (3, 5)], rng=rng)
+    first, first_versions = store.read_split("train", ("vec", "tok")), store.versions()  # decoded, then cached
+    entry = store.cache._dir(first_versions, "train", ("tok", "vec"))
     assert (entry / "manifest.json").exists()
     again = store.read_split("train", ("tok", "vec"))  # same entry whatever the order of inputs
     assert again.ids == first.ids
@@ -62,15 +79,18 @@ def test_split_cache_serves_the_same_tensors_and_follows_table_versions(tmp_path
         assert torch.equal(getattr(again.batch, f)["text"], getattr(first.batch, f)["text"])
     again.batch.tok["text"][0] = 9  # copy-on-write: writing a served tensor never touches the cache
     assert not (store.read_split("train", ("vec", "tok")).batch.tok["text"][0] == 9).any()
-    # a write makes a new table version: the next read sees the new rows and drops the stale entry
-    store.add_rows(_rows(rng, [rng.normal(size=(2, 6)).astype(np.float16)], start=2))
+    # a write makes new versions: the next read sees the new rows and drops the superseded entry
+    _add(store, [rng.normal(size=(2, 6)).astype(np.float16)], rng, start=2)
     grown = store.read_split("train", ("vec", "tok"))
     assert grown.ids == ["r0", "r1", "r2"] and not entry.parent.exists()
     # a damaged entry is not trusted: the read decodes from Lance and rewrites the entry
-    entry = store.cache._dir(store.table.version, "train", ("tok", "vec"))
+    entry = store.cache._dir(store.versions(), "train", ("tok", "vec"))
     (entry / "tok__text.npy").write_bytes(b"garbage")
     assert torch.equal(store.read_split("train", ("vec", "tok")).batch.tok["text"], grown.batch.tok["text"])
-    assert store.cache.load(store.table.version, "train", ("tok", "vec")) is not None
+    assert store.cache.load(store.versions(), "train", ("tok", "vec")) is not None
+    # pinned at the first versions, the store reads exactly the first rows again (time travel)
+    old = store.pin(first_versions).read_split("train", ("vec", "tok"))
+    assert old.ids == first.ids and torch.equal(old.batch.tok["text"], first.batch.tok["text"])
 
 
 def test_decode_tokens_handles_nulls_and_truncation():
@@ -99,7 +119,8 @@ def test_query_filters(colour_store):
     cfg, report = colour_store
     store = FeatureStore(cfg.store.root, report.store)
     q = store.vector_of("s010", "text")
-    hits = store.search(q, "text", k=5, where="split = 'train' AND label = 1 AND image_present").to_pylist()
+    where = filters.all_of(filters.eq("split", "train"), filters.eq("label", 1), filters.eq("image_present", True))
+    hits = store.search(q, "text", k=5, where=where).to_pylist()
     assert hits and all(h["split"] == "train" and h["label"] == 1 and h["image_present"] for h in hits)
     # nearest neighbours by text share the class (same colour words)
     top = store.search(q, "text", k=5).to_pylist()
@@ -110,21 +131,18 @@ def test_query_filters(colour_store):
 
 def test_ann_index_and_recall(tmp_path):
     rng = np.random.default_rng(0)
-    store = FeatureStore(tmp_path, "ann")
-    meta = {"modalities": ["image"], "vec_dim": {"image": 32}, "tok_dim": {"image": 2}, "tok_len": {"image": 1},
-            "classes": ["a"], "task": "multiclass", "fingerprint": "x", "dataset_version": "v", "encoders": {}}
-    store.create(meta)
+    store, _ = _tiny_store(tmp_path, dim=32)
     centers = rng.normal(size=(20, 32))
     vecs = (centers[rng.integers(0, 20, 2000)] + 0.3 * rng.normal(size=(2000, 32))).astype(np.float32)  # clustered
-    store.add_rows([{"id": str(i), "split": "train", "label": 0, "labels": [0], "source": "{}", "issues": None,
-                     "image": {"present": True, "vec": v, "tok": np.zeros((1, 2), np.float16), "emb": None}}
-                    for i, v in enumerate(vecs)])
+    store.upsert_search([{"id": str(i), "split": "train", "label": 0, "labels": [0], "source": "{}", "issues": None,
+                          "text_key": str(i), "text_present": True, "text_vec": v} for i, v in enumerate(vecs)],
+                        {"text": 32}, new=True)
     assert store.build_index(min_rows=5000) == []
-    assert store.build_index(min_rows=1000) == ["image_vec"]
+    assert store.build_index(min_rows=1000) == ["text_vec"]
     recall = []
     for qi in range(20):
-        exact = {h["id"] for h in store.search(vecs[qi], "image", 10, exact=True).to_pylist()}
-        approx = {h["id"] for h in store.search(vecs[qi], "image", 10).to_pylist()}
+        exact = {h["id"] for h in store.search(vecs[qi], "text", 10, exact=True).to_pylist()}
+        approx = {h["id"] for h in store.search(vecs[qi], "text", 10).to_pylist()}
         recall.append(len(exact & approx) / 10)
     assert np.mean(recall) >= 0.8
 
@@ -158,10 +176,25 @@ def test_missing_store_is_a_clear_error(tmp_path):
         open_store(load_config(None, [f"store.root={tmp_path}"]))
 
 
-def test_store_names_of_the_shipped_configs_are_stable():
-    """Adding an optional config field must not rename existing stores (users would have to re-extract)."""
+def test_store_names_depend_on_encoders_not_on_splits():
+    """Split fractions, seed and limit live in the dataset table: changing them names no new store or view."""
     from models.config import load_config
     from stores.feature_store import store_name
-    assert store_name(load_config("configs/avmnist.yaml")) == "avmnist-610a8e769c"
-    assert store_name(load_config("configs/fashion.yaml", ["encoders.image.precision=bfloat16",
-                                                           "encoders.text.device=cpu"])) == "fashion-2d447ed0c6"
+    from stores.views import view_name
+    base = load_config("configs/fashion.yaml")
+    resplit = load_config("configs/fashion.yaml", ["data.val_fraction=0.2", "data.seed=3", "data.limit=100",
+                                                   "encoders.image.precision=bfloat16", "encoders.text.device=cpu"])
+    assert store_name(base) == store_name(resplit)
+    other_text = load_config("configs/fashion.yaml", ["encoders.text.max_length=32"])
+    assert store_name(other_text) != store_name(base)
+    assert view_name("image", other_text.encoder_configs()["image"]) == view_name("image", base.encoder_configs()["image"])
+    assert view_name("text", other_text.encoder_configs()["text"]) != view_name("text", base.encoder_configs()["text"])
+
+
+def test_old_layout_store_gives_a_one_line_migration_message(tmp_path):
+    from models.config import load_config
+    from stores.feature_store import legacy_store_name, open_store
+    cfg = load_config(None, [f"store.root={tmp_path}"])
+    (tmp_path / f"{legacy_store_name(cfg)}.json").write_text(json.dumps({"fingerprint": "x"}))
+    with pytest.raises(StoreError, match="old one-table-per-encoder-set layout.*`mm store migrate`"):
+        open_store(cfg)

@@ -1,0 +1,175 @@
+"""Store management: what is in a store root (views, dataset tables, configs, versions, sizes, who uses what),
+garbage collection of old Lance versions and unused views that never touches a version a registered model's
+run read, and migration of stores written by the old one-table-per-encoder-set layout."""
+from __future__ import annotations
+
+import json
+import warnings
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import lancedb
+import numpy as np
+from filelock import FileLock, Timeout
+
+from models.config import ExperimentConfig
+from .feature_store import FeatureStore, legacy_store_name, store_name
+from .views import StoreError, View, view_name
+
+PIN_TAG = "pinned-v"  # Lance tag on each version a registered run read: Lance itself refuses to clean it up
+
+
+def _metas(root: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(Path(root).glob("*.json")):
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            out[p.stem] = meta
+    return out
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def overview(root: Path) -> dict:
+    """Every Lance table under ``root`` with its kind, latest version, versions kept, size, tags, and for views
+    and dataset tables the configs that use them."""
+    root = Path(root)
+    db = lancedb.connect(str(root))
+    metas = _metas(root)
+    configs = {n: m for n, m in metas.items() if m.get("kind") == "config"}
+    users: dict[str, list[str]] = {}
+    for n, m in configs.items():
+        for t in [m["dataset"], *m["views"].values()]:
+            users.setdefault(t, []).append(n)
+    tables = {}
+    for name in db.list_tables().tables:
+        tbl = db.open_table(name)
+        meta = metas.get(name, {})
+        kind = meta.get("kind") or ("masks" if name.endswith("-masks") else
+                                    "legacy" if "fingerprint" in meta else "other")
+        tables[name] = {"kind": kind, "version": tbl.version, "versions_kept": len(tbl.list_versions()),
+                        "rows": tbl.count_rows(), "bytes": _size(root / f"{name}.lance"),
+                        "pinned": sorted(int(t["version"]) for n, t in tbl.tags.list().items()
+                                         if n.startswith(PIN_TAG)),
+                        "used_by": users.get(name, [name] if kind == "config" else [])}
+        if kind == "view":
+            tables[name]["modality"] = meta["modality"]
+            tables[name]["encoder"] = meta["encoder"]
+    return {"root": str(root), "tables": tables}
+
+
+def _pins(pinned_runs: list[dict]) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for run in pinned_runs:
+        for table, version in run["tables"].items():
+            out.setdefault(table, set()).add(int(version))
+    return out
+
+
+def gc(root: Path, pinned_runs: list[dict], force: bool = False, older_than_s: float = 3600.0,
+       lock_timeout_s: float = 0.0) -> dict:
+    """Remove Lance versions older than ``older_than_s`` and views no config uses. A version that a registered
+    model's run read (``pinned_runs``, from stores/tracking.py) is kept, with every later one, and tagged so
+    Lance refuses to delete it; ``force`` drops those tags and removes pinned versions and views too."""
+    root = Path(root)
+    db = lancedb.connect(str(root))
+    pins = {} if force else _pins(pinned_runs)
+    metas = _metas(root)
+    used = {t for m in metas.values() if m.get("kind") == "config" for t in [m["dataset"], *m["views"].values()]}
+    report: dict = {"tables": {}, "dropped_views": []}
+    for name in db.list_tables().tables:
+        lock = FileLock(str(root / f"{name}.lock"), timeout=lock_timeout_s)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StoreError(f"store {name!r} is being written by another process; run gc when it is done") from None
+        try:
+            meta = metas.get(name, {})
+            if meta.get("kind") == "view" and name not in used and name not in pins:
+                db.drop_table(name)
+                (root / f"{name}.json").unlink(missing_ok=True)
+                report["dropped_views"].append(name)
+                continue
+            report["tables"][name] = _clean_table(db.open_table(name), pins.get(name, set()), older_than_s)
+        finally:
+            lock.release()
+    return report
+
+
+def _clean_table(tbl, pinned: set[int], older_than_s: float) -> dict:
+    before = [v["version"] for v in tbl.list_versions()]
+    stamps = {v["version"]: v["timestamp"] for v in tbl.list_versions()}
+    for tag, t in list(tbl.tags.list().items()):  # pins of runs no longer registered are released
+        if tag.startswith(PIN_TAG) and int(t["version"]) not in pinned:
+            tbl.tags.delete(tag)
+    kept = sorted(v for v in pinned if v in stamps)
+    for v in kept:
+        if f"{PIN_TAG}{v}" not in tbl.tags.list():
+            tbl.tags.create(f"{PIN_TAG}{v}", v)
+    age = timedelta(seconds=older_than_s)
+    if kept:  # keep the oldest pinned version and everything after it (1 s of slack for clock granularity)
+        age = max(age, datetime.now() - stamps[kept[0]] + timedelta(seconds=1))
+    with warnings.catch_warnings():  # Lance warns that age 0 breaks concurrent readers: the caller chose it
+        warnings.simplefilter("ignore", UserWarning)
+        tbl.optimize(cleanup_older_than=age)
+    after = [v["version"] for v in tbl.list_versions()]
+    return {"versions_before": len(before), "versions_after": len(after), "pinned": kept,
+            "removed": sorted(set(before) - set(after))}
+
+
+def migrate_legacy(cfg: ExperimentConfig) -> dict:
+    """Copy a store of the old layout (``<dataset>-<hash>`` table + ``.json``) into feature views, keyed by
+    each row's current content key, without encoding anything; a following ``extract`` then builds the dataset
+    and search tables (and encodes only rows that were not in the old table)."""
+    from .datasets import load_dataset
+    from .extraction import entity_rows
+
+    root = Path(cfg.store.root)
+    legacy = legacy_store_name(cfg)
+    meta_path = root / f"{legacy}.json"
+    if not meta_path.exists():
+        raise StoreError(f"no old-layout store {legacy} under {root}")
+    meta = json.loads(meta_path.read_text())
+    db = lancedb.connect(str(root))
+    old = db.open_table(legacy).to_arrow()
+    ph = db.open_table(legacy + "-placeholders").to_arrow()
+    ds = load_dataset(cfg.data)
+    keys = {r["id"]: r for r in entity_rows(ds, {})}
+    enc_cfgs = cfg.encoder_configs()
+    store = FeatureStore.for_config(cfg, ds.modalities)
+    copied = {}
+    with store.writer_lock(cfg.store.lock_timeout_s):
+        for m in meta["modalities"]:
+            view = View(db, root, view_name(m, enc_cfgs[m]))
+            p = ph.filter(np.asarray(ph["modality"].to_pylist()) == m).to_pylist()[0]
+            placeholder = {"vec": np.asarray(p["vec"], np.float32), "tok": _blob(p["tok"], p["ntok"]),
+                           "emb": _blob(p["emb"], p["nemb"])}
+            view.create(m, enc_cfgs[m], meta["encoders"][m], placeholder)
+            have = set(view.row_ids())
+            items = {}
+            for r in old.select(["id", "issues", f"{m}_present", f"{m}_vec", f"{m}_tok", f"{m}_ntok", f"{m}_emb",
+                                 f"{m}_nemb"]).to_pylist():
+                key = keys.get(r["id"], {}).get(f"{m}_key")
+                if key is None or key in have or key in items:
+                    continue
+                reason = json.loads(r["issues"]).get(m) if r["issues"] else None
+                items[key] = {"present": bool(r[f"{m}_present"]), "reason": reason,
+                              "vec": np.asarray(r[f"{m}_vec"], np.float32), "tok": _blob(r[f"{m}_tok"], r[f"{m}_ntok"]),
+                              "emb": _blob(r[f"{m}_emb"], r[f"{m}_nemb"])}
+            rows = list(items.items())
+            for start in range(0, len(rows), max(cfg.store.write_every, 1024)):
+                view.add(rows[start : start + max(cfg.store.write_every, 1024)])
+            copied[m] = len(rows)
+    return {"from": legacy, "to": store_name(cfg), "copied": copied}
+
+
+def _blob(data: bytes | None, n: int | None) -> np.ndarray | None:
+    if data is None or not n:
+        return None
+    return np.frombuffer(data, np.float16).reshape(n, -1)
+
