@@ -522,10 +522,11 @@ class HFEncoder(Encoder):
     def blocks(self) -> nn.Module | None:
         """A fresh copy of the encoder's layer stack (CMPT adds LoRA to it) that replays the encoder over the
         cached ``emb`` tokens; ValueError for a family without a verified replay."""
-        from transformers import AutoModel
+        import copy
 
-        model = _tower(AutoModel.from_pretrained(self.model_id, attn_implementation="eager", dtype=torch.float32),
-                       self.modality)
+        # a copy of the encoder already loaded (not a second from_pretrained: that loaded the weights twice),
+        # in float32 on the CPU; the training loop moves it
+        model = copy.deepcopy(self.model).float().cpu()
         family = _block_family(model)
         layers, norm = _find_layers(model, family)
         return HFBlocks(layers, self.hidden_size, norm, family)

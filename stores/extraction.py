@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from models.config import ExperimentConfig
 from .datasets import Dataset, Record, load_dataset
-from .encoders import LOAD_WORKERS, BadInput, Encoded, Encoder, build_encoder
+from .encode_stream import encode_stream
+from .encoders import LOAD_WORKERS, Encoded, Encoder, build_encoder
 from .feature_store import FeatureStore, StoreError
 from .views import ABSENT, View, content_key, now, write_json
 
@@ -51,27 +52,12 @@ def _features(enc: Encoded, i: int = 0) -> dict[str, Any]:
 def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any]],
                  batch_size: int = 32) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """The encode step, one modality: (content key, raw input) pairs -> (key, features ``{vec, tok, emb}``) or
-    (key, reason the input is unusable). Inputs are decoded on a thread pool (image/audio decoding releases
-    the GIL) and encoded in batches of ``batch_size``; results come back in input order."""
+    (key, reason the input is unusable), in input order. Inputs decode on a thread pool a few batches ahead of
+    the encoder (stores/encode_stream.py), so host decoding overlaps the forward pass. The Ray Data version with
+    the same contract is stores/ray_extraction.py."""
     items = list(items)
-
-    def load(raw: Any) -> tuple[Any, str | None]:
-        try:
-            return encoder.load(raw), None
-        except BadInput as e:
-            return None, str(e)
-
-    with ThreadPoolExecutor(LOAD_WORKERS) as pool:
-        loaded = list(pool.map(load, [raw for _, raw in items]))
-    out: list[dict | str] = [reason for _, reason in loaded]
-    good = [i for i, (x, _) in enumerate(loaded) if x is not None]
-    for start in range(0, len(good), batch_size):
-        idx = good[start : start + batch_size]
-        enc = encoder.encode([loaded[i][0] for i in idx])
-        for k, i in enumerate(idx):
-            out[i] = _features(enc, k)
-    for (key, _), res in zip(items, out):
-        yield key, res
+    for (key, _), (feats, reason) in zip(items, encode_stream(encoder, [raw for _, raw in items], batch_size)):
+        yield key, feats if feats is not None else reason
 
 
 def _stat(raw: Any) -> str | None:

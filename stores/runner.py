@@ -57,7 +57,12 @@ def load_backbones(cfg: ExperimentConfig, meta: dict, head_cls) -> dict[str, tor
     enc = cfg.encoder_configs()
     blocks = {}
     for m in meta.get("emb_dim", {}):
-        b = build_encoder(m, enc[m]).blocks()
+        try:
+            b = build_encoder(m, enc[m]).blocks()
+        except ValueError as e:  # a family without a verified replay: auto falls back, "encoder" says why
+            if getattr(cfg.head, "backbone", "auto") == "encoder":
+                raise StoreError(f"head.backbone='encoder' for {m}: {e}") from None
+            continue
         if b is not None:
             blocks[m] = b
     return blocks
@@ -70,7 +75,7 @@ def prepare(split: SplitFeatures, name: str, pattern: MissingPattern, seed: int,
     batch = apply_presence(split.batch, torch.from_numpy(present), placeholder, modalities)
     rng = noise_generator(pattern, name, seed)
     if rng is not None:
-        batch = add_noise(batch, pattern.sigma, rng, pattern.modalities or modalities)
+        batch = add_noise(batch, pattern.sigma, rng, pattern.modalities or modalities, pattern.sigma_scale)
     return batch, present
 
 
