@@ -43,9 +43,10 @@ def _uri(cfg: TrackingConfig) -> str:
 
 def artifact_uri(cfg: TrackingConfig) -> str:
     """``artifact_root`` as a URI: object-store URIs (s3://...) as given, folders resolved to file:// URIs."""
-    if "://" in cfg.artifact_root:
-        return cfg.artifact_root
-    return Path(cfg.artifact_root).resolve().as_uri()
+    root = str(cfg.artifact_root)
+    if "://" in root:
+        return root
+    return Path(root).resolve().as_uri()
 
 
 class Tracker:

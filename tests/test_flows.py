@@ -49,7 +49,8 @@ def test_compare_table_has_every_head_and_seed(pipeline_run):
     from stores.tracking import compare_table
     cfg, _ = pipeline_run
     table = compare_table(cfg.tracking, "avmnist")
-    assert set(table["head"]) == {"early", "mmp"} and set(table["seeds"]) == {2}
+    # the head column names the variant, e.g. mmp[tokens:frozen_output_tokens+fusion_transformer]
+    assert {h.split("[")[0] for h in table["head"]} == {"early", "mmp"} and set(table["seeds"]) == {2}
     assert "image-000/audio-000" in table.columns and "±" in table["image-000/audio-000"].iloc[0]
 
 

@@ -28,7 +28,7 @@ def colours_model(colour_store, prefect_harness, tmp_path_factory):
     cfg.data.name = "colours"
     cfg.store.root = tmp / "store"
     cfg.tracking.uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    cfg.tracking.artifact_root = tmp / "mlruns" / "art"
+    cfg.tracking.artifact_root = str(tmp / "mlruns" / "art")
     cfg.train.epochs = 3
     cfg.train.patience = 5
     extract(cfg, progress=False)

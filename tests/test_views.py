@@ -124,10 +124,11 @@ def test_ids_with_quotes_and_an_injected_split_filter(tmp_path, capsys):
     from flows.cli import main
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    main(["query", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact",
+    main(["query", "--json", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact",
           "--split", "test' OR '1'='1"])
     assert json.loads(capsys.readouterr().out)["neighbours"] == []  # a value, not SQL: nothing matches
-    main(["query", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact", "--split", "test"])
+    main(["query", "--json", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact",
+          "--split", "test"])
     got = json.loads(capsys.readouterr().out)["neighbours"]
     assert got and {r["split"] for r in got} == {"test"}
 
@@ -165,7 +166,7 @@ def test_reproduce_matches_the_original_metrics_exactly(logged, head, tmp_path, 
     assert open_store(cfg).versions()["dataset"] > versions["dataset"]
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    main(["reproduce", run_id, "-c", str(path)])
+    main(["reproduce", "--json", run_id, "-c", str(path)])
     out = json.loads(capsys.readouterr().out)
     assert out["versions"] == versions
     assert out["identical"], [r for r in out["metrics"] if not r["equal"]]
