@@ -1,4 +1,4 @@
-"""``mm``: extract, query, store info, train, evaluate, sweep, pipeline, compare, predict, serve, deploy."""
+"""``mm``: extract, query, store info, train, tune, evaluate, sweep, pipeline, compare, predict, serve, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,14 @@ def cmd_train(args) -> None:
     _print({k: out[k] for k in ("run_id", "variant", "seed", "train_pattern", "summary", "seconds")})
 
 
+def cmd_tune(args) -> None:
+    from flows.tuning import tune_flow
+    out = tune_flow(_cfg(args), args.config)
+    _print(out)
+    for head, r in out.items():
+        print(f"{head}: {r['path']}  (--set {' --set '.join(r['overrides'])})")
+
+
 def cmd_evaluate(args) -> None:
     from flows.pipeline import evaluate_flow
     _print(evaluate_flow(_cfg(args), args.model))
@@ -129,7 +137,7 @@ def cmd_deploy(args) -> None:
     serve_deployments([load_config(c, args.set) for c in args.configs])
 
 
-FLOW_COMMANDS = {"extract", "train", "evaluate", "sweep", "pipeline", "deploy"}
+FLOW_COMMANDS = {"extract", "train", "evaluate", "sweep", "pipeline", "deploy", "tune"}
 
 
 def check_prefect_api(timeout_s: float) -> None:
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exact", action="store_true", help="bypass the ANN index")
     sp.add_argument("--nprobes", type=int, default=20, help="IVF partitions scanned (more: higher recall, slower)")
     add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
+    add("tune", cmd_tune, "equal-budget Optuna search per head (tune.heads) on the validation split; "
+                          "writes configs/tuned/<dataset>-<head>.yaml")
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")
     add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions")

@@ -119,6 +119,28 @@ class ScheduleConfig(Strict):
     timezone: str = "UTC"
 
 
+class TuneConfig(Strict):
+    """``mm tune``: an equal Optuna budget per head, scored on the validation split only."""
+
+    heads: list[str] | None = None  # heads to tune, each with the same budget; None: the config's head
+    n_trials: int = 20
+    timeout_s: float | None = None  # per head, on top of n_trials
+    # the objective: the best epoch's validation primary metric, under the training pattern only or averaged
+    # with each modality absent ("robust"); sets eval.select_on in every trial
+    metric: Literal["train_pattern", "robust"] = "robust"
+    seed: int = 0  # TPE sampler seed
+    prune: bool = True  # median pruner on the per-epoch validation score
+    out_dir: Path = Path("configs/tuned")  # best params as <dataset>-<head>.yaml
+
+    @field_validator("heads")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        for h in v or []:
+            if h not in HEADS:
+                raise ValueError(f"unknown head {h!r}; registered heads: {sorted(HEADS)}")
+        return v
+
+
 class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     encoders: dict[str, EncoderConfig] | None = None  # modality -> encoder; None: the dataset's defaults
@@ -136,6 +158,7 @@ class ExperimentConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @field_validator("head", mode="before")
     @classmethod

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .gap import add_gap_closed, modalities_of
+
 
 def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
-    """Rows per (variant, train pattern): scenario -> (mean, sd, n) over seeds."""
+    """Rows per (variant, train pattern): scenario -> (mean, sd, n) over seeds, plus ``gap_closed_<m>`` when the
+    runs include zero-fill early fusion and the unimodal oracles."""
+    gaps = add_gap_closed(results, metric, modalities_of(sorted({s for r in results for s in r["scenarios"]})))
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["variant"], r["train_pattern"])].append(r)
@@ -23,12 +27,17 @@ def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
             row[s] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
         grid = [r["summary"][f"grid_mean_{metric}"] for r in runs if f"grid_mean_{metric}" in r["summary"]]
         row["grid_mean"] = (float(np.mean(grid)), float(np.std(grid, ddof=1)) if len(grid) > 1 else 0.0)
+        for g in gaps:
+            vals = [r["summary"][g] for r in runs if g in r["summary"]]
+            if vals:
+                row[g] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
         rows.append(row)
     return scenarios, rows
 
 
 def markdown_table(scenarios: list[str], rows: list[dict]) -> str:
-    cols = ["head", "train_pattern", *scenarios, "grid_mean", "seeds"]
+    gaps = sorted({k for r in rows for k in r if k.startswith("gap_closed_")})
+    cols = ["head", "train_pattern", *scenarios, "grid_mean", *gaps, "seeds"]
     fmt = lambda v: f"{v[0] * 100:.1f} ± {v[1] * 100:.1f}" if isinstance(v, tuple) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
