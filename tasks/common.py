@@ -30,5 +30,6 @@ def content_key(cfg: ExperimentConfig, *extra: str) -> str:
     store = FeatureStore(cfg.store.root, store_name(cfg))
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
     body = cfg.model_dump(mode="json", exclude={"tracking": True, "store": {"root", "dvc_remote", "read_cache"},
-                                                "data": {"data_dir"}, "schedule": True, "sweep": True})
+                                                "data": {"data_dir"}, "schedule": True, "sweep": True,
+                                                "tune": True})
     return hashlib.sha256(json.dumps([fp, body, *extra], sort_keys=True).encode()).hexdigest()

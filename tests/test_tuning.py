@@ -149,6 +149,14 @@ def test_gap_closed_on_hand_made_numbers():
     assert mmp["gap_closed_image"] == pytest.approx((0.65 - 0.50) / (0.70 - 0.50))
     assert mmp["gap_closed_text"] == pytest.approx((0.45 - 0.30) / (0.50 - 0.30))
     assert runs[2]["summary"]["gap_closed_image"] == pytest.approx(1.0)
+    # the sweep report aggregates it per head
+    from stores.reporting import aggregate, markdown_table
+    for r in runs:
+        r.update(train_pattern="complete", summary={"grid_mean_acc": 0.5})
+    scenarios, rows = aggregate(runs, "acc")
+    table = markdown_table(scenarios, rows)
+    assert "gap_closed_image" in table.splitlines()[0]
+    assert next(r for r in rows if r["head"] == "mmp")["gap_closed_image"][0] == pytest.approx(0.75)
 
 
 def test_protocol_pattern_builders_give_the_exact_availability_levels():
