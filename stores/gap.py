@@ -39,7 +39,8 @@ def modalities_of(scenarios: list[str]) -> list[str]:
 def add_gap_closed(results: list[dict], metric: str, modalities: list[str]) -> list[str]:
     """Set ``summary["gap_closed_<m>"]`` on every run of ``results`` (dicts with variant, scenarios, summary) whose
     references exist among them: mean over runs of zero-fill ``early`` and of the oracle of the remaining modality
-    (two-modality datasets; with more, the oracle of the remaining set is not one run). Returns the keys set."""
+    (two-modality datasets; with more, the oracle of the remaining set is not one run). Oracle runs get none.
+    Returns the keys set."""
     def mean_at(variant: str, scenario: str) -> float | None:
         vals = [r["scenarios"][scenario][metric] for r in results
                 if r["variant"] == variant and metric in r["scenarios"].get(scenario, {})]
@@ -54,8 +55,8 @@ def add_gap_closed(results: list[dict], metric: str, modalities: list[str]) -> l
         early, oracle = mean_at(EARLY, s), mean_at(oracle_variant(rest), s)
         if early is None or oracle is None:
             continue
-        for r in results:
-            if metric in r["scenarios"].get(s, {}):
+        for r in results:  # the oracles are the references, not methods: no gap of their own
+            if not r["variant"].startswith("oracle[") and metric in r["scenarios"].get(s, {}):
                 g = gap_closed(r["scenarios"][s][metric], early, oracle)
                 if g is not None:
                     r["summary"][f"gap_closed_{m}"] = g

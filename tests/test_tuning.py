@@ -148,7 +148,8 @@ def test_gap_closed_on_hand_made_numbers():
     mmp = runs[-1]["summary"]
     assert mmp["gap_closed_image"] == pytest.approx((0.65 - 0.50) / (0.70 - 0.50))
     assert mmp["gap_closed_text"] == pytest.approx((0.45 - 0.30) / (0.50 - 0.30))
-    assert runs[2]["summary"]["gap_closed_image"] == pytest.approx(1.0)
+    assert runs[0]["summary"]["gap_closed_image"] == pytest.approx(-0.5)  # early run 1: (0.4-0.5)/0.2
+    assert "gap_closed_image" not in runs[2]["summary"]  # the references get none
     # the sweep report aggregates it per head
     from stores.reporting import aggregate, markdown_table
     for r in runs:
