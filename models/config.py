@@ -130,6 +130,7 @@ class TuneConfig(Strict):
     metric: Literal["train_pattern", "robust"] = "robust"
     seed: int = 0  # TPE sampler seed
     prune: bool = True  # median pruner on the per-epoch validation score
+    start_from_defaults: bool = True  # trial 0 runs the config's own values of the searched knobs
     out_dir: Path = Path("configs/tuned")  # best params as <dataset>-<head>.yaml
 
     @field_validator("heads")

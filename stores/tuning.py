@@ -129,6 +129,18 @@ def load_tuned(path: Path) -> dict:
     return tree
 
 
+def current_values(cfg: ExperimentConfig, space: dict[str, dict]) -> dict[str, Any]:
+    """The config's own values of a search space's knobs (those inside the space's ranges)."""
+    out = {}
+    for key, d in space.items():
+        section, name = key.split(".")
+        v = getattr(cfg.head if section == "head" else cfg.train, name)
+        lo_hi = d.get("float") or d.get("int")
+        if (lo_hi and lo_hi[0] <= v <= lo_hi[1]) or (not lo_hi and v in d["choice"]):
+            out[key] = v
+    return out
+
+
 def tune_head(cfg: ExperimentConfig, head: str, store: FeatureStore, fit_fn: FitFn = fit_head,
               on_trial: Callable[[TrialRecord], None] | None = None) -> TuneResult:
     """``cfg.tune.n_trials`` trials of ``head`` (seeded TPE over SEARCH_SPACE[head]). Each trial fits on train
@@ -140,6 +152,8 @@ def tune_head(cfg: ExperimentConfig, head: str, store: FeatureStore, fit_fn: Fit
               else optuna.pruners.NopPruner())
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
                                 pruner=pruner, study_name=f"{cfg.data.dataset_name}-{head}")
+    if cfg.tune.start_from_defaults:  # trial 0 = the config's own settings: tuning never returns worse on val
+        study.enqueue_trial(current_values(base, SEARCH_SPACE[head]))
     records: list[TrialRecord] = []
 
     def objective(trial: optuna.Trial) -> float:

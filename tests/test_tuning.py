@@ -79,6 +79,9 @@ def test_objective_reads_train_and_val_only_and_returns_the_validation_score(col
     assert result.best_params == {k: getattr(fits[best][0].head if k.startswith("head.") else fits[best][0].train,
                                              k.split(".")[1]) for k in SEARCH_SPACE["moddrop"]}
     assert all(f[0].eval.select_on == "robust" for f in fits)
+    first = fits[0][0]  # trial 0 runs the config's own settings
+    assert (first.train.lr, first.head.p, first.head.hidden) == (cfg.train.lr, 0.5, 256)
+    assert fits[1][0].train.lr != cfg.train.lr
 
 
 def test_tune_flow_logs_parent_and_child_runs_and_writes_the_best_params(colour_store, tmp_path, prefect_harness):
