@@ -1,4 +1,4 @@
-"""``mm``: extract, query, store info, train, evaluate, sweep, pipeline, compare, predict, serve, deploy."""
+"""``mm``: extract, query, store info, train, tune, evaluate, sweep, pipeline, compare, predict, serve, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,16 @@ def cmd_train(args) -> None:
           lambda r: out.key_values(r, title="run"))
 
 
+def cmd_tune(args) -> None:
+    from flows.tuning import tune_flow
+    res = tune_flow(_cfg(args), args.config)
+
+    def human(r):
+        out.records([{"head": h, "best config": v["path"], "overrides": " ".join(f"--set {o}" for o in v["overrides"])}
+                     for h, v in r.items()], title="tuned (validation split only)")
+    _show(args, res, human)
+
+
 def cmd_evaluate(args) -> None:
     from flows.pipeline import evaluate_flow
 
@@ -220,7 +230,7 @@ def cmd_deploy(args) -> None:
     serve_deployments([load_config(c, args.set) for c in args.configs])
 
 
-FLOW_COMMANDS = {"extract", "train", "evaluate", "sweep", "pipeline", "deploy"}
+FLOW_COMMANDS = {"extract", "train", "evaluate", "sweep", "pipeline", "deploy", "tune"}
 
 
 def check_prefect_api(timeout_s: float) -> None:
@@ -297,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
     sp = add("reproduce", cmd_reproduce, "re-run a logged run on the store versions it read; compare metrics")
     sp.add_argument("run_id")
+    add("tune", cmd_tune, "equal-budget Optuna search per head (tune.heads) on the validation split; "
+                          "writes configs/tuned/<dataset>-<head>.yaml")
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")
     add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions")

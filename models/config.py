@@ -150,6 +150,27 @@ class RayConfig(Strict):
     encode_actors: int = Field(1, ge=1)  # Ray Data encoder actors (one GPU each when the cluster has GPUs)
     # passed to ray.init, e.g. {env_vars: {MLFLOW_S3_ENDPOINT_URL: ...}} or {working_dir: .} for a remote cluster
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+class TuneConfig(Strict):
+    """``mm tune``: an equal Optuna budget per head, scored on the validation split only."""
+
+    heads: list[str] | None = None  # heads to tune, each with the same budget; None: the config's head
+    n_trials: int = Field(20, ge=1)
+    timeout_s: float | None = Field(None, gt=0)  # per head, on top of n_trials
+    # the objective: the best epoch's validation primary metric, under the training pattern only or averaged
+    # with each modality absent ("robust"); sets eval.select_on in every trial
+    metric: Literal["train_pattern", "robust"] = "robust"
+    seed: int = 0  # TPE sampler seed
+    prune: bool = True  # median pruner on the per-epoch validation score
+    start_from_defaults: bool = True  # trial 0 runs the config's own values of the searched knobs
+    out_dir: Path = Path("configs/tuned")  # best params as <dataset>-<head>.yaml
+
+    @field_validator("heads")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        for h in v or []:
+            if h not in HEADS:
+                raise ValueError(f"unknown head {h!r}; registered heads: {sorted(HEADS)}")
+        return v
 
 
 class ExperimentConfig(Strict):
@@ -170,6 +191,7 @@ class ExperimentConfig(Strict):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @field_validator("head", mode="before")
     @classmethod

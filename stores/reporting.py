@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .gap import add_gap_closed, modalities_of
+
 
 def _mean_sd(vals: list[float]) -> tuple[float, float | None]:
     """Mean and sample sd; sd is None for a single value (nothing to spread)."""
@@ -18,6 +20,7 @@ def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
     """The one table builder (sweep report, ``mm compare``, bench/README): rows per (variant, train pattern),
     scenario -> (mean, sd or None, ...) over seeds, plus the grid mean. ``results`` are the training task's
     dicts (``variant``, ``train_pattern``, ``scenarios`` {slug: {metric: v}}, ``summary``)."""
+    gaps = add_gap_closed(results, metric, modalities_of(sorted({s for r in results for s in r["scenarios"]})))
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["variant"], r["train_pattern"])].append(r)
@@ -32,12 +35,17 @@ def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
         grid = [r["summary"][f"grid_mean_{metric}"] for r in runs if f"grid_mean_{metric}" in r.get("summary", {})]
         if grid:
             row["grid_mean"] = _mean_sd(grid)
+        for g in gaps:
+            if vals := [r["summary"][g] for r in runs if g in r.get("summary", {})]:
+                row[g] = _mean_sd(vals)
         rows.append(row)
     return scenarios, rows
 
 
-def columns(scenarios: list[str]) -> list[str]:
-    return ["head", "train_pattern", *scenarios, "grid_mean", "seeds"]
+def columns(scenarios: list[str], rows: list[dict] = ()) -> list[str]:
+    """Table columns: scenarios, grid mean, any ``gap_closed_<m>`` the rows carry, seeds."""
+    gaps = sorted({k for r in rows for k in r if k.startswith("gap_closed_")})
+    return ["head", "train_pattern", *scenarios, "grid_mean", *gaps, "seeds"]
 
 
 def cell(v) -> str:
@@ -49,7 +57,7 @@ def cell(v) -> str:
 
 
 def markdown_table(scenarios: list[str], rows: list[dict]) -> str:
-    cols = columns(scenarios)
+    cols = columns(scenarios, rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -60,7 +68,7 @@ def json_rows(scenarios: list[str], rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         out.append({c: ({"mean": r[c][0], "sd": r[c][1], "n": r["seeds"]} if isinstance(r.get(c), tuple)
-                        else r.get(c)) for c in columns(scenarios)})
+                        else r.get(c)) for c in columns(scenarios, rows)})
     return out
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from models.config import ExperimentConfig
-from models.features import add_noise, apply_presence
+from models.features import add_noise, apply_presence, take
 from models.heads import FeatureBatch, Head, build_head
 from models.metrics import classification_metrics, primary_metric, robustness_auc
 from models.patterns import MissingPattern, noise_generator, robustness_grid, scenario_slug
@@ -123,10 +123,19 @@ def summarize(scenarios: list[Scenario], task: str, modalities: list[str]) -> di
     return summary
 
 
-def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None, on_epoch=None) -> RunResult:
-    """Fit ``cfg.head`` on train (under ``cfg.train_pattern``), select on val, evaluate the test grid."""
-    t0 = time.perf_counter()
-    store = (store or open_store(cfg)).pin()  # one set of Lance versions for the whole run, logged with it
+def used_rows(data: FeatureBatch, head: Head, modalities: list[str]) -> FeatureBatch:
+    """Rows where one of the modalities the head is limited to (``modalities_used``, e.g. the unimodal oracle's)
+    is present; every row for heads that use all modalities."""
+    used = getattr(head, "modalities_used", None)
+    if not used:
+        return data
+    cols = [modalities.index(m) for m in used]
+    return take(data, torch.from_numpy(np.flatnonzero(data.present[:, cols].any(1).numpy())))
+
+
+def fit_head(cfg: ExperimentConfig, store: FeatureStore, on_epoch=None) -> tuple[Head, FitResult]:
+    """Build ``cfg.head`` and fit it on train (under ``cfg.train_pattern``), selecting epochs on val. Reads the
+    train and val splits only, never test (tuning relies on it)."""
     check_store(cfg, store)
     from models.heads.base import HEADS
     backbones = load_backbones(cfg, store.meta, HEADS[cfg.head.name].build)
@@ -139,10 +148,19 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     if not splits["train"].ids or not splits["val"].ids:
         raise StoreError(f"store {store.name} has no train or val rows; extraction incomplete?")
     train, _ = prepare(splits["train"], "train", cfg.train_pattern, cfg.seed, masks, placeholder, mods)
-    result = fit(head, train, validation_scenarios(cfg, splits["val"], masks, placeholder, mods), cfg.train,
-                 cfg.seed, on_epoch)
+    result = fit(head, used_rows(train, head, mods), validation_scenarios(cfg, splits["val"], masks, placeholder, mods),
+                 cfg.train, cfg.seed, on_epoch)
+    return head, result
+
+
+def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None, on_epoch=None) -> RunResult:
+    """Fit ``cfg.head`` on train (under ``cfg.train_pattern``), select on val, evaluate the test grid."""
+    t0 = time.perf_counter()
+    store = (store or open_store(cfg)).pin()  # one set of Lance versions for the whole run, logged with it
+    head, result = fit_head(cfg, store, on_epoch)
+    spec, masks = store.spec(), MaskStore(store)
     scenarios = evaluate_grid(cfg, head, store)
-    summary = summarize(scenarios, spec.task, mods)
+    summary = summarize(scenarios, spec.task, spec.modalities)
     summary[f"val_{primary_metric(spec.task)}"] = result.best_score
     variant = cfg.head.name + (f"[{','.join(f'{m}:{v}' for m, v in head.variant.items())}]"
                                if hasattr(head, "variant") else "")

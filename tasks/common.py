@@ -51,7 +51,7 @@ def content_key(cfg: ExperimentConfig, *extra: str) -> str:
     or tracking settings) and the code version."""
     store = FeatureStore(cfg.store.root, store_name(cfg))
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
-    runtime = {"tracking": True, "schedule": True, "sweep": True, "ray": True, "data": {"data_dir"},
+    runtime = {"tracking": True, "schedule": True, "sweep": True, "ray": True, "tune": True, "data": {"data_dir"},
                "store": {"root", "dvc_remote", "dvc_remote_options", "read_cache"}}
     body = cfg.model_dump(mode="json", exclude=runtime)
     key = [fp, body, code_version(MODELS_DIR), *extra]

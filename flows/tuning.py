@@ -1,0 +1,16 @@
+"""The ``tune`` flow: the same Optuna budget for every head, chosen on the validation split only."""
+from __future__ import annotations
+
+from prefect import flow
+
+from models.config import ExperimentConfig
+from stores.tracking import check_reachable
+from tasks.tuning import tune_head
+
+
+@flow(name="tune")
+def tune_flow(config: ExperimentConfig, source_config: str | None = None) -> dict:
+    """Tune ``tune.heads`` (default: the config's head) one after the other, each with ``tune.n_trials`` trials;
+    write configs/tuned/<dataset>-<head>.yaml for each. ``source_config`` is the YAML the tuned files extend."""
+    check_reachable(config.tracking)
+    return {h: tune_head(config, h, source_config) for h in config.tune.heads or [config.head.name]}

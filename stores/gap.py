@@ -1,0 +1,64 @@
+"""Gap closed by a robust head when a modality is missing: how far it gets from zero-fill early fusion towards
+the unimodal oracle of the modalities that remain (pure computation, no I/O).
+
+    gap_closed_<m> = (head - early) / (oracle_of_remaining - early),  all at 100% ``m`` missing at test
+
+0 = no better than zero-fill early fusion, 1 = as good as a model trained and tested on the remaining modality.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+EARLY = "early"  # zero-fill early fusion's variant name
+
+
+def gap_closed(head: float, early: float, oracle: float) -> float | None:
+    """None when the oracle is no better than zero-fill early (nothing to close)."""
+    denom = oracle - early
+    return None if denom <= 1e-9 else (head - early) / denom
+
+
+def missing_scenario(m: str, modalities: list[str]) -> str:
+    """The robustness-grid slug of ``m`` 100% missing, the others complete (see models.patterns.scenario_slug)."""
+    return "/".join(f"{x}-{100 if x == m else 0:03d}" for x in modalities)
+
+
+def oracle_variant(modality: str) -> str:
+    return f"oracle[only:{modality}]"
+
+
+def modalities_of(scenarios: list[str]) -> list[str]:
+    """The modalities, in order, named by robustness-grid slugs such as ``image-000/text-100``."""
+    for s in scenarios:
+        parts = [p.rsplit("-", 1) for p in s.split("/")]
+        if all(len(p) == 2 and p[1].isdigit() for p in parts):
+            return [p[0] for p in parts]
+    return []
+
+
+def add_gap_closed(results: list[dict], metric: str, modalities: list[str]) -> list[str]:
+    """Set ``summary["gap_closed_<m>"]`` on every run of ``results`` (dicts with variant, scenarios, summary) whose
+    references exist among them: mean over runs of zero-fill ``early`` and of the oracle of the remaining modality
+    (two-modality datasets; with more, the oracle of the remaining set is not one run). Oracle runs get none.
+    Returns the keys set."""
+    def mean_at(variant: str, scenario: str) -> float | None:
+        vals = [r["scenarios"][scenario][metric] for r in results
+                if r["variant"] == variant and metric in r["scenarios"].get(scenario, {})]
+        return float(np.mean(vals)) if vals else None
+
+    keys = []
+    if len(modalities) != 2:
+        return keys
+    for m in modalities:
+        rest = next(x for x in modalities if x != m)
+        s = missing_scenario(m, modalities)
+        early, oracle = mean_at(EARLY, s), mean_at(oracle_variant(rest), s)
+        if early is None or oracle is None:
+            continue
+        for r in results:  # the oracles are the references, not methods: no gap of their own
+            if not r["variant"].startswith("oracle[") and metric in r["scenarios"].get(s, {}):
+                g = gap_closed(r["scenarios"][s][metric], early, oracle)
+                if g is not None:
+                    r["summary"][f"gap_closed_{m}"] = g
+                    keys.append(f"gap_closed_{m}")
+    return sorted(set(keys))

@@ -1,0 +1,186 @@
+"""Equal-budget tuning (Optuna + MLflow parent/child runs + Prefect), the unimodal oracle, gap_closed and the
+protocol benchmark's pattern builders."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from models.config import TrainConfig, load_config
+from models.heads import HEADS, parse_head_config
+from models.patterns import presence_mask
+from models.search_spaces import SEARCH_SPACE
+from stores.feature_store import open_store
+from stores.gap import add_gap_closed, gap_closed
+from stores.runner import fit_head, train_and_evaluate, used_rows
+from stores.tuning import load_tuned, suggest, tune_head, with_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _protocols():
+    spec = importlib.util.spec_from_file_location("protocols", ROOT / "bench" / "protocols.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_registered_head_has_a_search_space_of_real_fields(name):
+    space = SEARCH_SPACE[name]
+    head_fields, train_fields = HEADS[name].config_cls.model_fields, TrainConfig.model_fields
+    for key in space:
+        section, field = key.split(".")
+        assert field in {"head": head_fields, "train": train_fields}[section], key
+    assert any(k.startswith("head.") for k in space) and "train.lr" in space
+    trial = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0)).ask()
+    cfg = with_tree(load_config(None, [f"head.name={name}"]), {"head": {"name": name}, **_nest(suggest(trial, space))})
+    assert cfg.head.name == name and cfg.train.lr == trial.params["train.lr"]
+
+
+def _nest(flat):
+    from stores.tuning import nest
+    return nest(flat)
+
+
+def _tune_cfg(colour_store, tmp_path, *extra):
+    cfg, _ = colour_store
+    return load_config(None, [f"{k}={v}" for k, v in cfg.flat().items() if k.startswith(("data.", "store.root"))
+                              and v != "None"] + [
+        f"encoders.image.kind=efficientnet_lite0", "encoders.text.kind=minilm",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", f"tracking.artifact_root={tmp_path}/art",
+        "train.epochs=2", "train.batch_size=16", "train.device=cpu", "tune.n_trials=2", "tune.prune=false",
+        f"tune.out_dir={tmp_path}/tuned", *extra])
+
+
+def test_objective_reads_train_and_val_only_and_returns_the_validation_score(colour_store, tmp_path):
+    cfg = _tune_cfg(colour_store, tmp_path)
+    store = open_store(cfg)
+    read, fits = [], []
+    real_read = store.read_split
+
+    def spy_read(split, *a, **kw):
+        read.append(split)
+        return real_read(split, *a, **kw)
+    store.read_split = spy_read
+
+    def fit_fn(tcfg, st, on_epoch):
+        head, fit = fit_head(tcfg, st, on_epoch)
+        fits.append((tcfg, fit))
+        return head, fit
+
+    result = tune_head(cfg, "moddrop", store, fit_fn)
+    assert "test" not in read and set(read) == {"train", "val"}
+    assert [t.value for t in result.trials] == [f.best_score for _, f in fits]
+    best = max(range(2), key=lambda i: fits[i][1].best_score)
+    assert result.best_value == fits[best][1].best_score
+    assert result.best_params == {k: getattr(fits[best][0].head if k.startswith("head.") else fits[best][0].train,
+                                             k.split(".")[1]) for k in SEARCH_SPACE["moddrop"]}
+    assert all(f[0].eval.select_on == "robust" for f in fits)
+    first = fits[0][0]  # trial 0 runs the config's own settings
+    assert (first.train.lr, first.head.p, first.head.hidden) == (cfg.train.lr, 0.5, 256)
+    assert fits[1][0].train.lr != cfg.train.lr
+
+
+def test_tune_flow_logs_parent_and_child_runs_and_writes_the_best_params(colour_store, tmp_path, prefect_harness):
+    from flows.tuning import tune_flow
+    from stores.tracking import Tracker, child_runs
+
+    cfg = _tune_cfg(colour_store, tmp_path, "tune.heads=[early]")
+    source = tmp_path / "base.yaml"
+    source.write_text("head:\n  name: srmm\n")
+    out = tune_flow(cfg, str(source))["early"]
+    tracker = Tracker(cfg.tracking, cfg.data.dataset_name)
+    parents = tracker.runs("tags.kind = 'tune'")
+    assert len(parents) == 1 and parents.iloc[0]["tags.head"] == "early"
+    children = child_runs(cfg.tracking, cfg.data.dataset_name, parents.iloc[0]["run_id"])
+    assert len(children) == 2 and set(children["tags.kind"]) == {"tune-trial"}
+    assert out["best_value"] == pytest.approx(children["metrics.val_score"].max())
+    assert parents.iloc[0]["metrics.best_val_score"] == pytest.approx(out["best_value"])
+    best = children.loc[children["metrics.val_score"].idxmax()]
+    assert float(best["params.train.lr"]) == pytest.approx(out["best_params"]["train.lr"])
+    # the YAML runs as it is (it extends the tuned config) and as --set overrides
+    path = Path(out["path"])
+    assert path.name == f"{cfg.data.dataset_name}-early.yaml"
+    run_cfg = load_config(path)
+    assert run_cfg.head.name == "early" and run_cfg.train.lr == pytest.approx(out["best_params"]["train.lr"])
+    assert load_config(None, out["overrides"]).head.hidden == out["best_params"]["head.hidden"]
+    assert load_tuned(path)["head"]["name"] == "early"
+
+
+def test_oracle_trains_on_its_modality_only_and_ignores_the_others(colour_store, tmp_path):
+    cfg = _tune_cfg(colour_store, tmp_path, "head.name=oracle", "head.modality=text", "train.epochs=3",
+                    "train_pattern.kind=per_modality", "train_pattern.rates.text=0.5")
+    store = open_store(cfg)
+    result = train_and_evaluate(cfg, store)
+    assert result.variant == "oracle[only:text]"
+    slugs = {s.slug: s.metrics["acc"] for s in result.scenarios}
+    assert slugs["image-100/text-000"] == slugs["image-000/text-000"]  # image never matters
+    test = store.read_split("test", ("vec",)).batch
+    shuffled = type(test)(test.present.clone(), test.y, dict(test.vec))
+    shuffled.vec["image"] = torch.randn_like(test.vec["image"]) * 10
+    shuffled.present[:, 0] = ~shuffled.present[:, 0]
+    head = result.head.eval()
+    with torch.no_grad():
+        assert torch.equal(head(test).logits, head(shuffled).logits)
+    # training keeps only rows whose text is present
+    from models.heads import build_head
+    spec = store.spec()
+    oracle = build_head(parse_head_config({"name": "oracle", "modality": "text"}), spec)
+    early = build_head(parse_head_config({"name": "early"}), spec)
+    present = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    data = type(test)(present, torch.arange(4), {m: torch.zeros(4, spec.vec_dim[m]) for m in spec.modalities})
+    assert used_rows(data, oracle, spec.modalities).y.tolist() == [0, 2]
+    assert used_rows(data, early, spec.modalities).y.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="not in the store's modalities"):
+        build_head(parse_head_config({"name": "oracle", "modality": "audio"}), spec)
+
+
+def test_gap_closed_on_hand_made_numbers():
+    assert gap_closed(0.75, 0.5, 1.0) == 0.5 and gap_closed(0.5, 0.6, 0.6) is None
+    grid = lambda a_missing, t_missing: {"image-000/text-000": {"acc": 0.9}, "image-100/text-000": {"acc": a_missing},
+                                         "image-000/text-100": {"acc": t_missing}}  # noqa: E731
+    runs = [{"variant": "early", "scenarios": grid(0.40, 0.30), "summary": {}},
+            {"variant": "early", "scenarios": grid(0.60, 0.30), "summary": {}},  # mean 0.50 at image missing
+            {"variant": "oracle[only:text]", "scenarios": grid(0.70, 0.10), "summary": {}},
+            {"variant": "oracle[only:image]", "scenarios": grid(0.10, 0.50), "summary": {}},
+            {"variant": "mmp", "scenarios": grid(0.65, 0.45), "summary": {}}]
+    assert add_gap_closed(runs, "acc", ["image", "text"]) == ["gap_closed_image", "gap_closed_text"]
+    mmp = runs[-1]["summary"]
+    assert mmp["gap_closed_image"] == pytest.approx((0.65 - 0.50) / (0.70 - 0.50))
+    assert mmp["gap_closed_text"] == pytest.approx((0.45 - 0.30) / (0.50 - 0.30))
+    assert runs[0]["summary"]["gap_closed_image"] == pytest.approx(-0.5)  # early run 1: (0.4-0.5)/0.2
+    assert "gap_closed_image" not in runs[2]["summary"]  # the references get none
+    # the sweep report aggregates it per head
+    from stores.reporting import aggregate, markdown_table
+    for r in runs:
+        r.update(train_pattern="complete", summary={"grid_mean_acc": 0.5})
+    scenarios, rows = aggregate(runs, "acc")
+    table = markdown_table(scenarios, rows)
+    assert "gap_closed_image" in table.splitlines()[0]
+    assert next(r for r in rows if r["head"] == "mmp")["gap_closed_image"][0] == pytest.approx(0.75)
+
+
+def test_protocol_pattern_builders_give_the_exact_availability_levels():
+    p = _protocols()
+    mods, n = ["image", "text"], 1000
+
+    def avail(pattern):
+        return presence_mask(pattern, mods, n, "test", 0).mean(0).round(3).tolist()
+    (train_c, tests_c), = p.protocol_patterns("c", mods, "image")
+    assert train_c.kind == "complete"
+    assert [avail(t) for t in tests_c] == [[a, 1.0] for a in [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]]
+    (train_d, tests_d), = p.protocol_patterns("d", mods, "image")
+    assert [avail(t) for t in tests_d] == [[1.0, 1.0], [1.0, 0.3], [1.0, 0.0], [0.65, 0.65], [0.3, 1.0], [0.0, 1.0]]
+    assert all(presence_mask(t, mods, n, "test", 0).any(1).all() for t in tests_d)  # no row loses both
+    a = p.protocol_patterns("a", mods, "image")
+    assert [(tr.key, [t.key for t in ts]) for tr, ts in a] == [
+        (f"map[{t}=70]", [f"map[{t}=70]"]) for t in ["image", "text", "both"]]
+    assert [avail(tr) for tr, _ in a] == [[0.3, 1.0], [1.0, 0.3], [0.65, 0.65]]
+    b = p.protocol_patterns("b", mods, "image")
+    assert len(b) == 3 and all(len(ts) == 3 for _, ts in b)
+    plan = p.training_plan(["a", "b", "c", "d"], mods, "image")  # a/b and c/d share their trainings
+    assert sorted(plan) == ["complete", "map[both=70]", "map[image=70]", "map[text=70]"]
+    assert len(plan["complete"][1]) == 7 + 6 - 3  # (100,100), (30,100), (0,100) are in both c and d
