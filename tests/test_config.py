@@ -40,3 +40,10 @@ def test_flat_params_cover_the_whole_tree():
     assert flat["data.dataset"] == "avmnist" and "tracking.uri" in flat and "eval.test_rates" in flat
     # round-trips through JSON (what Prefect parameters and MLflow artifacts carry)
     assert ExperimentConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+@pytest.mark.parametrize("head,field,value", [("mmp", "dropout", 1.5), ("mmp", "mask_p", -0.1), ("cmpt", "lora_rank", 0),
+                                              ("srmm", "embed_scale", 0), ("moddrop", "p", 2), ("oracle", "hidden", 0)])
+def test_head_config_ranges_are_checked_at_load(head, field, value):
+    with pytest.raises(ConfigError, match=rf"head\.{field}"):
+        load_config(None, [f"head.name={head}", f"head.{field}={value}"])

@@ -5,6 +5,7 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..lora import DEFAULT_TARGETS, apply_lora
@@ -35,16 +36,16 @@ class CMPTConfig(HeadConfig):
 
     name: Literal["cmpt"] = "cmpt"
     backbone: Literal["auto", "encoder", "trainable_block"] = "auto"
-    lora_rank: int = 1
-    lora_alpha: float = 1.0
-    lora_dropout: float = 0.1
-    lam: float = 0.2  # Eq. 7
-    d_model: int = 256  # trainable-block width, and the fusion width when stream widths differ
-    max_tokens: int = 32  # trainable-block streams pool cached tokens (mask-aware) to at most this many
-    block_layers: int = 1
-    n_heads: int = 4
-    dropout: float = 0.1
-    attn_dropout: float = 0.0
+    lora_rank: int = Field(1, ge=1)
+    lora_alpha: float = Field(1.0, gt=0)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lam: float = Field(0.2, ge=0)  # Eq. 7
+    d_model: int = Field(256, ge=1)  # trainable-block width, and the fusion width when stream widths differ
+    max_tokens: int = Field(32, ge=1)  # trainable-block streams pool cached tokens (mask-aware) to this many
+    block_layers: int = Field(1, ge=1)
+    n_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attn_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class TrainableBlock(nn.Module):

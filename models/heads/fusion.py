@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, sample_keep_mask
@@ -29,8 +30,8 @@ class _FillMixin(Head):
 
 
 class _FusionConfig(HeadConfig):
-    hidden: int = 256
-    dropout: float = 0.1
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
     fill: Literal["placeholder", "zeros"] = "zeros"
 
 
@@ -59,7 +60,7 @@ class EarlyFusion(_FillMixin):
 
 class ModalityDropoutConfig(_FusionConfig):
     name: Literal["moddrop"] = "moddrop"
-    p: float = 0.5
+    p: float = Field(0.5, ge=0, le=1)
 
 
 @register_head(ModalityDropoutConfig)

@@ -5,6 +5,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, pool_tokens,
@@ -13,16 +14,16 @@ from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp
 
 class MMPConfig(HeadConfig):
     name: Literal["mmp"] = "mmp"
-    d_model: int = 128
-    n_agg: int = 8
-    mask_p: float = 0.5
-    n_heads: int = 4
-    max_tokens: int = 32  # token sequences are average-pooled (mask-aware) to at most this many
-    fusion_layers: int = 2
-    dropout: float = 0.1
-    attn_dropout: float = 0.0  # dropout on attention maps: costly on CPU, off by default
-    align_weight: float = 1.0
-    smooth_l1_beta: float = 1.0
+    d_model: int = Field(128, ge=1)
+    n_agg: int = Field(8, ge=1)
+    mask_p: float = Field(0.5, ge=0, le=1)
+    n_heads: int = Field(4, ge=1)
+    max_tokens: int = Field(32, ge=1)  # token sequences are average-pooled (mask-aware) to at most this many
+    fusion_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attn_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on attention maps: costly on CPU, off by default
+    align_weight: float = Field(1.0, ge=0)
+    smooth_l1_beta: float = Field(1.0, gt=0)
 
 
 def _attn(d: int, heads: int, dropout: float) -> nn.MultiheadAttention:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head
@@ -12,8 +13,8 @@ from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp,
 class OracleConfig(HeadConfig):
     name: Literal["oracle"] = "oracle"
     modality: str | None = None  # the one modality it sees; None: the store's first modality
-    hidden: int = 256
-    dropout: float = 0.1
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
 
 
 @register_head(OracleConfig)

@@ -5,6 +5,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, register_head, usable
@@ -32,12 +33,13 @@ class SRMMConfig(HeadConfig):
 
     name: Literal["srmm"] = "srmm"
     strategy: Strategy = "S-1"
-    proj_dim: int = 512
-    hidden: int = 512
-    emb_dim: int | None = None  # None: = hidden, as in the paper
-    dropout: float = 0.5  # §IV-B: dropout of 50%
-    embed_scale: float = 16.0  # DEVIATION (cosine-classifier scale on the L2-normalised embedding, not in 004):
-    # at 1.0 the bounded logits underfit: fashion complete accuracy 95.8% vs 97.9% at 16
+    proj_dim: int = Field(512, ge=1)
+    hidden: int = Field(512, ge=1)
+    emb_dim: int | None = Field(None, ge=1)  # None: = hidden, as in the paper
+    dropout: float = Field(0.5, ge=0, lt=1)  # §IV-B: dropout of 50%
+    # DEVIATION (cosine-classifier scale on the L2-normalised embedding, not in 004): at 1.0 the bounded logits
+    # underfit: fashion complete accuracy 95.8% vs 97.9% at 16
+    embed_scale: float = Field(16.0, gt=0)
 
 
 @register_head(SRMMConfig)
