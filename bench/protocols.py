@@ -29,7 +29,7 @@ from models.config import ExperimentConfig, load_config
 from models.heads import parse_head_config
 from models.patterns import MissingPattern, robustness_grid, scenario_slug
 from stores.feature_store import open_store
-from stores.gap import add_gap_closed, oracle_variant
+from stores.gap import add_gap_closed
 from stores.runner import train_and_evaluate
 from stores.tracking import log_tables_run
 from stores.tuning import load_tuned, tuned_path, with_tree
@@ -122,11 +122,8 @@ def measure(ds: str, args, base: ExperimentConfig, plan: dict, log: Path) -> lis
                 cfg = run_config(base, head, train, tests, seed, args.tuned, args.epochs)
                 t0 = time.perf_counter()
                 r = train_and_evaluate(cfg)
-                row = {"key": key, "variant": r.variant, "train_pattern": train.key, "seed": seed,
-                       "epochs": cfg.train.epochs, "best_epoch": r.fit.best_epoch, "summary": r.summary,
-                       "seconds": time.perf_counter() - t0,
-                       "scenarios": {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)}
-                                     for s in r.scenarios}}
+                row = {**r.row(), "key": key, "epochs": cfg.train.epochs, "best_epoch": r.fit.best_epoch,
+                       "seconds": time.perf_counter() - t0}
                 results.append(row)
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")

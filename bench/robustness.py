@@ -44,10 +44,7 @@ def main() -> None:
                 cfg = cfg.model_copy(update={"head": parse_head_config({"name": head})})
                 t0 = time.perf_counter()
                 r = train_and_evaluate(cfg)
-                row = {"variant": r.variant, "train_pattern": cfg.train_pattern.key, "seed": seed,
-                       "summary": r.summary, "seconds": time.perf_counter() - t0,
-                       "scenarios": {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)}
-                                     for s in r.scenarios}}
+                row = {**r.row(), "seconds": time.perf_counter() - t0}
                 results.append(row)
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -35,13 +35,13 @@ def train_flow(config: ExperimentConfig) -> dict:
 def evaluate_flow(config: ExperimentConfig, model_uri: str) -> dict:
     """Re-evaluate a registered model (e.g. models:/avmnist-mmp@champion) on the config's scenario grid."""
     from stores.tracking import load_predictor
-    from stores.runner import evaluate_grid, summarize
+    from stores.runner import evaluate_grid, scenario_scalars, summarize
 
     predictor = load_predictor(model_uri, config.tracking)
     store = open_store(config)
     scenarios = evaluate_grid(config, predictor.head, store)
     return {"model_uri": model_uri, "summary": summarize(scenarios, store.meta["task"], store.modalities),
-            "scenarios": {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)} for s in scenarios}}
+            "scenarios": scenario_scalars(scenarios)}
 
 
 def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:

@@ -37,6 +37,13 @@ class RunResult:
     seconds: float
     mask_tables: dict = field(default_factory=dict)
 
+    def row(self) -> dict:
+        """The run as the one table builder (stores/reporting.aggregate) reads it: variant, train pattern, seed,
+        summary, scalar metrics per scenario slug, seconds."""
+        return {"head": self.config.head.name, "variant": self.variant, "seed": self.config.seed,
+                "train_pattern": self.config.train_pattern.key, "summary": self.summary,
+                "scenarios": scenario_scalars(self.scenarios), "seconds": self.seconds}
+
     def scalar_metrics(self) -> dict[str, float]:
         """Flat metric dict with names that sort well in the MLflow UI."""
         out = {f"summary/{k}": float(v) for k, v in self.summary.items()}
@@ -47,6 +54,11 @@ class RunResult:
         out["fit/best_epoch"] = float(self.fit.best_epoch)
         out["fit/seconds"] = float(self.fit.seconds)
         return out
+
+
+def scenario_scalars(scenarios: list[Scenario]) -> dict[str, dict[str, float]]:
+    """{slug: {metric: value}} of the scalar metrics (per-class lists and confusion matrices left out)."""
+    return {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)} for s in scenarios}
 
 
 def load_backbones(cfg: ExperimentConfig, meta: dict, head_cls) -> dict[str, torch.nn.Module]:

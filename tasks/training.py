@@ -49,10 +49,7 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     show(state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score,
          seconds=result.seconds)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
-    return {"run_id": run.run_id, "head": cfg.head.name, "variant": result.variant, "seed": cfg.seed,
-            "train_pattern": cfg.train_pattern.key, "summary": result.summary,
-            "scenarios": {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)}
-                          for s in result.scenarios}, "seconds": result.seconds}
+    return {"run_id": run.run_id, **result.row()}
 
 
 @task(name="update-champions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)

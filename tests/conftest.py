@@ -205,3 +205,24 @@ def tiny_hf_families(tmp_path_factory, tiny_hf) -> dict[str, tuple[str, Path]]:
     Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(w2v)
     return {**out, "clip_text": ("text", clip_text), "clip_vision": ("image", clip_vision), "ast": ("audio", ast),
             "whisper": ("audio", whisper), "wav2vec2": ("audio", w2v)}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc=None) -> bool:
+    """Poll ``url`` until it answers (True), ``timeout`` seconds pass or ``proc`` exits (False)."""
+    import time
+    import urllib.request
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False

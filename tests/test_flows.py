@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DATASETS
+from conftest import DATASETS, free_port, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -116,26 +116,14 @@ def test_evaluate_flow_on_registered_model(pipeline_run):
 def local_prefect_server(tmp_path):
     """A real `prefect server start` on 127.0.0.1 (its scheduler service included), temporary database."""
     import os
-    import socket
     import subprocess
     import sys
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.5)
-    else:
+    if not wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc):
         proc.kill()
         pytest.fail("prefect server did not start in 120 s")
     yield env

@@ -1,7 +1,5 @@
 """Ray on a real local cluster (2 CPUs, started once per session): the sweep on prefect-ray's task runner, whose
 runs all land in MLflow, with tasks that find the store and MLflow from a worker's own working directory."""
-import mlflow
-import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import make_manifest, manifest_config

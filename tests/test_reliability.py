@@ -2,7 +2,6 @@
 the Prefect API unreachable. Each must fail clearly (or wait) and leave the store intact."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_manifest, manifest_config
+from conftest import free_port, make_manifest, manifest_config
 from stores import filters
 from stores.feature_store import FeatureStore
 
@@ -21,12 +20,6 @@ EXTRACT = ("import sys, json\nfrom models.config import load_config\nfrom stores
            "from stores.feature_store import StoreError\ntry:\n"
            "    print(json.dumps(extract(load_config(sys.argv[1]), progress=False).as_dict()))\n"
            "except StoreError as e:\n    print('StoreError:', e)\n    sys.exit(2)\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_extraction(cfg, path: Path) -> subprocess.Popen:

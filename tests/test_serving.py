@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -85,22 +85,13 @@ def test_registered_model_serves_outside_the_repo(colours_model, tmp_path):
     assert probe.returncode != 0 and "No module named 'stores'" in probe.stderr
     assert subprocess.run([str(python), "-c", "import mlflow, torch, lancedb"], cwd=work, env=env).returncode == 0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([str(python), "-m", "mlflow", "models", "serve", "-m", "models:/colours-early/1",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=work, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
+        if not wait_http(f"http://127.0.0.1:{port}/ping", 240, proc):
             pytest.fail(f"server did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
         body = json.dumps({"dataframe_records": [{"image": None, "text": "deep blue ocean"}]}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,

@@ -3,7 +3,6 @@ protocol benchmark's pattern builders."""
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
