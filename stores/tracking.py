@@ -190,7 +190,7 @@ class LiveRun:
         from .mlflow_model import log_head_model
         info = log_head_model(result)
         if tracker.cfg.register_models:
-            tracker.register(tracker.model_name(result.config.head.name), info, self.run_id)
+            tracker.register(tracker.model_name(result.config.head.label), info, self.run_id)
 
 
 def load_predictor(model_uri: str, tracking: TrackingConfig):

@@ -21,7 +21,7 @@ def _train_key(context, parameters) -> str:
 
 
 def run_label(cfg: ExperimentConfig) -> str:
-    return f"{cfg.head.name} {cfg.train_pattern.key} s{cfg.seed}"
+    return f"{cfg.head.label} {cfg.train_pattern.key} s{cfg.seed}"
 
 
 @task(name="train-head", cache_key_fn=_train_key, persist_result=True, retries=1, retry_delay_seconds=5,

@@ -47,3 +47,10 @@ def test_flat_params_cover_the_whole_tree():
 def test_head_config_ranges_are_checked_at_load(head, field, value):
     with pytest.raises(ConfigError, match=rf"head\.{field}"):
         load_config(None, [f"head.name={head}", f"head.{field}={value}"])
+
+
+def test_two_oracles_get_their_own_registered_names_and_columns():
+    from flows.console import short_head
+    labels = {load_config(None, ["head.name=oracle", f"head.modality={m}"]).head.label for m in ("image", "audio")}
+    assert labels == {"oracle-image", "oracle-audio"} and load_config(None, ["head.name=mmp"]).head.label == "mmp"
+    assert short_head("oracle[only:audio]") == "oracle:audio" and short_head("mmp[tokens:x]") == "mmp"

@@ -89,6 +89,11 @@ class HeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
 
+    @property
+    def label(self) -> str:
+        """Short name of this configured head: registered model names, progress bars, console columns."""
+        return self.name
+
 
 class Head(nn.Module):
     """Base class. Subclasses declare the cached inputs they read and implement ``forward``."""

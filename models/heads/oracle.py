@@ -16,6 +16,10 @@ class OracleConfig(HeadConfig):
     hidden: int = Field(256, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
 
+    @property
+    def label(self) -> str:
+        return f"oracle-{self.modality}" if self.modality else "oracle"
+
 
 @register_head(OracleConfig)
 class Oracle(Head):
