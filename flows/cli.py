@@ -38,10 +38,11 @@ def _sweep_output(args, cfg, swept: dict, extra: dict | None = None) -> None:
 
     def human(res):
         if extra and "extract" in extra:
-            out.key_values({k: v for k, v in extra["extract"].items() if k != "missing"}, title="extraction")
-        out.comparison(scenarios, rows, f"{cfg.data.dataset_name}: test {metric} (%)")
+            out.extraction_line(extra["extract"])
+        out.comparison(scenarios, rows, f"{cfg.data.dataset_name}: test {metric} (%) by modalities missing at test")
         if res["champions"]:
-            out.records(res["champions"], title="champions")
+            out.note("champions (alias @champion): " + ", ".join(
+                f"{c['model']} v{c['version']}" for c in res["champions"]))
         out.note(f"report: {out.path_link(res['report'])}")
     _show(args, result, human)
 
@@ -61,7 +62,7 @@ def cmd_info(args) -> None:
         res["config"] = open_store(cfg).info()
     except Exception as e:  # noqa: BLE001 - the listing is still useful when this config's store is absent
         res["config"] = f"not extracted: {e}"
-    _show(args, res, lambda r: out.key_values(r, title="feature store"))
+    _show(args, res, out.store_overview)
 
 
 def cmd_gc(args) -> None:
@@ -118,7 +119,7 @@ def cmd_query(args) -> None:
     rows = [{"id": r["id"], "split": r["split"], "label": classes[r["label"]] if r["label"] >= 0 else None,
              "distance": round(r["_distance"], 4), "source": json.loads(r["source"])} for r in hits.to_pylist()]
     _show(args, {"modality": mod, "neighbours": rows},
-          lambda r: out.records(r["neighbours"], title=f"nearest neighbours ({r['modality']})"))
+          lambda r: out.neighbours(r["neighbours"], title=f"nearest neighbours ({r['modality']})"))
 
 
 def cmd_reproduce(args) -> None:

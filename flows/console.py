@@ -154,16 +154,56 @@ def records(rows: list[dict], title: str | None = None) -> None:
 
 
 def scenario_label(slug: str) -> str:
-    """``image-030/text-000`` -> ``image 30%, text 0%``; other scenario slugs as they are."""
-    parts = [re.fullmatch(r"(\w+)-(\d{3})", p) for p in slug.split("/")]
-    return ", ".join(f"{m[1]} {int(m[2])}%" for m in parts) if all(parts) else slug
+    """``image-030/text-000`` -> ``image 30%`` (the modalities missing, one line), ``complete`` when none is;
+    other scenario slugs as they are."""
+    parts = [re.fullmatch(r"(\w+)-(\d{3}(?:\.\d+)?)", p) for p in slug.split("/")]
+    if not all(parts):
+        return slug
+    missing = [f"{m[1]} {float(m[2]):g}%" for m in parts if float(m[2]) > 0]
+    return ", ".join(missing) or "complete"
+
+
+def store_overview(info: dict) -> None:
+    """``mm store info``: one row per Lance table, then this config's versions and counts."""
+    from rich.table import Table
+    t = Table(title=f"feature store {info.get('root', '')}")
+    for c in ("table", "kind", "version", "versions kept", "rows", "MB", "used by"):
+        t.add_column(c, justify="right" if c in ("version", "versions kept", "rows", "MB") else "left")
+    for name, d in info.get("tables", {}).items():
+        t.add_row(name, d.get("kind", ""), str(d.get("version", "")), str(d.get("versions_kept", "")),
+                  str(d.get("rows", "")), f"{d.get('bytes', 0) / 1e6:.1f}", ", ".join(d.get("used_by", [])))
+    console().print(t)
+    cfg = info.get("config")
+    if isinstance(cfg, dict):
+        key_values({k: cfg[k] for k in ("name", "versions", "rows", "splits", "present", "missing_counts")
+                    if k in cfg}, title="this config")
+    elif cfg:
+        note(str(cfg))
+
+
+def extraction_line(r: dict) -> None:
+    """The extraction stage in one line (``--json`` or ``mm extract`` give every field)."""
+    encoded = ", ".join(f"{m} {n}" for m, n in r.get("encoded", {}).items())
+    missing = sum(sum(v.values()) for v in r.get("missing_counts", {}).values())
+    note(f"extraction: {r.get('rows')} rows in {r.get('store')} ({r.get('added', 0)} added, {r.get('updated', 0)} "
+         f"updated, {r.get('removed', 0)} removed; encoded {encoded or 'nothing'}; {missing} inputs missing) in "
+         f"{r.get('seconds', 0):.0f} s" + (f"; DVC {r['dvc_hash'][:12]}" if r.get("dvc_hash") else ""))
+
+
+def neighbours(rows: list[dict], title: str) -> None:
+    """``mm query`` hits on one line each: the text, or the file name, of the neighbour's source."""
+    def source(s: dict) -> str:
+        text = s.get("text") or next((str(v).rsplit("/", 1)[-1] for v in s.values() if v), "")
+        return text if len(text) <= 48 else text[:47] + "…"
+    records([{**{k: r[k] for k in ("id", "split", "label", "distance")}, "source": source(r.get("source") or {})}
+             for r in rows], title=title)
 
 
 def short_head(variant: str) -> str:
     """A column-sized head name: the variant's paths stay in the report and the run's head_variant tag, except
     the oracle's modality, which tells two oracle columns apart."""
     name, _, rest = variant.partition("[")
-    return f"{name}:{rest.removeprefix('only:').rstrip(']')}" if name == "oracle" and rest else name
+    return f"{name}\n{rest.removeprefix('only:').rstrip(']')}" if name == "oracle" and rest else name
 
 
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
@@ -175,16 +215,16 @@ def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
         console().print("(no runs)")
         return
     t = Table(title=title)
-    t.add_column("missing at test")
+    t.add_column("missing", no_wrap=True)
     for r in rows:
         t.add_column(short_head(r["head"]) + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
-                     justify="right", overflow="fold")
+                     justify="right", overflow="fold", min_width=5)
     for s in scenarios:
         t.add_row(scenario_label(s), *[cell(r.get(s, "")) for r in rows])
     t.add_section()
     t.add_row("grid mean", *[cell(r.get("grid_mean", "")) for r in rows], style="bold")
     for g in sorted({k for r in rows for k in r if k.startswith("gap_closed_")}):
-        t.add_row(g.replace("_", " "), *[cell(r.get(g, "")) for r in rows])
+        t.add_row(f"gap closed {g.removeprefix('gap_closed_')}", *[cell(r.get(g, "")) for r in rows])
     t.add_row("seeds", *[str(r["seeds"]) for r in rows])
     console().print(t)
 

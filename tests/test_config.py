@@ -53,4 +53,4 @@ def test_two_oracles_get_their_own_registered_names_and_columns():
     from flows.console import short_head
     labels = {load_config(None, ["head.name=oracle", f"head.modality={m}"]).head.label for m in ("image", "audio")}
     assert labels == {"oracle-image", "oracle-audio"} and load_config(None, ["head.name=mmp"]).head.label == "mmp"
-    assert short_head("oracle[only:audio]") == "oracle:audio" and short_head("mmp[tokens:x]") == "mmp"
+    assert short_head("oracle[only:audio]") == "oracle\naudio" and short_head("mmp[tokens:x]") == "mmp"
