@@ -11,6 +11,8 @@ import tempfile
 import threading
 import time
 import warnings
+
+from rich import box
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,8 +57,13 @@ def quiet(debug: bool | None = None) -> None:
 
 
 def console(stderr: bool = False):
+    """Rich console; printed to a file or pipe (a log), 100 columns instead of rich's 80 so a comparison of eight
+    heads fits on one line per scenario (a terminal keeps its own width; COLUMNS overrides both)."""
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(stderr=stderr, highlight=False, width=100)
+    return c
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -144,7 +151,7 @@ def records(rows: list[dict], title: str | None = None) -> None:
     """A table with one row per dict (columns: the union of keys, in order)."""
     from rich.table import Table
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    t = Table(title=title)
+    t = Table(title=title, box=box.SIMPLE_HEAD)
     for c in cols:
         t.add_column(str(c), overflow="fold")
     for r in rounded(rows):
@@ -166,7 +173,7 @@ def scenario_label(slug: str) -> str:
 def store_overview(info: dict) -> None:
     """``mm store info``: one row per Lance table, then this config's versions and counts."""
     from rich.table import Table
-    t = Table(title=f"feature store {info.get('root', '')}")
+    t = Table(title=f"feature store {info.get('root', '')}", box=box.SIMPLE_HEAD)
     for c in ("table", "kind", "version", "versions kept", "rows", "MB", "used by"):
         t.add_column(c, justify="right" if c in ("version", "versions kept", "rows", "MB") else "left")
     for name, d in info.get("tables", {}).items():
@@ -214,17 +221,17 @@ def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
     if not rows:
         console().print("(no runs)")
         return
-    t = Table(title=title)
+    t = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     t.add_column("missing", no_wrap=True)
     for r in rows:
         t.add_column(short_head(r["head"]) + ("" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"),
-                     justify="right", overflow="fold", min_width=5)
+                     justify="right", overflow="fold", min_width=6)
     for s in scenarios:
         t.add_row(scenario_label(s), *[cell(r.get(s, "")) for r in rows])
     t.add_section()
     t.add_row("grid mean", *[cell(r.get("grid_mean", "")) for r in rows], style="bold")
     for g in sorted({k for r in rows for k in r if k.startswith("gap_closed_")}):
-        t.add_row(f"gap closed {g.removeprefix('gap_closed_')}", *[cell(r.get(g, "")) for r in rows])
+        t.add_row(f"gap {g.removeprefix('gap_closed_')}", *[cell(r.get(g, "")) for r in rows])
     t.add_row("seeds", *[str(r["seeds"]) for r in rows])
     console().print(t)
 
