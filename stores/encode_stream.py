@@ -44,7 +44,6 @@ def encode_stream(encoder: Encoder, refs: Iterable[Any], batch_size: int, worker
             feats: dict[int, dict] = {}
             if ok:
                 enc = encoder.encode([batch[i][0] for i in ok])
-                feats = {i: {"vec": enc.vec[k], "tok": enc.tok[k], "emb": enc.emb[k] if enc.emb is not None
-                             else None} for k, i in enumerate(ok)}
+                feats = {i: enc.item(k) for k, i in enumerate(ok)}
             for i, (_, reason) in enumerate(batch):
                 yield feats.get(i), reason

@@ -33,6 +33,10 @@ class Encoded:
     tok: list[np.ndarray]  # per item [T_i, Dt] float16 output tokens
     emb: list[np.ndarray] | None = None  # per item [T_i, Dh] float16 embedding-layer tokens (HF, CT2 Whisper)
 
+    def item(self, i: int = 0) -> dict[str, Any]:
+        """Item ``i``'s features as the store writes them: ``{vec, tok, emb}``."""
+        return {"vec": self.vec[i], "tok": self.tok[i], "emb": self.emb[i] if self.emb is not None else None}
+
 
 # ------------------------------------------------------------------------------------------------ raw inputs
 def load_image_uint8(ref: Any, size: int) -> torch.Tensor:

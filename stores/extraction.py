@@ -19,7 +19,7 @@ from tqdm import tqdm
 from models.config import ExperimentConfig
 from .datasets import Dataset, Record, load_dataset
 from .encode_stream import encode_stream
-from .encoders import LOAD_WORKERS, Encoded, Encoder, build_encoder
+from .encoders import LOAD_WORKERS, Encoder, build_encoder
 from .feature_store import FeatureStore, StoreError
 from .views import ABSENT, View, content_key, now, write_json
 
@@ -43,10 +43,6 @@ class ExtractReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _features(enc: Encoded, i: int = 0) -> dict[str, Any]:
-    return {"vec": enc.vec[i], "tok": enc.tok[i], "emb": enc.emb[i] if enc.emb is not None else None}
 
 
 def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any]],
@@ -125,7 +121,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         encoders = {m: build_encoder(m, enc_cfgs[m]) for m in mods}
         views = store.views()
         for m in mods:
-            views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, _features(encoders[m].encode_placeholder()))
+            views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, encoders[m].encode_placeholder().item())
         vec_dim = {m: views[m].meta["vec_dim"] for m in mods}
 
         rows = entity_rows(ds, store.entities())
@@ -197,7 +193,7 @@ def _view_features(view: View, encoder: Encoder, m: str, chunk: list[dict], payl
         encoded = list(encode_items(encoder, m, items, batch_size))
         timing[m + "_s"] += time.perf_counter() - t0
         timing[m + "_n"] += len(encoded)
-        placeholder = _features(encoder.encode_placeholder()) if any(isinstance(f, str) for _, f in encoded) else None
+        placeholder = encoder.encode_placeholder().item() if any(isinstance(f, str) for _, f in encoded) else None
         rows = [(k, dict(f, present=True, reason=None) if isinstance(f, dict) else
                  dict(placeholder, present=False, reason=f)) for k, f in encoded]
         view.add(rows)

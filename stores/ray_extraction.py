@@ -15,13 +15,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from models.config import EncoderConfig
-from .encoders import BadInput, Encoded, Encoder, build_encoder
+from .encoders import BadInput, Encoder, build_encoder
 
 ABSENT = "absent in source"
-
-
-def _features(enc: Encoded, i: int) -> dict[str, Any]:
-    return {"vec": enc.vec[i], "tok": enc.tok[i], "emb": enc.emb[i] if enc.emb is not None else None}
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,7 +56,7 @@ class _EncodeActor:
         if good:
             enc = self.encoder.encode([pickle.loads(batch["input"][i]) for i in good])
             for k, i in enumerate(good):
-                feats[i] = pickle.dumps(_features(enc, k), protocol=5)
+                feats[i] = pickle.dumps(enc.item(k), protocol=5)
         return {"key": batch["key"], "features": np.array(feats, dtype=object), "reason": batch["reason"]}
 
 
