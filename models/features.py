@@ -10,7 +10,18 @@ from .heads.base import FeatureBatch
 def take(data: FeatureBatch, idx: torch.Tensor) -> FeatureBatch:
     """Rows ``idx`` of every tensor in ``data`` (``idx`` follows the data to its device)."""
     idx = idx.to(data.present.device)
-    return data.map(lambda t: t.index_select(0, idx))
+    if data.present.device.type != "cpu":
+        return data.map(lambda t: t.index_select(0, idx))
+    rows = idx.numpy()
+    return data.map(lambda t: _take_rows(t, rows, idx))
+
+
+def _take_rows(t: torch.Tensor, rows: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+    """numpy's row gather on CPU: 3-10x faster than ``index_select`` on the float16 token tensors (and on the
+    memory-mapped split cache), same values; bfloat16, which numpy lacks, keeps ``index_select``."""
+    if t.dtype == torch.bfloat16 or t.requires_grad:
+        return t.index_select(0, idx)
+    return torch.from_numpy(np.take(t.numpy(), rows, axis=0))
 
 
 def apply_presence(data: FeatureBatch, present: torch.Tensor, placeholder: FeatureBatch,

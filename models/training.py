@@ -54,8 +54,13 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def batches(data: FeatureBatch, size: int, generator: torch.Generator | None = None) -> Iterator[FeatureBatch]:
+    """Shuffled batches with a ``generator``; in order without one (views of ``data``, nothing copied)."""
     n = data.size
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if generator is None:
+        for start in range(0, n, size):
+            yield data.map(lambda t, s=start: t[s : s + size])
+        return
+    order = torch.randperm(n, generator=generator)
     for start in range(0, n, size):
         yield take(data, order[start : start + size])
 

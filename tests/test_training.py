@@ -47,3 +47,26 @@ def test_noise_pattern_changes_features_not_presence(colour_store):
     assert torch.equal(a.vec["image"], b.vec["image"])  # seeded
     assert not torch.allclose(a.vec["image"], split.batch.vec["image"])
     assert torch.equal(a.present, split.batch.present)
+
+
+def test_batches_cover_every_row_once_with_the_gathered_values(tmp_path):
+    """Shuffled batches (numpy gather on CPU, also from a memory-mapped cache) and in-order batches (views) hold
+    exactly the rows ``index_select`` would, every row once."""
+    from models.features import take
+    from models.heads.base import FeatureBatch
+    from models.training import batches
+    n = 37
+    tok = np.random.default_rng(0).standard_normal((n, 5, 3)).astype(np.float16)
+    np.save(tmp_path / "tok.npy", tok)
+    data = FeatureBatch(torch.rand(n, 2) > 0.3, torch.arange(n), vec={"a": torch.randn(n, 4)},
+                        tok={"a": torch.from_numpy(np.load(tmp_path / "tok.npy", mmap_mode="r+"))},
+                        tok_mask={"a": torch.rand(n, 5) > 0.5}, emb={"b": torch.randn(n, 2, 2).bfloat16()})
+    for gen in (torch.Generator().manual_seed(1), None):
+        seen = []
+        for b in batches(data, 8, gen):
+            seen += b.y.tolist()
+            ref = data.map(lambda t: t.index_select(0, b.y))
+            for name, t in b.tensors().items():
+                assert t.dtype == ref.tensors()[name].dtype and torch.equal(t, ref.tensors()[name]), name
+        assert sorted(seen) == list(range(n)) and (gen is not None or seen == list(range(n)))
+    assert torch.equal(take(data, torch.tensor([3, 3, 0])).y, torch.tensor([3, 3, 0]))
