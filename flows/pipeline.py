@@ -40,7 +40,7 @@ def evaluate_flow(config: ExperimentConfig, model_uri: str) -> dict:
     predictor = load_predictor(model_uri, config.tracking)
     store = open_store(config)
     scenarios = evaluate_grid(config, predictor.head, store)
-    return {"model_uri": model_uri, "summary": summarize(scenarios, store.meta["task"], store.modalities),
+    return {"model_uri": model_uri, "summary": summarize(scenarios, store.meta["task"], store.modalities, config.eval.test_rates),
             "scenarios": scenario_scalars(scenarios)}
 
 

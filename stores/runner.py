@@ -123,13 +123,15 @@ def evaluate_grid(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> lis
     return scenarios
 
 
-def summarize(scenarios: list[Scenario], task: str, modalities: list[str]) -> dict[str, float]:
-    """Grid mean, complete-data score and the area under each modality's robustness curve."""
+def summarize(scenarios: list[Scenario], task: str, modalities: list[str], test_rates: list[float]) -> dict[str, float]:
+    """Grid mean (over the robustness grid of ``test_rates`` only, so extra patterns do not move it),
+    complete-data score and the area under each modality's robustness curve."""
     key = primary_metric(task)
-    summary = {f"grid_mean_{key}": float(np.mean([s.metrics[key] for s in scenarios])),
+    grid = scenarios[: len(robustness_grid(modalities, test_rates))]  # evaluation_patterns puts the grid first
+    summary = {f"grid_mean_{key}": float(np.mean([s.metrics[key] for s in grid])),
                f"complete_{key}": scenarios[0].metrics[key]}
     for m in modalities:
-        curve = [(0.0, scenarios[0].metrics[key])] + [(s.pattern.rates[m], s.metrics[key]) for s in scenarios
+        curve = [(0.0, scenarios[0].metrics[key])] + [(s.pattern.rates[m], s.metrics[key]) for s in grid
                                                       if s.pattern.kind == "per_modality" and m in s.pattern.rates]
         summary[f"aurc_{m}_missing"] = robustness_auc([r for r, _ in curve], [v for _, v in curve])
     return summary
@@ -172,7 +174,7 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     head, result = fit_head(cfg, store, on_epoch)
     spec, masks = store.spec(), MaskStore(store)
     scenarios = evaluate_grid(cfg, head, store)
-    summary = summarize(scenarios, spec.task, spec.modalities)
+    summary = summarize(scenarios, spec.task, spec.modalities, cfg.eval.test_rates)
     summary[f"val_{primary_metric(spec.task)}"] = result.best_score
     variant = cfg.head.name + (f"[{','.join(f'{m}:{v}' for m, v in head.variant.items())}]"
                                if hasattr(head, "variant") else "")

@@ -27,9 +27,14 @@ def test_training_is_deterministic_and_learns(colour_store, head):
     cfg, _ = colour_store
     cfg = cfg.model_copy(update={"head": parse_head_config({"name": head}),
                                  "train_pattern": MissingPattern(kind="per_modality", rates={"image": 0.3})})
-    a, b = train_and_evaluate(cfg), train_and_evaluate(cfg)
-    assert [s.metrics["acc"] for s in a.scenarios] == [s.metrics["acc"] for s in b.scenarios]
+    extra = MissingPattern(kind="per_modality", rates={"image": 0.5, "text": 0.5})
+    a = train_and_evaluate(cfg)
+    b = train_and_evaluate(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"extra_patterns": [extra]})}))
+    assert [s.metrics["acc"] for s in a.scenarios] == [s.metrics["acc"] for s in b.scenarios[:-1]]
     assert a.fit.history == b.fit.history
+    # an extra pattern is reported but moves neither the grid mean nor the robustness curves
+    assert b.scenarios[-1].pattern == extra and b.scenarios[-1].metrics["acc"] != a.summary["grid_mean_acc"]
+    assert {k: v for k, v in b.summary.items() if k != "val_acc"} == {k: v for k, v in a.summary.items() if k != "val_acc"}
     assert a.summary["complete_acc"] >= 0.6  # three colour classes; chance is 0.33
     assert {s.slug for s in a.scenarios} >= {"image-000/text-000", "image-100/text-000", "image-000/text-050"}
 
