@@ -139,6 +139,7 @@ def test_oracle_trains_on_its_modality_only_and_ignores_the_others(colour_store,
 
 def test_gap_closed_on_hand_made_numbers():
     assert gap_closed(0.75, 0.5, 1.0) == 0.5 and gap_closed(0.5, 0.6, 0.6) is None
+    assert gap_closed(0.9, 0.6, 0.605) is None and gap_closed(0.9, 0.6, 0.61) == pytest.approx(30)  # < 1 point: noise
     grid = lambda a_missing, t_missing: {"image-000/text-000": {"acc": 0.9}, "image-100/text-000": {"acc": a_missing},
                                          "image-000/text-100": {"acc": t_missing}}  # noqa: E731
     runs = [{"variant": "early", "scenarios": grid(0.40, 0.30), "summary": {}},
