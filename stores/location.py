@@ -221,7 +221,7 @@ class S3Lock:
         import boto3
 
         o = location.options
-        self.client = boto3.client("s3", endpoint_url=o.get("aws_endpoint"), region_name=o.get("aws_region"),
+        self.client = boto3.session.Session().client("s3", endpoint_url=o.get("aws_endpoint"), region_name=o.get("aws_region"),
                                    aws_access_key_id=o.get("aws_access_key_id"),
                                    aws_secret_access_key=o.get("aws_secret_access_key"),
                                    aws_session_token=o.get("aws_session_token"))
