@@ -303,7 +303,8 @@ def describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors(include_url=False):
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
-        given = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        hidden = err["type"] in ("missing", "extra_forbidden") or loc.startswith("store.storage_options")  # secrets
+        given = "" if hidden else f" (got {err.get('input')!r})"
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}{given}")
     return "; ".join(parts)
 
