@@ -121,6 +121,15 @@ class StoreLocation:
                                    access_key=o.get("aws_access_key_id"), secret_key=o.get("aws_secret_access_key"),
                                    session_token=o.get("aws_session_token"))
             return fs, self.uri.split("://", 1)[1]
+        if self.scheme == "az":  # Lance's az://container/path; pyarrow.fs names the account separately
+            o = {k.lower(): v for k, v in self.options.items()}
+            account = (o.get("azure_storage_account_name") or o.get("account_name")
+                       or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"))
+            if not account:
+                raise StoreError(f"{self.uri}: set AZURE_STORAGE_ACCOUNT_NAME (or store.storage_options."
+                                 "azure_storage_account_name)")
+            return (pafs.AzureFileSystem(account, account_key=os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")),
+                    self.uri.split("://", 1)[1])
         return pafs.FileSystem.from_uri(self.uri)
 
     def file(self, name: str) -> "StoreFile":

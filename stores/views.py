@@ -162,9 +162,16 @@ class View:
         return tbl.search().where(filters.eq("key", ABSENT)).limit(1).to_arrow()
 
 
-def write_json(path: StoreFile, obj: dict) -> None:
-    """Whole or not at all (StoreFile.write_text: rename over locally, one PUT on an object store)."""
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+def write_json(path: StoreFile | Path, obj: dict) -> None:
+    """Whole or not at all: StoreFile.write_text (renamed over locally, one PUT on an object store), or a
+    local Path written beside and renamed over."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    if isinstance(path, Path):
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    else:
+        path.write_text(text)
 
 
 def now() -> str:
