@@ -1,4 +1,5 @@
-"""LanceDB feature store. Three kinds of table under ``store.root``:
+"""LanceDB feature store. Three kinds of table under ``store.root`` (a folder or an object-store URI such as
+``s3://bucket/prefix``; stores/location.py holds everything that differs between the two):
 
 - feature views ``view-<modality>-<hash>`` (stores/views.py): features per (modality, encoder), keyed by the
   content hash of the input, shared by every dataset and config that uses that encoder;
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import torch

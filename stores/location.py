@@ -235,7 +235,7 @@ class S3Lock:
                                    aws_secret_access_key=o.get("aws_secret_access_key"),
                                    aws_session_token=o.get("aws_session_token"))
         bucket, _, prefix = location.uri.split("://", 1)[1].partition("/")
-        self.bucket, self.key = bucket, f"{prefix}/{name}.lock" if prefix else f"{name}.lock"
+        self.name, self.bucket, self.key = name, bucket, f"{prefix}/{name}.lock" if prefix else f"{name}.lock"
         self.url = f"s3://{bucket}/{self.key}"
         self.token = uuid.uuid4().hex
 
@@ -293,7 +293,7 @@ class S3Lock:
                 continue
             if time.monotonic() >= deadline:
                 who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-                raise StoreError(f"store {self.key.rsplit('/', 1)[-1][:-5]!r} is being written by another process "
+                raise StoreError(f"store {self.name!r} is being written by another process "
                                f"({who}; lock object {self.url}); {hint}. If that process is gone, remove the lock: "
                                f"aws s3 rm {self.url}")
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0.05)))
