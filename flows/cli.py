@@ -55,9 +55,10 @@ def cmd_extract(args) -> None:
 
 def cmd_info(args) -> None:
     from stores.feature_store import open_store
+    from stores.location import StoreLocation
     from stores.store_admin import overview
     cfg = _cfg(args)
-    res = overview(cfg.store.root)
+    res = overview(StoreLocation.for_config(cfg.store))
     try:
         res["config"] = open_store(cfg).info()
     except Exception as e:  # noqa: BLE001 - the listing is still useful when this config's store is absent
@@ -66,13 +67,14 @@ def cmd_info(args) -> None:
 
 
 def cmd_gc(args) -> None:
+    from stores.location import StoreLocation
     from stores.store_admin import gc
     from stores.tracking import pinned_store_versions
     cfg = _cfg(args)
     pinned = pinned_store_versions(cfg.tracking)
-    res = {"pinned_by_registered_runs": pinned, **gc(cfg.store.root, pinned, force=args.force,
-                                                       older_than_s=args.older_than,
-                                                       lock_timeout_s=cfg.store.lock_timeout_s)}
+    res = {"pinned_by_registered_runs": pinned,
+           **gc(StoreLocation.for_config(cfg.store), pinned, force=args.force, older_than_s=args.older_than,
+                lock_timeout_s=cfg.store.lock_timeout_s)}
     _show(args, res, lambda r: out.key_values(r, title="store gc"))
 
 

@@ -48,7 +48,10 @@ def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     absolute, so a task finds them from any working directory (a Ray worker's is not the driver's).
     ``data.manifest`` is left as written: it is part of the store's name."""
     cfg = config.model_copy(deep=True)
-    cfg.store.root = Path(cfg.store.root).resolve()
+    if isinstance(cfg.store.root, Path):  # a URI (s3://...) is the same from every machine
+        cfg.store.root = cfg.store.root.resolve()
+    if cfg.store.cache_dir is not None:
+        cfg.store.cache_dir = Path(cfg.store.cache_dir).resolve()
     cfg.store.dvc_repo = Path(cfg.store.dvc_repo).resolve()
     cfg.data.data_dir = Path(cfg.data.data_dir).resolve()
     uri = cfg.tracking.uri

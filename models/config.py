@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from typing import Annotated
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, WithJsonSchema,
+                      field_validator, model_validator)
 
 from .heads import HEADS, HeadConfig, parse_head_config
 from .patterns import MissingPattern
@@ -83,8 +84,33 @@ DEFAULT_ENCODERS = {
 }
 
 
+def _store_root(value: Any) -> Any:
+    """A URI (``s3://bucket/prefix``) stays a string (a Path would fold ``s3://`` into ``s3:/``); else a Path."""
+    return value if isinstance(value, str) and "://" in value else Path(value) if isinstance(value, str) else value
+
+
+StoreRoot = Annotated[Path | str, BeforeValidator(_store_root)]
+SECRET_OPTION = re.compile(r"secret|token|password|account_key|sas|service_account_key")
+
+
 class StoreConfig(Strict):
-    root: Path = Path("data/store")  # tracked by data.dvc
+    # a folder (tracked by data.dvc) or an object-store URI: s3://bucket/prefix (also gs://, az://), whose
+    # versions are the Lance table versions (pinned by `versions`); DVC versioning applies to folders only
+    root: StoreRoot = Path("data/store")
+    # object-store settings in Lance's names (aws_endpoint, aws_region, allow_http, ...) over the AWS_* variables;
+    # put credentials in the environment, not here (the config is logged to MLflow; secrets are left out of it)
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    # local folder for the decoded split cache and, on non-S3 URIs, the writer locks; default: beside the tables
+    # for a folder, ~/.cache/mmrobust/<name of the URI> for a URI
+    cache_dir: Path | None = None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        if secret := [k for k in v if SECRET_OPTION.search(k.lower())]:
+            raise ValueError(f"{secret} look like credentials: set them in the environment (AWS_SECRET_ACCESS_KEY, "
+                             "AWS_SESSION_TOKEN, ...), not in the config, which is logged to MLflow and Prefect")
+        return v
     write_every: int = Field(64, ge=1)  # rows per committed Lance write (the unit lost by a crash)
     index_min_rows: int = Field(1024, ge=1)  # build an IVF-PQ index on pooled vectors at this many rows
     lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
@@ -277,7 +303,8 @@ def describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors(include_url=False):
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
-        given = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        hidden = err["type"] in ("missing", "extra_forbidden") or loc.startswith("store.storage_options")  # secrets
+        given = "" if hidden else f" (got {err.get('input')!r})"
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}{given}")
     return "; ".join(parts)
 

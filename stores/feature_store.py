@@ -1,4 +1,5 @@
-"""LanceDB feature store. Three kinds of table under ``store.root``:
+"""LanceDB feature store. Three kinds of table under ``store.root`` (a folder or an object-store URI such as
+``s3://bucket/prefix``; stores/location.py holds everything that differs between the two):
 
 - feature views ``view-<modality>-<hash>`` (stores/views.py): features per (modality, encoder), keyed by the
   content hash of the input, shared by every dataset and config that uses that encoder;
@@ -19,17 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import torch
-from filelock import FileLock, Timeout
 from lancedb.index import IvfPq
 
 from models.config import ExperimentConfig
 from models.heads.base import FeatureBatch, ModalitySpec
 
 from . import filters
+from .location import StoreFile, StoreLocation
 from .split_cache import SplitCache
 from .views import View, StoreError, fixed, now, tokens, view_name, write_json
 
@@ -111,18 +111,21 @@ class SplitFeatures:
 class FeatureStore:
     """One config's view of the store: its dataset table, its feature views (one per modality) and its search
     table ``name``. ``versions`` pins Lance versions (``{"dataset": 3, "text": 7}``); unpinned parts read the
-    latest. Constructed from a name alone it reads the views from ``<name>.json``."""
+    latest. Constructed from a name alone it reads the views from ``<name>.json``. ``root`` is a folder, a URI
+    (``s3://bucket/prefix``) or a StoreLocation (which carries the URI's storage options and cache folder)."""
 
-    def __init__(self, root: Path, name: str, read_cache: bool = True, versions: dict[str, int] | None = None,
-                 dataset: str | None = None, views: dict[str, str] | None = None):
-        self.root, self.name = Path(root), name
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db = lancedb.connect(str(self.root))
-        self.meta_path = self.root / f"{name}.json"
+    def __init__(self, root: "Path | str | StoreLocation", name: str, read_cache: bool = True,
+                 versions: dict[str, int] | None = None, dataset: str | None = None,
+                 views: dict[str, str] | None = None):
+        self.location = StoreLocation.of(root)
+        self.root, self.name = self.location.root, name
+        self.db = self.location.connect()
+        self.meta_path = self.location.file(f"{name}.json")
         self.pinned = dict(versions or {})
         self._dataset, self._views = dataset, views
         self.read_cache = read_cache
-        self.cache = SplitCache(self.root / f"{name}.cache") if read_cache else None
+        # decoded splits stay on local disk: beside the tables for a folder, in the cache folder for a URI
+        self.cache = SplitCache(self.location.cache_dir / f"{name}.cache") if read_cache else None
         self._lengths: dict[tuple[str, int], dict[str, int]] = {}
         self._meta_memo: tuple[tuple, dict] | None = None
 
@@ -130,12 +133,12 @@ class FeatureStore:
     def for_config(cls, cfg: ExperimentConfig, modalities: list[str] | None = None) -> "FeatureStore":
         """The store a config reads; ``modalities`` (the dataset's) limits the views when known."""
         views = {m: view_name(m, e) for m, e in cfg.encoder_configs().items() if modalities is None or m in modalities}
-        return cls(cfg.store.root, store_name(cfg), read_cache=cfg.store.read_cache, versions=cfg.store.versions,
-                   dataset=cfg.data.dataset_name, views=views)
+        return cls(StoreLocation.for_config(cfg.store), store_name(cfg), read_cache=cfg.store.read_cache,
+                   versions=cfg.store.versions, dataset=cfg.data.dataset_name, views=views)
 
     def pin(self, versions: dict[str, int] | None = None) -> "FeatureStore":
         """The same store with every part pinned (default: at the versions it would read now)."""
-        return FeatureStore(self.root, self.name, self.read_cache, versions or self.versions(), self.dataset,
+        return FeatureStore(self.location, self.name, self.read_cache, versions or self.versions(), self.dataset,
                             self.view_names)
 
     def _has(self, table: str) -> bool:
@@ -161,8 +164,8 @@ class FeatureStore:
         return names
 
     @property
-    def dataset_meta_path(self) -> Path:
-        return self.root / f"{self.dataset}.json"
+    def dataset_meta_path(self) -> StoreFile:
+        return self.location.file(f"{self.dataset}.json")
 
     @property
     def dataset_meta(self) -> dict:
@@ -171,7 +174,7 @@ class FeatureStore:
         return json.loads(self.dataset_meta_path.read_text())
 
     def views(self) -> dict[str, View]:
-        return {m: View(self.db, self.root, v, self.pinned.get(m)) for m, v in self.view_names.items()}
+        return {m: View(self.db, self.location, v, self.pinned.get(m)) for m, v in self.view_names.items()}
 
     @property
     def exists(self) -> bool:
@@ -252,18 +255,13 @@ class FeatureStore:
     # ------------------------------------------------------------------ locking
     @contextmanager
     def writer_lock(self, timeout: float) -> Iterator[None]:
-        """Exclusive write access to the dataset table and this config's views (locks taken in name order)."""
+        """Exclusive write access to the dataset table and this config's views (locks taken in name order;
+        stores/location.py: what a lock is on a folder and on a URI)."""
         names = sorted({self.dataset, *self.view_names.values()}) if self._dataset or self.meta_path.exists() \
             else [self.name]
         with ExitStack() as stack:
             for n in names:
-                lock = FileLock(str(self.root / f"{n}.lock"), timeout=timeout)
-                try:
-                    lock.acquire()
-                except Timeout:
-                    raise StoreError(f"store {n!r} is being written by another process ({lock.lock_file}); "
-                                     "wait for it to finish or raise store.lock_timeout_s") from None
-                stack.callback(lock.release)
+                stack.enter_context(self.location.lock(n, timeout))
             yield
 
     # ------------------------------------------------------------------ writing (stores/extraction.py)
@@ -459,7 +457,7 @@ class FeatureStore:
 def open_store(cfg: ExperimentConfig, must_exist: bool = True) -> FeatureStore:
     store = FeatureStore.for_config(cfg)
     if must_exist and not store.exists:
-        legacy = Path(cfg.store.root) / f"{legacy_store_name(cfg)}.json"
+        legacy = store.location.file(f"{legacy_store_name(cfg)}.json")
         if legacy.exists():
             raise StoreError(f"the store under {cfg.store.root} was written by the old one-table-per-encoder-set "
                              f"layout ({legacy.stem}); convert it with `mm store migrate` (no re-encoding) or "

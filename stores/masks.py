@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-from filelock import FileLock
 
 from models.patterns import MissingPattern, presence_mask
 from . import filters
@@ -20,7 +19,6 @@ class MaskStore:
     def __init__(self, store: FeatureStore):
         self.store = store
         self.name = store.dataset + "-masks"
-        self.lock = FileLock(str(store.root / f"{self.name}.lock"), timeout=120)
 
     def _schema(self) -> pa.Schema:
         return pa.schema([("dataset_version", pa.string()), ("split", pa.string()), ("pattern", pa.string()),
@@ -40,7 +38,7 @@ class MaskStore:
         version = f"{self.store.meta['dataset_version']}/{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
         where = filters.all_of(filters.eq("dataset_version", version), filters.eq("split", split),
                                filters.eq("pattern", pattern.key), filters.eq("seed", int(seed)))
-        with self.lock:
+        with self.store.location.lock(self.name, 120, hint="masks are being saved by another run"):
             tbl = self._table()
             t = tbl.search().where(where).limit(max(tbl.count_rows(), 1)).to_arrow()
             if t.num_rows:

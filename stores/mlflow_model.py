@@ -84,13 +84,14 @@ def log_head_model(result):
 
     import models
     import stores
+    from stores.location import StoreLocation
 
     mods = list(result.store["encoders"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json")))
-        meta_path = Path(result.config.store.root) / f"{result.store['name']}.json"
-        (tmp / "meta.json").write_text(meta_path.read_text())
+        meta = StoreLocation.for_config(result.config.store).file(f"{result.store['name']}.json")
+        (tmp / "meta.json").write_text(meta.read_text())
         torch.save({"state_dict": result.head.state_dict(), "spec": asdict(result.head.spec)}, tmp / "state.pt")
         signature = ModelSignature(inputs=Schema([ColSpec("string", m, required=False) for m in mods]),
                                    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "prob")]))

@@ -8,39 +8,35 @@ import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import lancedb
 import numpy as np
-from filelock import FileLock, Timeout
 
 from models.config import ExperimentConfig
 from .feature_store import FeatureStore, legacy_store_name, store_name
+from .location import StoreLocation
 from .views import StoreError, View, view_name
 
 PIN_TAG = "pinned-v"  # Lance tag on each version a registered run read: Lance itself refuses to clean it up
 
 
-def _metas(root: Path) -> dict[str, dict]:
+def _metas(loc: StoreLocation) -> dict[str, dict]:
     out = {}
-    for p in sorted(Path(root).glob("*.json")):
+    for name in loc.files(".json"):
+        f = loc.file(name)
         try:
-            meta = json.loads(p.read_text())
+            meta = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict):
-            out[p.stem] = meta
+            out[f.stem] = meta
     return out
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
-def overview(root: Path) -> dict:
+def overview(root: Path | str | StoreLocation) -> dict:
     """Every Lance table under ``root`` with its kind, latest version, versions kept, size, tags, and for views
     and dataset tables the configs that use them."""
-    root = Path(root)
-    db = lancedb.connect(str(root))
-    metas = _metas(root)
+    loc = StoreLocation.of(root)
+    db = loc.connect()
+    metas = _metas(loc)
     configs = {n: m for n, m in metas.items() if m.get("kind") == "config"}
     users: dict[str, list[str]] = {}
     for n, m in configs.items():
@@ -53,14 +49,14 @@ def overview(root: Path) -> dict:
         kind = meta.get("kind") or ("masks" if name.endswith("-masks") else
                                     "legacy" if "fingerprint" in meta else "other")
         tables[name] = {"kind": kind, "version": tbl.version, "versions_kept": len(tbl.list_versions()),
-                        "rows": tbl.count_rows(), "bytes": _size(root / f"{name}.lance"),
+                        "rows": tbl.count_rows(), "bytes": loc.size(f"{name}.lance"),
                         "pinned": sorted(int(t["version"]) for n, t in tbl.tags.list().items()
                                          if n.startswith(PIN_TAG)),
                         "used_by": users.get(name, [name] if kind == "config" else [])}
         if kind == "view":
             tables[name]["modality"] = meta["modality"]
             tables[name]["encoder"] = meta["encoder"]
-    return {"root": str(root), "tables": tables}
+    return {"root": str(loc), "tables": tables}
 
 
 def _pins(pinned_runs: list[dict]) -> dict[str, set[int]]:
@@ -71,33 +67,26 @@ def _pins(pinned_runs: list[dict]) -> dict[str, set[int]]:
     return out
 
 
-def gc(root: Path, pinned_runs: list[dict], force: bool = False, older_than_s: float = 3600.0,
+def gc(root: Path | str | StoreLocation, pinned_runs: list[dict], force: bool = False, older_than_s: float = 3600.0,
        lock_timeout_s: float = 0.0) -> dict:
     """Remove Lance versions older than ``older_than_s`` and views no config uses. A version that a registered
     model's run read (``pinned_runs``, from stores/tracking.py) is kept, with every later one, and tagged so
     Lance refuses to delete it; ``force`` drops those tags and removes pinned versions and views too."""
-    root = Path(root)
-    db = lancedb.connect(str(root))
+    loc = StoreLocation.of(root)
+    db = loc.connect()
     pins = {} if force else _pins(pinned_runs)
-    metas = _metas(root)
+    metas = _metas(loc)
     used = {t for m in metas.values() if m.get("kind") == "config" for t in [m["dataset"], *m["views"].values()]}
     report: dict = {"tables": {}, "dropped_views": []}
     for name in db.list_tables().tables:
-        lock = FileLock(str(root / f"{name}.lock"), timeout=lock_timeout_s)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise StoreError(f"store {name!r} is being written by another process; run gc when it is done") from None
-        try:
+        with loc.lock(name, lock_timeout_s, hint="run gc when it is done"):
             meta = metas.get(name, {})
             if meta.get("kind") == "view" and name not in used and name not in pins:
                 db.drop_table(name)
-                (root / f"{name}.json").unlink(missing_ok=True)
+                loc.file(f"{name}.json").unlink(missing_ok=True)
                 report["dropped_views"].append(name)
                 continue
             report["tables"][name] = _clean_table(db.open_table(name), pins.get(name, set()), older_than_s)
-        finally:
-            lock.release()
     return report
 
 
@@ -129,13 +118,13 @@ def migrate_legacy(cfg: ExperimentConfig) -> dict:
     from .datasets import load_dataset
     from .extraction import entity_rows
 
-    root = Path(cfg.store.root)
+    loc = StoreLocation.for_config(cfg.store)
     legacy = legacy_store_name(cfg)
-    meta_path = root / f"{legacy}.json"
+    meta_path = loc.file(f"{legacy}.json")
     if not meta_path.exists():
-        raise StoreError(f"no old-layout store {legacy} under {root}")
+        raise StoreError(f"no old-layout store {legacy} under {loc}")
     meta = json.loads(meta_path.read_text())
-    db = lancedb.connect(str(root))
+    db = loc.connect()
     old = db.open_table(legacy).to_arrow()
     ph = db.open_table(legacy + "-placeholders").to_arrow()
     ds = load_dataset(cfg.data)
@@ -145,7 +134,7 @@ def migrate_legacy(cfg: ExperimentConfig) -> dict:
     copied = {}
     with store.writer_lock(cfg.store.lock_timeout_s):
         for m in meta["modalities"]:
-            view = View(db, root, view_name(m, enc_cfgs[m]))
+            view = View(db, loc, view_name(m, enc_cfgs[m]))
             p = ph.filter(np.asarray(ph["modality"].to_pylist()) == m).to_pylist()[0]
             placeholder = {"vec": np.asarray(p["vec"], np.float32), "tok": _blob(p["tok"], p["ntok"]),
                            "emb": _blob(p["emb"], p["nemb"])}

@@ -15,14 +15,11 @@ import pyarrow as pa
 
 from models.config import EncoderConfig
 from . import filters
+from .location import StoreError, StoreFile, StoreLocation
 
 ABSENT = "absent"  # key of the row holding the encoder's placeholder: every input absent from the source maps to it
 VIEW_PREFIX = "view-"
 RUNTIME_FIELDS = {"batch_size", "device", "precision"}  # runtime choices: they do not name a new view
-
-
-class StoreError(RuntimeError):
-    """The store is missing, locked, corrupt or does not match the config."""
 
 
 def view_name(modality: str, cfg: EncoderConfig) -> str:
@@ -71,9 +68,11 @@ def tokens(arrays: list[np.ndarray | None]) -> tuple[pa.Array, pa.Array]:
 class View:
     """``<root>/view-<modality>-<hash>`` (Lance) plus ``<name>.json`` (modality, encoder fingerprint, dims)."""
 
-    def __init__(self, db: lancedb.DBConnection, root: Path, name: str, version: int | None = None):
-        self.db, self.root, self.name, self.pinned = db, Path(root), name, version
-        self.meta_path = self.root / f"{name}.json"
+    def __init__(self, db: lancedb.DBConnection, root: "Path | str | StoreLocation", name: str,
+                 version: int | None = None):
+        self.db, self.location, self.name, self.pinned = db, StoreLocation.of(root), name, version
+        self.root = self.location.root
+        self.meta_path = self.location.file(f"{name}.json")
 
     @property
     def exists(self) -> bool:
@@ -163,10 +162,16 @@ class View:
         return tbl.search().where(filters.eq("key", ABSENT)).limit(1).to_arrow()
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)  # atomic
+def write_json(path: StoreFile | Path, obj: dict) -> None:
+    """Whole or not at all: StoreFile.write_text (renamed over locally, one PUT on an object store), or a
+    local Path written beside and renamed over."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    if isinstance(path, Path):
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    else:
+        path.write_text(text)
 
 
 def now() -> str:

@@ -13,6 +13,7 @@ from models.config import ConfigError, ExperimentConfig
 from stores.datasets import DatasetError
 from stores.feature_store import FeatureStore, StoreError, store_name
 from stores.health import ServiceUnreachable
+from stores.location import StoreLocation
 
 PERMANENT = (ConfigError, DatasetError, StoreError, ServiceUnreachable)
 
@@ -49,10 +50,11 @@ def code_version(root: Path) -> str:
 def content_key(cfg: ExperimentConfig, *extra: str) -> str:
     """Cache key from what determines a result: the store's fingerprint, the config's content (not paths
     or tracking settings) and the code version."""
-    store = FeatureStore(cfg.store.root, store_name(cfg))
+    store = FeatureStore(StoreLocation.for_config(cfg.store), store_name(cfg))
     fp = store.meta["fingerprint"] if store.meta_path.exists() else "no-store"
     runtime = {"tracking": True, "schedule": True, "sweep": True, "ray": True, "tune": True, "data": {"data_dir"},
-               "store": {"root", "dvc_remote", "dvc_remote_options", "read_cache"}}
+               "store": {"root", "storage_options", "cache_dir", "dvc_remote", "dvc_remote_options",
+                         "read_cache"}}
     body = cfg.model_dump(mode="json", exclude=runtime)
     key = [fp, body, code_version(MODELS_DIR), *extra]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -20,7 +20,11 @@ def extract_features(cfg: ExperimentConfig, max_rows: int | None = None) -> dict
 @task(name="version-store", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def version_store(cfg: ExperimentConfig, push: bool = True) -> dict:
     """``dvc add <top folder of store.root>`` in ``store.dvc_repo`` (and push to the configured remote);
-    returns the DVC hash for lineage."""
+    returns the DVC hash for lineage. A store on object storage is not under DVC: its versions are the Lance
+    table versions (each run's ``lineage.version.*`` tags; ``store.versions`` pins them)."""
+    if not isinstance(cfg.store.root, Path):
+        return {"dvc": f"not used: store.root {cfg.store.root} is on object storage, versioned by its Lance table "
+                       "versions (pin them with store.versions); DVC versioning applies to a local store.root"}
     repo_path = Path(cfg.store.dvc_repo).resolve()
     try:
         data_dir = Path(cfg.store.root).resolve().relative_to(repo_path).parts[0]

@@ -54,3 +54,13 @@ def test_two_oracles_get_their_own_registered_names_and_columns():
     labels = {load_config(None, ["head.name=oracle", f"head.modality={m}"]).head.label for m in ("image", "audio")}
     assert labels == {"oracle-image", "oracle-audio"} and load_config(None, ["head.name=mmp"]).head.label == "mmp"
     assert short_head("oracle[only:audio]") == "oracle\naudio" and short_head("mmp[tokens:x]") == "mmp"
+
+
+def test_store_root_uri_stays_a_uri_and_credentials_stay_out_of_the_config():
+    from pathlib import Path
+    cfg = load_config(None, ["store.root=s3://bucket/features", "store.storage_options.aws_endpoint=http://h:9"])
+    assert cfg.store.root == "s3://bucket/features"  # not Path's "s3:/bucket/features"
+    assert isinstance(load_config(None, ["store.root=data/x"]).store.root, Path)
+    with pytest.raises(ConfigError, match="look like credentials: set them in the environment") as e:
+        load_config(None, ["store.storage_options.aws_secret_access_key=hunter2"])
+    assert "hunter2" not in str(e.value)

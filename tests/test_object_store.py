@@ -127,3 +127,122 @@ def test_lancedb_table_on_s3(s3):
     assert table.count_rows() == 311 and table.count_rows("split = 'val'") == 1
     table.checkout(2)
     assert table.count_rows() == 310 and table.count_rows("split = 'val'") == 0
+
+
+def test_feature_store_on_s3(s3, tmp_path, capsys):
+    """store.root = s3://...: extract (tables and JSON metadata in the bucket, the split cache on local disk),
+    read a split, train a head through the runner, read pinned older versions, `mm store info` and `mm query`."""
+    import json
+
+    import yaml
+
+    from conftest import make_manifest
+    from flows.cli import main
+    from models.heads import parse_head_config
+    from stores.extraction import extract
+    from stores.feature_store import StoreError, open_store
+    from stores.location import StoreLocation
+    from stores.runner import train_and_evaluate
+    from tasks.extraction import version_store
+
+    url, client = s3
+    manifest = make_manifest(tmp_path / "raw", n=15)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    cfg = manifest_config(tmp_path, manifest,
+                          store={"root": "s3://lance/features", "storage_options": {"aws_endpoint": url},
+                                 "cache_dir": str(tmp_path / "cache"), "write_every": 5, "index_min_rows": 10_000})
+    first = extract(cfg, progress=False, max_rows=5)  # an incremental slice, then the rest
+    old = open_store(cfg).versions()
+    report = extract(cfg, progress=False)
+    assert first.rows == 5 and report.rows == 15 and report.encoded["image"] == 10
+    stored = keys(client, "lance", "features/")
+    for name in (report.store, "manifest", *open_store(cfg).view_names.values()):
+        assert any(k.startswith(f"features/{name}.lance/_versions/") for k in stored), name
+    assert {f"features/{report.store}.json", "features/manifest.json"} <= set(stored)
+    assert not any(k.endswith(".lock") for k in stored)  # the writer locks were released
+    assert not (tmp_path / "data").exists()  # nothing beside the manifest on local disk ...
+
+    store = open_store(cfg)
+    train = store.read_split("train")
+    assert train.ids == [r["id"] for r in rows if r["split"] == "train"] and len(train.batch.vec["image"]) == 7
+    assert list((tmp_path / "cache" / f"{report.store}.cache").rglob("*.npy"))  # ... but the split cache
+    assert open_store(cfg).read_split("train").batch.vec["image"].equal(train.batch.vec["image"])
+
+    # time travel: pinned at the versions after the first 5 rows, a read sees exactly those rows
+    pinned_cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"versions": old})})
+    pinned = open_store(pinned_cfg)
+    assert sorted(i for s in ("train", "val", "test") for i in pinned.read_split(s).ids) == \
+        [r["id"] for r in rows[:5]]
+
+    head_cfg = cfg.model_copy(update={"head": parse_head_config({"name": "early"}),
+                                      "train": cfg.train.model_copy(update={"epochs": 2})})
+    result = train_and_evaluate(head_cfg)
+    assert result.store["versions"] == store.versions() and 0 <= result.summary["complete_acc"] <= 1
+    assert result.fit.epochs_run == 2
+    assert any(k.startswith("features/manifest-masks.lance/") for k in keys(client, "lance", "features/"))
+
+    # a second writer is refused while the dataset table's lock object exists
+    with StoreLocation.for_config(cfg.store).lock("manifest", 0):
+        with pytest.raises(StoreError, match="being written by another process.*s3://lance/features/manifest.lock"):
+            extract(cfg, progress=False)
+    assert "Lance table versions" in version_store.fn(cfg)["dvc"]  # not under DVC
+
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    main(["store", "info", "-c", str(path), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["root"] == "s3://lance/features" and info["config"]["rows"] == 15
+    assert info["tables"]["manifest"]["kind"] == "dataset" and info["tables"]["manifest"]["bytes"] > 0
+    main(["query", "-c", str(path), "--id", "s010", "--modality", "image", "-k", "3", "--json"])
+    hits = json.loads(capsys.readouterr().out)["neighbours"]
+    assert len(hits) == 3 and "s010" not in [h["id"] for h in hits]  # --id leaves the row itself out
+    assert hits[0]["distance"] <= hits[-1]["distance"]
+
+
+def test_s3_writer_lock_is_a_conditional_write(s3, monkeypatch):
+    """Exactly one of many writers creates the lock object (If-None-Match: *); a lock left by a dead process on
+    this host is taken over, one held elsewhere is reported with how to remove it. Endpoint from AWS_ENDPOINT_URL."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stores.location import StoreError, StoreLocation
+
+    url, client = s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    loc = StoreLocation("s3://lance/locks")
+    assert loc.options["aws_endpoint"] == url and loc.options["allow_http"] == "true"
+    locks = [StoreLocation("s3://lance/locks") for _ in range(6)]
+
+    def try_lock(loc):
+        try:
+            with loc.lock("t", 0):
+                time.sleep(2)  # held while the others try
+                return "held"
+        except StoreError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(try_lock, locks))
+    assert outcomes.count("held") == 1, outcomes
+    refused = [o for o in outcomes if o != "held"]
+    assert all("is being written by another process" in o and "aws s3 rm s3://lance/locks/t.lock" in o
+               for o in refused)
+    assert keys(client, "lance", "locks/") == []  # released
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.put_object(Bucket="lance", Key="locks/t.lock",
+                      Body=json.dumps({"host": socket.gethostname(), "pid": dead.pid}).encode())
+    with loc.lock("t", 0):  # taken over
+        body = json.loads(client.get_object(Bucket="lance", Key="locks/t.lock")["Body"].read())
+        assert body["pid"] == os.getpid()
+    client.put_object(Bucket="lance", Key="locks/t.lock",
+                      Body=json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}).encode())
+    with pytest.raises(StoreError, match="pid 1 on elsewhere since then"):
+        with loc.lock("t", 0.2):
+            pass
+    assert keys(client, "lance", "locks/") == ["locks/t.lock"]  # not ours to remove
