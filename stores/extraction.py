@@ -219,13 +219,13 @@ def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encod
     if cfg.store.extract_engine == "local":
         for _, todo in plan:
             for m, pairs in todo.items():
-                yield list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size))
+                yield list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size)) if pairs else []
         return
     from . import ray_extraction
 
     size = {m: c.batch_size for m, c in enc_cfgs.items()}
-    batches = [(m, _absolute(items(m, pairs[i : i + size[m]]))) for _, todo in plan for m, pairs in todo.items()
-               for i in range(0, len(pairs), size[m])]
+    batches = [(m, _absolute(m, items(m, pairs[i : i + size[m]]))) for _, todo in plan
+               for m, pairs in todo.items() for i in range(0, len(pairs), size[m])]
     if batches:  # a run with nothing to encode starts no cluster
         ray_extraction.connect(cfg.ray)
     stream = ray_extraction.encode_batches(enc_cfgs, batches, actors=cfg.ray.encode_actors,
@@ -233,13 +233,19 @@ def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encod
     try:
         for _, todo in plan:
             for m, pairs in todo.items():
-                yield [x for _ in range(-(-len(pairs) // size[m])) for x in next(stream)[1]]
+                got = [x for _ in range(-(-len(pairs) // size[m])) for x in next(stream)[1]]
+                if [k for k, _ in got] != [k for k, _ in pairs]:  # a guard: order is Ray Data's promise
+                    raise StoreError(f"the Ray encoder returned {m} inputs out of order; nothing of this chunk "
+                                     "was written")
+                yield got
     finally:
         stream.close()  # stops the Ray Data job if extraction ends early
 
 
-def _absolute(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _absolute(m: str, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """File paths made absolute: a Ray worker's working directory is not the driver's."""
+    if m == "text":
+        return items
     return [(k, os.path.abspath(raw) if isinstance(raw, str) and os.path.exists(raw) else raw) for k, raw in items]
 
 
