@@ -35,7 +35,7 @@ class ExtractReport:
     lance_version: int  # the dataset table's version
     missing_counts: dict[str, dict[str, int]]
     seconds: float
-    # inputs per second of waiting on the encoder (the ray engine encodes ahead while chunks commit)
+    # inputs per second of decoding + encoding time (the ray engine: summed over its workers)
     encode_items_per_s: dict[str, float] = field(default_factory=dict)
     indices: list[str] = field(default_factory=list)
     encoded: dict[str, int] = field(default_factory=dict)  # inputs encoded per modality (0: view untouched)
@@ -149,11 +149,9 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         for chunk, todo in plan:
             feats = {}
             for m in mods:
-                t0 = time.perf_counter()
-                new_inputs = next(encoded)  # this chunk's inputs of modality m that the view lacks, encoded
-                if todo[m]:
-                    timing[m + "_s"] += time.perf_counter() - t0
-                    timing[m + "_n"] += len(new_inputs)
+                new_inputs, seconds = next(encoded)  # this chunk's inputs of modality m that the view lacks
+                timing[m + "_s"] += seconds
+                timing[m + "_n"] += len(new_inputs)
                 feats[m] = _view_features(views[m], encoders[m], m, chunk, new_inputs, have)
             search = []
             for r in chunk:
@@ -211,15 +209,18 @@ def _plan(work: list[dict], mods: list[str], have: dict[str, dict], write_every:
 
 
 def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encoder],
-             items: Callable[[str, list[tuple[str, str]]], list[tuple[str, Any]]]) -> Iterator[list]:
-    """One list of (key, features or reason) per chunk and modality of ``plan``, in plan order, lazily: encoded in
-    this process chunk by chunk (``store.extract_engine: local``), or by one streaming Ray Data job over the whole
-    plan (``ray``), its batches regrouped per chunk as they arrive."""
+             items: Callable[[str, list[tuple[str, str]]], list[tuple[str, Any]]]) -> Iterator[tuple[list, float]]:
+    """Per chunk and modality of ``plan``, in plan order, lazily: the list of (key, features or reason) and the
+    seconds spent decoding and encoding it. Encoded in this process chunk by chunk (``store.extract_engine:
+    local``), or by one streaming Ray Data job over the whole plan (``ray``; seconds summed over its workers), its
+    batches regrouped per chunk as they arrive."""
     enc_cfgs = cfg.encoder_configs()
     if cfg.store.extract_engine == "local":
         for _, todo in plan:
             for m, pairs in todo.items():
-                yield list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size)) if pairs else []
+                t0 = time.perf_counter()
+                got = list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size))
+                yield got, time.perf_counter() - t0
         return
     from . import ray_extraction
 
@@ -233,11 +234,12 @@ def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encod
     try:
         for _, todo in plan:
             for m, pairs in todo.items():
-                got = [x for _ in range(-(-len(pairs) // size[m])) for x in next(stream)[1]]
+                parts = [next(stream) for _ in range(-(-len(pairs) // size[m]))]
+                got = [x for _, encoded, _ in parts for x in encoded]
                 if [k for k, _ in got] != [k for k, _ in pairs]:  # a guard: order is Ray Data's promise
-                    raise StoreError(f"the Ray encoder returned {m} inputs out of order; nothing of this chunk "
-                                     "was written")
-                yield got
+                    raise StoreError(f"the Ray encoder returned {m} inputs out of order; this chunk's search "
+                                     "rows were not written (a rerun resumes)")
+                yield got, sum(seconds for *_, seconds in parts)
     finally:
         stream.close()  # stops the Ray Data job if extraction ends early
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import time
 from typing import Any, Iterable, Iterator
 
 from models.config import EncoderConfig, RayConfig
@@ -51,6 +52,7 @@ def _encoder(modality: str, cfg_json: str) -> Encoder:
 
 def _decode(row: dict[str, Any], cfgs_json: dict[str, str]) -> dict[str, Any]:
     """A batch's raw inputs -> decoded inputs, or the reason one is unusable (``None`` input)."""
+    t0 = time.perf_counter()
     modality, items = pickle.loads(row["batch"])
     encoder = _encoder(modality, cfgs_json[modality])  # for its ``load``: a CPU copy, decoding needs no GPU
     out = []
@@ -61,7 +63,7 @@ def _decode(row: dict[str, Any], cfgs_json: dict[str, str]) -> dict[str, Any]:
             out.append((key, encoder.load(ref), None))
         except BadInput as e:
             out.append((key, None, str(e)))
-    return {"batch": pickle.dumps((modality, out), protocol=5)}
+    return {"batch": pickle.dumps((modality, out), protocol=5), "seconds": time.perf_counter() - t0}
 
 
 class _EncodeActor:
@@ -73,6 +75,7 @@ class _EncodeActor:
         self.cfgs_json = cfgs_json
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
         modality, items = pickle.loads(row["batch"])
         good = [i for i, (_, x, reason) in enumerate(items) if reason is None]
         feats: dict[int, dict] = {}
@@ -80,14 +83,15 @@ class _EncodeActor:
             enc = _encoder(modality, self.cfgs_json[modality]).encode([items[i][1] for i in good])
             feats = {i: enc.item(k) for k, i in enumerate(good)}
         out = [(key, feats[i] if reason is None else reason) for i, (key, _, reason) in enumerate(items)]
-        return {"batch": pickle.dumps((modality, out), protocol=5)}
+        return {"batch": pickle.dumps((modality, out), protocol=5),
+                "seconds": row["seconds"] + time.perf_counter() - t0}
 
 
 def encode_batches(encoder_cfgs: dict[str, EncoderConfig], batches: Iterable[tuple[str, Items]], *,
                    actors: int = 1, num_gpus: float | None = None,
-                   cpus_per_actor: float = 1.0) -> Iterator[tuple[str, Encoded]]:
-    """(modality, [(key, raw input)]) batches -> (modality, [(key, features or reason)]), in input order, streamed
-    as they complete. ``actors`` encoder actors each reserve ``cpus_per_actor`` CPUs (their torch threads) and
+                   cpus_per_actor: float = 1.0) -> Iterator[tuple[str, Encoded, float]]:
+    """(modality, [(key, raw input)]) batches -> (modality, [(key, features or reason)], seconds the workers spent
+    decoding and encoding it), in input order, streamed as they complete. ``actors`` encoder actors each reserve ``cpus_per_actor`` CPUs (their torch threads) and
     ``num_gpus`` GPUs (None: 1 when the cluster has GPUs). Uses the connected Ray cluster, or starts a local one."""
     import ray
 
@@ -107,7 +111,7 @@ def encode_batches(encoder_cfgs: dict[str, EncoderConfig], batches: Iterable[tup
                 num_gpus=num_gpus, fn_constructor_kwargs={"cfgs_json": cfgs_json,
                                                           "threads": max(1, int(cpus_per_actor))})
     for row in ds.iter_rows():
-        yield pickle.loads(row["batch"])
+        yield *pickle.loads(row["batch"]), row["seconds"]
 
 
 def encode_items(encoder_cfg: EncoderConfig, modality: str, refs: Items, batch_size: int = 32, *,
@@ -116,6 +120,6 @@ def encode_items(encoder_cfg: EncoderConfig, modality: str, refs: Items, batch_s
     """One modality: (key, raw input) pairs -> (key, ``{vec, tok, emb}``) or (key, reason the input is unusable),
     in input order; the same contract as the single-process ``stores.extraction.encode_items``."""
     batches = ((modality, refs[i : i + batch_size]) for i in range(0, len(refs), batch_size))
-    for _, encoded in encode_batches({modality: encoder_cfg}, batches, actors=actors, num_gpus=num_gpus,
+    for _, encoded, _ in encode_batches({modality: encoder_cfg}, batches, actors=actors, num_gpus=num_gpus,
                                      cpus_per_actor=cpus_per_actor):
         yield from encoded

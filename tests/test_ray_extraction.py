@@ -105,6 +105,7 @@ def test_ray_engine_extraction_equals_the_local_engine(ray_cluster, engine_manif
     cfg = manifest_config(tmp_path, manifest, encoders__image__batch_size=2, store__extract_engine="ray")
     report = extract(cfg, progress=False)
     assert report.rows == report.added == 36 and report.encoded == {"image": 35, "text": 4}
+    assert report.encode_items_per_s.keys() == {"image", "text"}  # the workers' decode + encode time
     assert report.missing_counts == {"image": {"absent in source": 1, "unreadable image": 2}, "text": {"empty text": 1}}
     _assert_same_store(_store_state(cfg), ref)
     again = extract(cfg, progress=False)  # nothing new: no cluster work, nothing written
