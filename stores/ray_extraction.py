@@ -93,8 +93,9 @@ def encode_batches(encoder_cfgs: dict[str, EncoderConfig], batches: Iterable[tup
                    actors: int = 1, num_gpus: float | None = None,
                    cpus_per_actor: float = 1.0) -> Iterator[tuple[str, Encoded, float]]:
     """(modality, [(key, raw input)]) batches -> (modality, [(key, features or reason)], seconds the workers spent
-    decoding and encoding it), in input order, streamed as they complete. ``actors`` encoder actors each reserve ``cpus_per_actor`` CPUs (their torch threads) and
-    ``num_gpus`` GPUs (None: 1 when the cluster has GPUs). Uses the connected Ray cluster, or starts a local one."""
+    decoding and encoding it), in input order, streamed as they complete. ``actors`` encoder actors each reserve
+    ``cpus_per_actor`` CPUs (their torch threads) and ``num_gpus`` GPUs (None: 1 when the cluster has GPUs). Uses
+    the connected Ray cluster, or starts a local one."""
     import ray
 
     rows = [{"batch": pickle.dumps(b, protocol=5)} for b in batches]
