@@ -1,10 +1,10 @@
 """Scaling (issue 5, benchmark 5), measured in one run: extraction and a sweep on 1x, 4x and 16x synthetic
 copies of real Fashion pairs (same photos and titles, new ids), and the sweep with 1 and 2 worker processes.
 With ``--ray`` (issue 12): the same sweep on the process pool vs on a local Ray cluster of 1 and 2 CPUs, and
-Ray Data encoding (1 and 2 encoder actors) vs the single-process encoder.
+the real extraction with ``store.extract_engine: ray`` (1 and 2 encoder actors) vs the local engine.
 
     python bench/scaling.py [--base 64] [--copies 1 4 16] [--workers 1 2]
-    python bench/scaling.py --copies --ray [--base 64] [--epochs 2] [--encode-items 256]
+    python bench/scaling.py --copies --ray [--base 64] [--epochs 2] [--extract-rows 256] [--no-sweeps]
 
 Extraction runs the real encoders (EfficientNet-Lite0 + MiniLM) into a fresh LanceDB store per size, no ANN
 index; the sweep is the Prefect flow (process pool, MLflow sqlite, model registry) over heads early and srmm
@@ -71,8 +71,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--ray", action="store_true", help="process pool vs Ray sweeps; Ray Data vs local encoding")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--encode-items", type=int, default=256)
-    ap.add_argument("--no-sweeps", dest="sweeps", action="store_false", help="with --ray: the encoders only")
+    ap.add_argument("--extract-rows", type=int, default=256, help="with --ray: Fashion rows (data.limit) extracted")
+    ap.add_argument("--no-sweeps", dest="sweeps", action="store_false", help="with --ray: the extraction only")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if not args.copies:  # --ray alone
@@ -129,30 +129,27 @@ def timed_sweep(cfg) -> tuple[float, int]:
     return time.perf_counter() - t0, len(out["results"])
 
 
-def local_items_per_s(enc_cfg, modality: str, refs: list, batch_size: int) -> float:
-    """The single-process path: inputs decoded on a thread pool, encoded in batches (as stores/extraction.py)."""
-    from concurrent.futures import ThreadPoolExecutor
+def timed_extraction(args, tmp: Path, engine: str, actors: int = 1) -> tuple[int, float]:
+    """The real ``extract()`` of ``--extract-rows`` Fashion rows into a fresh store: (rows, wall seconds)."""
+    from stores.extraction import extract
 
-    from stores.encoders import LOAD_WORKERS, build_encoder
-
-    encoder = build_encoder(modality, enc_cfg)
+    cfg = load_config(None, [
+        "data.dataset=fashion", f"data.data_dir={DATA}", f"data.limit={args.extract_rows}",
+        "encoders.image.kind=efficientnet_lite0", "encoders.text.kind=minilm",
+        f"store.root={tmp}/extract-{engine}-{actors}/store", "store.index_min_rows=1000000000",
+        f"store.extract_engine={engine}", f"ray.encode_actors={actors}"])
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(LOAD_WORKERS) as pool:
-        inputs = list(pool.map(encoder.load, [r for _, r in refs]))
-    for start in range(0, len(inputs), batch_size):
-        encoder.encode(inputs[start : start + batch_size])
-    return len(refs) / (time.perf_counter() - t0)
+    rows = extract(cfg, progress=False).rows
+    return rows, time.perf_counter() - t0
 
 
 def ray_comparison(args, tmp: Path) -> None:
-    """Sweep wall time on the process pool vs Ray (local cluster of 1 and 2 CPUs, one CPU per task), and Ray
-    Data encoding with 1 and 2 actors vs the single-process encoder, on ``--base`` real Fashion pairs."""
+    """Sweep wall time on the process pool vs Ray (local cluster of 1 and 2 CPUs, one CPU per task) on ``--base``
+    real Fashion pairs, and extraction with the ray engine (1 and 2 encoder actors) vs the local engine."""
     import ray
     from prefect import flow
 
-    from stores.datasets import load_dataset
     from stores.extraction import extract
-    from stores.ray_extraction import encode_items
 
     @flow
     def warm_up() -> None:
@@ -174,18 +171,14 @@ def ray_comparison(args, tmp: Path) -> None:
         ray.shutdown()
         print(f"ray, {w} CPUs: {sweeps[-1][3]:.1f} s (+{start:.1f} s cluster start)", flush=True)
 
-    big = config(manifest(args.encode_items, 1, tmp / "enc"), tmp / "enc")
-    ds = load_dataset(big.data)
-    enc = []
+    ext = [("local (this process)", "-", *timed_extraction(args, tmp, "local"))]
+    print(f"extract, local: {ext[-1][3]:.1f} s", flush=True)
+    t0 = time.perf_counter()
     ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="WARNING")
-    for m, enc_cfg in big.encoder_configs().items():
-        refs = [(r.id, ds.raw(m, r.payload.get(m))) for r in ds.records]
-        enc.append((m, "single process", local_items_per_s(enc_cfg, m, refs, enc_cfg.batch_size)))
-        for actors in args.workers:
-            t0 = time.perf_counter()
-            n = sum(1 for _ in encode_items(enc_cfg, m, refs, enc_cfg.batch_size, actors=actors))
-            enc.append((m, f"Ray Data, {actors} actor{'s' * (actors > 1)}", n / (time.perf_counter() - t0)))
-            print(f"{m} {enc[-1][1]}: {enc[-1][2]:.1f} items/s", flush=True)
+    start = time.perf_counter() - t0
+    for actors in args.workers:
+        ext.append(("ray", actors, *timed_extraction(args, tmp, "ray", actors)))
+        print(f"extract, ray, {actors} actors: {ext[-1][3]:.1f} s", flush=True)
     ray.shutdown()
     lines = [f"### Process pool vs Ray: {rows} real Fashion pairs ({os.cpu_count()} CPU cores)\n",
              f"Sweep (early + srmm x 2 seeds = 4 runs, {args.epochs} epochs, MLflow sqlite + registry; Ray: a local "
@@ -193,10 +186,12 @@ def ray_comparison(args, tmp: Path) -> None:
              "| runner | workers | runs | wall (s) | s/run | cluster start (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r} | {w} | {n} | {t:.1f} | {t / n:.1f} | {'-' if s is None else f'{s:.1f}'} |"
               for r, w, s, t, n in sweeps]
-    lines += ["", f"Encoding {len(ds.records)} items per modality (items/s, decoding included; Ray Data includes "
-              "starting its actors and loading the encoder in each, the single process has its encoder loaded):\n",
-              "| modality | path | items/s |", "|---|---|---|"]
-    lines += [f"| {m} | {p} | {v:.1f} |" for m, p, v in enc]
+    lines += ["", f"Extraction, the real `extract()` into a fresh store (Fashion, data.limit={args.extract_rows}, "
+              "EfficientNet-Lite0 + MiniLM, no ANN index; the ray engine: one streaming Ray Data job, encoder actors "
+              f"of 1 CPU each on a local cluster of {max(args.workers)} CPUs started before the timing "
+              f"({start:.1f} s), actor start and encoder loading included):\n",
+              "| engine | encoder actors | rows | wall (s) | rows/s |", "|---|---|---|---|---|"]
+    lines += [f"| {e} | {a} | {n} | {t:.1f} | {n / t:.1f} |" for e, a, n, t in ext]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling-ray.md").write_text(text)

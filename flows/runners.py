@@ -10,6 +10,7 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext, remote_options
 
 from models.config import ExperimentConfig
+from stores.ray_extraction import init_kwargs
 from tasks.training import threads_per_worker
 
 
@@ -66,12 +67,8 @@ def ray_task_runner(config: ExperimentConfig) -> ResourceRayTaskRunner:
     """A Ray task runner for ``config.ray``: a new local cluster (``num_cpus``, no dashboard) when ``address``
     is None, else the cluster at ``address``; an already initialized Ray in this process is reused as is."""
     r = config.ray
-    init: dict[str, Any] = {}
-    if r.address is None:  # settings of a new cluster; ray.init refuses them when it joins one
-        init = {"include_dashboard": False, **({"num_cpus": r.num_cpus} if r.num_cpus is not None else {})}
-    if r.runtime_env:
-        init["runtime_env"] = r.runtime_env
-    return ResourceRayTaskRunner(r.address, init, num_cpus=r.num_cpus_per_task, num_gpus=r.num_gpus_per_task)
+    return ResourceRayTaskRunner(r.address, init_kwargs(r), num_cpus=r.num_cpus_per_task,
+                                 num_gpus=r.num_gpus_per_task)
 
 
 def sweep_task_runner(config: ExperimentConfig) -> tuple[ExperimentConfig, TaskRunner]:

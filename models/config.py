@@ -112,6 +112,9 @@ class StoreConfig(Strict):
                              "AWS_SESSION_TOKEN, ...), not in the config, which is logged to MLflow and Prefect")
         return v
     write_every: int = Field(64, ge=1)  # rows per committed Lance write (the unit lost by a crash)
+    # who encodes: "local" (this process, decoding on a thread pool) or "ray" (one streaming Ray Data job: decode
+    # tasks + ray.encode_actors encoder actors on the cluster of the ray section); the same commits either way
+    extract_engine: Literal["local", "ray"] = "local"
     index_min_rows: int = Field(1024, ge=1)  # build an IVF-PQ index on pooled vectors at this many rows
     lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
@@ -167,13 +170,15 @@ class ScheduleConfig(Strict):
 
 
 class RayConfig(Strict):
-    """Where and with what resources Ray runs sweep tasks (sweep.runner: ray) and Ray Data encoding."""
+    """Where and with what resources Ray runs sweep tasks (sweep.runner: ray) and Ray Data encoding
+    (store.extract_engine: ray)."""
 
     address: str | None = None  # None: start a local cluster; "auto" or "ray://head:10001": an existing one
     num_cpus: int | None = Field(None, ge=1)  # size of a local cluster (None: every core); ignored with an address
     num_cpus_per_task: float = Field(1.0, gt=0)  # CPUs reserved per training task (also its torch threads)
     num_gpus_per_task: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     encode_actors: int = Field(1, ge=1)  # Ray Data encoder actors (one GPU each when the cluster has GPUs)
+    encode_cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved per encoder actor (also its torch threads)
     # passed to ray.init, e.g. {env_vars: {MLFLOW_S3_ENDPOINT_URL: ...}} or {working_dir: .} for a remote cluster
     runtime_env: dict[str, Any] = Field(default_factory=dict)
 class TuneConfig(Strict):
@@ -242,6 +247,14 @@ class ExperimentConfig(Strict):
             merged[m] = {**merged.get(m, {}), **e} if isinstance(e, dict) and "kind" not in e else e
         return {**v, "encoders": merged}
 
+    @model_validator(mode="after")
+    def _ray_engine_decodes_on_host(self) -> "ExperimentConfig":
+        if self.store.extract_engine == "ray":
+            if on_device := [m for m, e in self.encoder_configs().items() if e.decode == "device"]:
+                raise ValueError(f"store.extract_engine 'ray' decodes in CPU tasks, but encoders.{on_device[0]}"
+                                 ".decode is 'device'; use decode 'host' or extract_engine 'local'")
+        return self
+
     def encoder_configs(self) -> dict[str, EncoderConfig]:
         if self.encoders is not None:
             return self.encoders
@@ -303,9 +316,13 @@ def describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors(include_url=False):
         loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across sections: its message names the fields
+            parts.append(msg)
+            continue
         hidden = err["type"] in ("missing", "extra_forbidden") or loc.startswith("store.storage_options")  # secrets
         given = "" if hidden else f" (got {err.get('input')!r})"
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}{given}")
+        parts.append(f"{loc}: {msg}{given}")
     return "; ".join(parts)
 
 

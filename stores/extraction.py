@@ -6,12 +6,13 @@ rows removed from the source leave the dataset table (older Lance versions keep 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +35,7 @@ class ExtractReport:
     lance_version: int  # the dataset table's version
     missing_counts: dict[str, dict[str, int]]
     seconds: float
+    # inputs per second of decoding + encoding time (the ray engine: summed over its workers)
     encode_items_per_s: dict[str, float] = field(default_factory=dict)
     indices: list[str] = field(default_factory=list)
     encoded: dict[str, int] = field(default_factory=dict)  # inputs encoded per modality (0: view untouched)
@@ -118,7 +120,9 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         if store.dataset_meta_path.exists() and store.dataset_meta["modalities"] != mods:
             raise StoreError(f"dataset table {store.dataset} holds modalities {store.dataset_meta['modalities']} "
                              f"but the source now has {mods}; set data.name to a new dataset name")
-        encoders = {m: build_encoder(m, enc_cfgs[m]) for m in mods}
+        # with the ray engine the encoders here only name and create the views (placeholders): on the CPU
+        local = {"device": "cpu"} if cfg.store.extract_engine == "ray" else {}
+        encoders = {m: build_encoder(m, enc_cfgs[m].model_copy(update=local)) for m in mods}
         views = store.views()
         for m in mods:
             views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, encoders[m].encode_placeholder().item())
@@ -140,10 +144,15 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         timing: Counter = Counter()
         bar = tqdm(total=len(work), desc=f"extract {store.name}", disable=not progress, unit="item")
         raw_of = {r.id: r.payload for r in ds.records}
-        for start in range(0, len(work), cfg.store.write_every):
-            chunk = work[start : start + cfg.store.write_every]
-            feats = {m: _view_features(views[m], encoders[m], m, chunk, raw_of, ds, have, timing,
-                                       enc_cfgs[m].batch_size) for m in mods}
+        plan = _plan(work, mods, have, cfg.store.write_every)
+        encoded = _encoded(cfg, plan, encoders, lambda m, pairs: [(k, ds.raw(m, raw_of[i][m])) for k, i in pairs])
+        for chunk, todo in plan:
+            feats = {}
+            for m in mods:
+                new_inputs, seconds = next(encoded)  # this chunk's inputs of modality m that the view lacks
+                timing[m + "_s"] += seconds
+                timing[m + "_n"] += len(new_inputs)
+                feats[m] = _view_features(views[m], encoders[m], m, chunk, new_inputs, have)
             search = []
             for r in chunk:
                 issues = {m: feats[m][r[f"{m}_key"]]["reason"] for m in mods
@@ -159,6 +168,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
             if len(fresh) < len(search):
                 store.upsert_search([s for s in search if s["id"] in in_search], vec_dim, new=False)
             bar.update(len(chunk))
+        encoded.close()  # the ray engine's job ends here (or when an error unwinds this frame)
         bar.close()
 
         added = sum(r["id"] not in in_search for r in work)
@@ -177,22 +187,77 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                          meta["versions"])
 
 
-def _view_features(view: View, encoder: Encoder, m: str, chunk: list[dict], payloads: dict, ds: Dataset,
-                   have: dict[str, dict], timing: Counter, batch_size: int) -> dict[str, dict]:
-    """key -> {present, reason, vec} for the chunk's keys of modality ``m``: inputs not yet in the view are
-    encoded and committed (one Lance commit), the rest read back from the view."""
+Chunk = tuple[list[dict], dict[str, list[tuple[str, str]]]]
+
+
+def _plan(work: list[dict], mods: list[str], have: dict[str, dict], write_every: int) -> list[Chunk]:
+    """The work in commit chunks of ``write_every`` rows, each with, per modality, the (content key, id of its
+    first row) pairs to encode: keys not in the view yet, each once per run (a later chunk reads it back)."""
+    planned: dict[str, set[str]] = {m: set() for m in mods}
+    plan = []
+    for start in range(0, len(work), write_every):
+        chunk, todo = work[start : start + write_every], {}
+        for m in mods:
+            first: dict[str, str] = {}
+            for r in chunk:
+                if (k := r[f"{m}_key"]) not in have[m] and k not in planned[m]:
+                    first.setdefault(k, r["id"])
+            planned[m].update(first)
+            todo[m] = list(first.items())
+        plan.append((chunk, todo))
+    return plan
+
+
+def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encoder],
+             items: Callable[[str, list[tuple[str, str]]], list[tuple[str, Any]]]) -> Iterator[tuple[list, float]]:
+    """Per chunk and modality of ``plan``, in plan order, lazily: the list of (key, features or reason) and the
+    seconds spent decoding and encoding it. Encoded in this process chunk by chunk (``store.extract_engine:
+    local``), or by one streaming Ray Data job over the whole plan (``ray``; seconds summed over its workers), its
+    batches regrouped per chunk as they arrive."""
+    enc_cfgs = cfg.encoder_configs()
+    if cfg.store.extract_engine == "local":
+        for _, todo in plan:
+            for m, pairs in todo.items():
+                t0 = time.perf_counter()
+                got = list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size)) if pairs else []
+                yield got, (time.perf_counter() - t0) if pairs else 0.0
+        return
+    from . import ray_extraction
+
+    size = {m: c.batch_size for m, c in enc_cfgs.items()}
+    batches = [(m, _absolute(m, items(m, pairs[i : i + size[m]]))) for _, todo in plan
+               for m, pairs in todo.items() for i in range(0, len(pairs), size[m])]
+    if batches:  # a run with nothing to encode starts no cluster
+        ray_extraction.connect(cfg.ray)
+    stream = ray_extraction.encode_batches(enc_cfgs, batches, actors=cfg.ray.encode_actors,
+                                           cpus_per_actor=cfg.ray.encode_cpus_per_actor)
+    try:
+        for _, todo in plan:
+            for m, pairs in todo.items():
+                parts = [next(stream) for _ in range(-(-len(pairs) // size[m]))]
+                got = [x for _, encoded, _ in parts for x in encoded]
+                if [k for k, _ in got] != [k for k, _ in pairs]:  # a guard: order is Ray Data's promise
+                    raise StoreError(f"the Ray encoder returned {m} inputs out of order; this chunk's search "
+                                     "rows were not written (a rerun resumes)")
+                yield got, sum(seconds for *_, seconds in parts)
+    finally:
+        stream.close()  # stops the Ray Data job if extraction ends early
+
+
+def _absolute(m: str, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """File paths made absolute: a Ray worker's working directory is not the driver's."""
+    if m == "text":
+        return items
+    return [(k, os.path.abspath(raw) if isinstance(raw, str) and os.path.exists(raw) else raw) for k, raw in items]
+
+
+def _view_features(view: View, encoder: Encoder, m: str, chunk: list[dict], encoded: list[tuple[str, Any]],
+                   have: dict[str, dict]) -> dict[str, dict]:
+    """key -> {present, reason, vec} for the chunk's keys of modality ``m``: the chunk's newly ``encoded`` inputs
+    are committed to the view (one Lance commit), the rest read back from the view."""
     keys = list(dict.fromkeys(r[f"{m}_key"] for r in chunk))
-    todo = [k for k in keys if k not in have[m]]
     out: dict[str, dict] = {}
-    if todo:
-        first = {}
-        for r in chunk:
-            first.setdefault(r[f"{m}_key"], r["id"])
-        items = [(k, ds.raw(m, payloads[first[k]][m])) for k in todo]
-        t0 = time.perf_counter()
-        encoded = list(encode_items(encoder, m, items, batch_size))
-        timing[m + "_s"] += time.perf_counter() - t0
-        timing[m + "_n"] += len(encoded)
+    if encoded:
         placeholder = encoder.encode_placeholder().item() if any(isinstance(f, str) for _, f in encoded) else None
         rows = [(k, dict(f, present=True, reason=None) if isinstance(f, dict) else
                  dict(placeholder, present=False, reason=f)) for k, f in encoded]
