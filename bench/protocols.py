@@ -120,6 +120,8 @@ def measure(ds: str, args, base: ExperimentConfig, plan: dict, log: Path) -> lis
                 if key in done and need <= set(done[key]["scenarios"]):
                     results.append(done[key])
                     continue
+                if args.report_only:
+                    continue
                 cfg = run_config(base, head, train, tests, seed, args.tuned, args.epochs)
                 t0 = time.perf_counter()
                 r = train_and_evaluate(cfg)
@@ -248,6 +250,7 @@ def main() -> None:
     ap.add_argument("--weak", help="the weaker modality for protocol c (default: per dataset)")
     ap.add_argument("--set", action="append", default=[], help="config override for every run")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--report-only", action="store_true", help="tables from the finished runs only; train nothing")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
