@@ -224,7 +224,7 @@ def verdict_table(results: list[dict]) -> tuple[str, dict[str, float]]:
         return a.mean() - b.mean(), 2 * var ** 0.5
 
     lines = ["| head | complete | grid mean | complete - best baseline (± 2 se) | grid mean - moddrop (± 2 se) "
-             "| meets the bar |", "|---|---|---|---|---|---|"]
+             "| meets the bar | seeds |", "|---|---|---|---|---|---|---|"]
     flat = {}
     for h in [h for h in ROBUST + BASELINES if h in by_head]:
         (dc, sc), (dg, sg) = diff(h, best, "complete_acc"), diff(h, "moddrop", "grid_mean_acc")
@@ -235,7 +235,7 @@ def verdict_table(results: list[dict]) -> tuple[str, dict[str, float]]:
         flat.update({f"verdict/{h}/complete": c.mean(), f"verdict/{h}/grid_mean": g.mean()})
         cells = [cell(list(c / 100)), cell(list(g / 100))]
         lines.append(f"| {by_head[h]} | {fmt(cells[0])} | {fmt(cells[1])} | {dc:+.1f} ± {sc:.1f} | "
-                     f"{dg:+.1f} ± {sg:.1f} | {ok} |")
+                     f"{dg:+.1f} ± {sg:.1f} | {ok} | {len(c)} |")
     return f"best baseline on complete data: {best}\n\n" + "\n".join(lines), flat
 
 
@@ -270,8 +270,8 @@ def main() -> None:
             sections.append(f"### {title}\n\n{text}\n")
             metrics.update({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"{p}/{k}"): v for k, v in flat.items()})
         md = (f"## {ds}: test accuracy (%), mean ± sd over seeds {args.seeds}; epochs "
-              f"{args.epochs or 'from config'}{', tuned' if args.tuned else ''}; 2-core CPU "
-              f"{time.perf_counter() - t0:.0f}s\n\n" + "\n".join(sections))
+              f"{args.epochs or 'from config'}{', tuned' if args.tuned else ''}"
+              + ("" if args.report_only else f"; 2-core CPU {time.perf_counter() - t0:.0f}s") + "\n\n" + "\n".join(sections))
         path = out / f"protocols-{ds}.md"
         path.write_text(md)
         print(md, flush=True)
