@@ -13,7 +13,8 @@ from .encoders import LOAD_WORKERS, BadInput, Encoder
 ABSENT = "absent in source"
 
 
-def _load(encoder: Encoder, ref: Any) -> tuple[Any, str | None]:
+def load_or_reason(encoder: Encoder, ref: Any) -> tuple[Any, str | None]:
+    """(decoded input, None), or (None, why it is unusable) for an absent or undecodable ``ref``."""
     if ref is None:
         return None, ABSENT
     try:
@@ -34,7 +35,7 @@ def encode_stream(encoder: Encoder, refs: Iterable[Any], batch_size: int, worker
                 ref = next(it, StopIteration)
                 if ref is StopIteration:
                     return
-                window.append(pool.submit(_load, encoder, ref))
+                window.append(pool.submit(load_or_reason, encoder, ref))
 
         fill()
         while window:

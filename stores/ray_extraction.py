@@ -18,9 +18,8 @@ import time
 from typing import Any, Iterable, Iterator
 
 from models.config import EncoderConfig, RayConfig
-from .encoders import BadInput, Encoder, build_encoder
-
-ABSENT = "absent in source"
+from .encode_stream import load_or_reason
+from .encoders import Encoder, build_encoder
 Items = list[tuple[str, Any]]  # (content key, raw input)
 Encoded = list[tuple[str, "dict[str, Any] | str"]]  # (content key, {vec, tok, emb} or the reason it is unusable)
 
@@ -55,14 +54,7 @@ def _decode(row: dict[str, Any], cfgs_json: dict[str, str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     modality, items = pickle.loads(row["batch"])
     encoder = _encoder(modality, cfgs_json[modality])  # for its ``load``: a CPU copy, decoding needs no GPU
-    out = []
-    for key, ref in items:
-        try:
-            if ref is None:
-                raise BadInput(ABSENT)
-            out.append((key, encoder.load(ref), None))
-        except BadInput as e:
-            out.append((key, None, str(e)))
+    out = [(key, *load_or_reason(encoder, ref)) for key, ref in items]
     return {"batch": pickle.dumps((modality, out), protocol=5), "seconds": time.perf_counter() - t0}
 
 
