@@ -10,13 +10,13 @@ from typing import Any, Iterable, Iterator
 
 from .encoders import LOAD_WORKERS, BadInput, Encoder
 
-ABSENT = "absent in source"
+ABSENT_REASON = "absent in source"  # the missing-modality reason of an input the source lacks
 
 
 def load_or_reason(encoder: Encoder, ref: Any) -> tuple[Any, str | None]:
     """(decoded input, None), or (None, why it is unusable) for an absent or undecodable ``ref``."""
     if ref is None:
-        return None, ABSENT
+        return None, ABSENT_REASON
     try:
         return encoder.load(ref), None
     except BadInput as e:

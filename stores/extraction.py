@@ -220,7 +220,7 @@ def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encod
             for m, pairs in todo.items():
                 t0 = time.perf_counter()
                 got = list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size)) if pairs else []
-                yield got, (time.perf_counter() - t0) if pairs else 0.0
+                yield got, time.perf_counter() - t0
         return
     from . import ray_extraction
 

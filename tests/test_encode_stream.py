@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.config import EncoderConfig
-from stores.encode_stream import ABSENT, encode_stream
+from stores.encode_stream import ABSENT_REASON, encode_stream
 from stores.encoders import build_encoder, load_image
 
 from conftest import make_manifest
@@ -39,7 +39,7 @@ def test_stream_keeps_order_and_reasons(image_refs):
     assert len(out) == len(refs)
     reasons = [r for _, r in out]
     assert reasons[0].startswith("unreadable image") and reasons[1].startswith("unreadable image")
-    assert reasons[-1] == ABSENT and all(r is None for r in reasons[2:-1])
+    assert reasons[-1] == ABSENT_REASON and all(r is None for r in reasons[2:-1])
     direct = enc.encode([enc.load(r) for r in image_refs[2:]])
     got = np.stack([f["vec"] for f, _ in out[2:-1]])
     np.testing.assert_allclose(got, direct.vec, rtol=0, atol=1e-5)
