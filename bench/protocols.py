@@ -269,10 +269,13 @@ def main() -> None:
             title, text, flat = protocol_table(p, [dict(r) for r in results], mods, weak)
             sections.append(f"### {title}\n\n{text}\n")
             metrics.update({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"{p}/{k}"): v for k, v in flat.items()})
+        tuned = [h for h in args.heads if args.tuned and tuned_path(base, h).exists()]
         md = (f"## {ds}: test accuracy (%), mean ± sd over seeds {args.seeds}; epochs "
-              f"{args.epochs or 'from config'}{', tuned' if args.tuned else ''}"
+              f"{args.epochs or 'from config'}"
+              + (f"; tuned (configs/tuned/): {', '.join(tuned) or 'none'}, the other heads on their defaults"
+                 if args.tuned else "")
               + ("" if args.report_only else f"; 2-core CPU {time.perf_counter() - t0:.0f}s") + "\n\n" + "\n".join(sections))
-        path = out / f"protocols-{ds}.md"
+        path = out / f"protocols-{ds}{'-tuned' if args.tuned else ''}.md"
         path.write_text(md)
         print(md, flush=True)
         log_tables_run(base.tracking, base.data.dataset_name, f"protocols-{ds}", {path.name: md}, metrics,
