@@ -12,7 +12,7 @@ from stores.feature_store import open_store
 from stores.tracking import Tracker, check_reachable
 from tasks.extraction import extract_features, version_store
 from tasks.reporting import report
-from tasks.training import train_head, update_champions
+from tasks.training import train_all, update_champions
 from flows.runners import sweep_task_runner, task_threads
 
 
@@ -28,7 +28,7 @@ def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int |
 @flow(name="train")
 def train_flow(config: ExperimentConfig) -> dict:
     """One head, one training pattern, one seed: train, evaluate the grid, register in MLflow."""
-    return train_head(config)
+    return train_all([config])[0]
 
 
 @flow(name="evaluate")
@@ -62,8 +62,7 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     Tracker(config.tracking, config.data.dataset_name)
     store = open_store(config)
     threads = task_threads(config)
-    futures = [train_head.submit(c, threads=threads, tags=tags) for c in sweep_configs(config)]
-    results = [f.result() for f in futures]
+    results = train_all(sweep_configs(config), threads, tags)
     metric = primary_metric(store.meta["task"])
     heads = sorted({c.head.label for c in sweep_configs(config)})
     champions = update_champions(config, heads, metric)

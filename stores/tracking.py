@@ -41,6 +41,18 @@ def _uri(cfg: TrackingConfig) -> str:
     return cfg.uri
 
 
+def tracking_target(cfg: TrackingConfig, dataset: str) -> str:
+    """Where a run lands: the backend URI with a relative sqlite or folder path resolved, and the experiment.
+    Part of the training cache key, so a result cached for one tracking store (another clone, a reset
+    ``mlruns/``, another server) is not answered in another, where its run does not exist."""
+    uri = cfg.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    elif "://" not in uri and not uri.startswith("databricks"):
+        uri = Path(uri).resolve().as_uri()
+    return f"{uri}#{cfg.experiment or dataset}"
+
+
 def artifact_uri(cfg: TrackingConfig) -> str:
     """``artifact_root`` as a URI: object-store URIs (s3://...) as given, folders resolved to file:// URIs."""
     root = str(cfg.artifact_root)
@@ -64,6 +76,15 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether ``run_id`` is a live (not deleted) run of this experiment."""
+        from mlflow.exceptions import MlflowException
+        try:
+            info = self.client.get_run(run_id).info
+        except MlflowException:
+            return False
+        return info.experiment_id == self.experiment_id and info.lifecycle_stage == "active"
 
     def model_name(self, head: str) -> str:
         """Registered model name: ``<dataset name>-<head>``."""

@@ -12,12 +12,13 @@ from models.config import ExperimentConfig
 from stores import progress
 from stores.feature_store import open_store
 from stores.runner import train_and_evaluate
-from stores.tracking import Tracker
+from stores.tracking import Tracker, tracking_target
 from .common import content_key, retry_transient
 
 
 def _train_key(context, parameters) -> str:
-    return content_key(parameters["cfg"], "train")
+    cfg = parameters["cfg"]
+    return content_key(cfg, "train", tracking_target(cfg.tracking, cfg.data.dataset_name))
 
 
 def run_label(cfg: ExperimentConfig) -> str:
@@ -50,6 +51,25 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
          seconds=result.seconds)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
     return {"run_id": run.run_id, **result.row()}
+
+
+def train_all(configs: list[ExperimentConfig], threads: int | None = None,
+              tags: dict[str, str] | None = None) -> list[dict]:
+    """``train_head`` over ``configs`` concurrently (on the flow's task runner). A result the cache answers
+    with an MLflow run that is gone (the run deleted, the tracking database reset) is trained again, bypassing
+    the cache: every returned ``run_id`` exists in the configured tracking store."""
+    if not configs:
+        return []
+    results = [f.result() for f in [train_head.submit(c, threads=threads, tags=tags) for c in configs]]
+    tracker = Tracker(configs[0].tracking, configs[0].data.dataset_name)
+    stale = [i for i, r in enumerate(results) if not tracker.has_run(r["run_id"])]
+    if stale:
+        get_run_logger().warning("%d cached training results had no MLflow run in %s: training them again",
+                                 len(stale), tracking_target(configs[0].tracking, configs[0].data.dataset_name))
+        again = train_head.with_options(refresh_cache=True)
+        for i, f in zip(stale, [again.submit(configs[i], threads=threads, tags=tags) for i in stale]):
+            results[i] = f.result()
+    return results
 
 
 @task(name="update-champions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)

@@ -98,10 +98,30 @@ def test_train_results_are_cached_by_content(pipeline_run):
     again = train_flow(one)
     assert again["run_id"] == first["run_id"]  # second call served from the cache, no new MLflow run
     moved = one.model_copy(deep=True)
-    moved.tracking.experiment = None  # tracking settings are not part of the key
+    moved.tracking.experiment = None  # the same experiment by default name: the same key
     assert train_flow(moved)["run_id"] == first["run_id"]
     other = one.model_copy(update={"seed": 5})
     assert train_flow(other)["run_id"] != first["run_id"]
+
+
+def test_a_cached_result_is_not_answered_where_its_run_does_not_exist(pipeline_run, tmp_path):
+    """Another tracking store (a fresh clone beside the same Prefect cache, a reset mlruns/) or a deleted run:
+    the head is trained again and logged there, instead of returning a run id that store does not have."""
+    from flows.pipeline import train_flow
+    cfg, _ = pipeline_run
+    one = cfg.model_copy(update={"head": __import__("models.heads", fromlist=["x"]).parse_head_config({"name": "early"}),
+                                 "seed": 6})
+    first = train_flow(one)["run_id"]
+    elsewhere = one.model_copy(deep=True)
+    elsewhere.tracking.uri = f"sqlite:///{tmp_path}/other/mlflow.db"
+    elsewhere.tracking.artifact_root = str(tmp_path / "other" / "art")
+    second = train_flow(elsewhere)["run_id"]
+    assert second != first and MlflowClient(elsewhere.tracking.uri).get_run(second).info.status == "FINISHED"
+    client = MlflowClient(cfg.tracking.uri)
+    client.delete_run(first)
+    third = train_flow(one)["run_id"]
+    assert third != first and client.get_run(third).info.lifecycle_stage == "active"
+    assert train_flow(one)["run_id"] == third  # and the cache answers with the new run from then on
 
 
 def test_evaluate_flow_on_registered_model(pipeline_run):
