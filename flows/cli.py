@@ -190,9 +190,9 @@ def cmd_pipeline(args) -> None:
 
 def cmd_compare(args) -> None:
     from stores.reporting import aggregate, json_rows
-    from stores.tracking import run_results
+    from stores.tracking import experiment_name, run_results
     cfg = _cfg(args)
-    experiment = cfg.tracking.experiment or cfg.data.dataset_name
+    experiment = experiment_name(cfg.tracking, cfg.data.dataset_name)
     scenarios, rows = aggregate(run_results(cfg.tracking, experiment, args.metric), args.metric)
     _show(args, {"experiment": experiment, "metric": args.metric, "table": json_rows(scenarios, rows)},
           lambda r: out.comparison(scenarios, rows, f"{experiment}: test {args.metric} (%)"))

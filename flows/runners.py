@@ -11,6 +11,7 @@ from prefect_ray.context import RemoteOptionsContext, remote_options
 
 from models.config import ExperimentConfig
 from stores.ray_extraction import init_kwargs
+from stores.tracking import absolute_sqlite_uri
 from tasks.training import threads_per_worker
 
 
@@ -55,9 +56,7 @@ def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
         cfg.store.cache_dir = Path(cfg.store.cache_dir).resolve()
     cfg.store.dvc_repo = Path(cfg.store.dvc_repo).resolve()
     cfg.data.data_dir = Path(cfg.data.data_dir).resolve()
-    uri = cfg.tracking.uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        cfg.tracking.uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    cfg.tracking.uri = absolute_sqlite_uri(cfg.tracking.uri)
     if "://" not in cfg.tracking.artifact_root:
         cfg.tracking.artifact_root = str(Path(cfg.tracking.artifact_root).resolve())
     return cfg

@@ -41,16 +41,26 @@ def _uri(cfg: TrackingConfig) -> str:
     return cfg.uri
 
 
+def absolute_sqlite_uri(uri: str) -> str:
+    """``sqlite:///relative/path`` with its path resolved against the working directory; other URIs as given."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def experiment_name(cfg: TrackingConfig, dataset: str) -> str:
+    """``tracking.experiment``, else the dataset name."""
+    return cfg.experiment or dataset
+
+
 def tracking_target(cfg: TrackingConfig, dataset: str) -> str:
     """Where a run lands: the backend URI with a relative sqlite or folder path resolved, and the experiment.
     Part of the training cache key, so a result cached for one tracking store (another clone, a reset
     ``mlruns/``, another server) is not answered in another, where its run does not exist."""
-    uri = cfg.uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    elif "://" not in uri and not uri.startswith("databricks"):
+    uri = absolute_sqlite_uri(cfg.uri)
+    if "://" not in uri and not uri.startswith("databricks"):
         uri = Path(uri).resolve().as_uri()
-    return f"{uri}#{cfg.experiment or dataset}"
+    return f"{uri}#{experiment_name(cfg, dataset)}"
 
 
 def artifact_uri(cfg: TrackingConfig) -> str:
@@ -69,7 +79,7 @@ class Tracker:
         check_reachable(cfg)
         mlflow.set_tracking_uri(_uri(cfg))
         self.client = MlflowClient(_uri(cfg))
-        self.experiment_name = cfg.experiment or dataset
+        self.experiment_name = experiment_name(cfg, dataset)
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is None:
             location = f"{artifact_uri(cfg).rstrip('/')}/{self.experiment_name}"
@@ -346,7 +356,7 @@ def end_parent_run(cfg: TrackingConfig, parent_id: str, metrics: dict[str, float
 def child_runs(cfg: TrackingConfig, experiment: str, parent_id: str) -> pd.DataFrame:
     """The child runs of ``parent_id`` (params, metrics, tags as columns)."""
     mlflow.set_tracking_uri(_uri(cfg))
-    return mlflow.search_runs(experiment_names=[cfg.experiment or experiment],
+    return mlflow.search_runs(experiment_names=[experiment_name(cfg, experiment)],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
