@@ -89,11 +89,20 @@ def head_specs(heads: list[str], modalities: list[str]) -> list[dict]:
                                           if name == "oracle" else [{"name": name}])]
 
 
+def with_head(base: ExperimentConfig, head: dict) -> ExperimentConfig:
+    return base.model_copy(update={"head": parse_head_config(head)})
+
+
+def tuned_applies(base: ExperimentConfig, head: dict, tuned: bool) -> bool:
+    """Whether ``--tuned`` gives this head a configs/tuned/ file (an oracle's names its modality)."""
+    return tuned and tuned_path(with_head(base, head), head["name"]).exists()
+
+
 def run_config(base: ExperimentConfig, head: dict, train: MissingPattern, tests: list[MissingPattern], seed: int,
                tuned: bool, epochs: int | None) -> ExperimentConfig:
-    cfg = base.model_copy(update={"head": parse_head_config(head)})
-    if tuned and (path := tuned_path(cfg, head["name"])).exists():
-        cfg = with_tree(cfg, load_tuned(path))
+    cfg = with_head(base, head)
+    if tuned_applies(base, head, tuned):
+        cfg = with_tree(cfg, load_tuned(tuned_path(cfg, head["name"])))
     # the config's grid (complete, each modality missing at every test rate: the grid mean of the verdict and the
     # gap_closed references at 100%) plus the protocol's other patterns as extras
     grid = robustness_grid(list(cfg.encoder_configs()), cfg.eval.test_rates)
@@ -105,6 +114,8 @@ def run_config(base: ExperimentConfig, head: dict, train: MissingPattern, tests:
 
 
 def run_key(head: dict, train: MissingPattern, seed: int, epochs: int | None, tuned: bool) -> str:
+    """``tuned``: whether a tuned config was applied to this head (not whether --tuned was given), so a head
+    with no configs/tuned/ file shares its default-config runs between the two reports."""
     return json.dumps([head, train.key, seed, epochs, tuned], sort_keys=True)
 
 
@@ -115,7 +126,7 @@ def measure(ds: str, args, base: ExperimentConfig, plan: dict, log: Path) -> lis
     for head in head_specs(args.heads, mods):
         for train, tests in plan.values():
             for seed in args.seeds:
-                key = run_key(head, train, seed, args.epochs, args.tuned)
+                key = run_key(head, train, seed, args.epochs, tuned_applies(base, head, args.tuned))
                 need = {scenario_slug(t, mods) for t in tests}
                 if key in done and need <= set(done[key]["scenarios"]):
                     results.append(done[key])
@@ -269,7 +280,7 @@ def main() -> None:
             title, text, flat = protocol_table(p, [dict(r) for r in results], mods, weak)
             sections.append(f"### {title}\n\n{text}\n")
             metrics.update({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"{p}/{k}"): v for k, v in flat.items()})
-        tuned = [h for h in args.heads if args.tuned and tuned_path(base, h).exists()]
+        tuned = [h["name"] for h in head_specs(args.heads, mods) if tuned_applies(base, h, args.tuned)]
         md = (f"## {ds}: test accuracy (%), mean ± sd over seeds {args.seeds}; epochs "
               f"{args.epochs or 'from config'}"
               + (f"; tuned (configs/tuned/): {', '.join(tuned) or 'none'}, the other heads on their defaults"

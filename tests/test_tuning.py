@@ -9,12 +9,12 @@ import torch
 
 from models.config import TrainConfig, load_config
 from models.heads import HEADS, parse_head_config
-from models.patterns import presence_mask
+from models.patterns import MissingPattern, presence_mask
 from models.search_spaces import SEARCH_SPACE
 from stores.feature_store import open_store
 from stores.gap import add_gap_closed, gap_closed
 from stores.runner import fit_head, train_and_evaluate, used_rows
-from stores.tuning import load_tuned, suggest, tune_head, with_tree
+from stores.tuning import load_tuned, suggest, tune_head, tuned_path, with_tree, write_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,6 +161,22 @@ def test_gap_closed_on_hand_made_numbers():
     table = markdown_table(scenarios, rows)
     assert "gap_closed_image" in table.splitlines()[0]
     assert next(r for r in rows if r["head"] == "mmp")["gap_closed_image"][0] == pytest.approx(0.75)
+
+
+def test_protocol_runs_of_a_head_with_no_tuned_file_are_shared_by_the_default_and_tuned_reports(tmp_path):
+    p = _protocols()
+    base = load_config(None, [f"tune.out_dir={tmp_path}"])
+    write_tuned(tuned_path(base, "srmm"), {"head": {"name": "srmm", "embed_scale": 8.0}, "train": {"lr": 2e-3}},
+                None, "test")
+    train, seed = MissingPattern(), 0
+    for head, tuned_file in (({"name": "srmm"}, True), ({"name": "moddrop"}, False),
+                             ({"name": "oracle", "modality": "image"}, False)):
+        assert p.tuned_applies(base, head, True) is tuned_file and not p.tuned_applies(base, head, False)
+        plain, tuned = (p.run_config(base, head, train, [], seed, t, None) for t in (False, True))
+        keys = {p.run_key(head, train, seed, None, p.tuned_applies(base, head, t)) for t in (False, True)}
+        # a tuned file changes the config and gets its own runs; without one the config and the run are the same
+        assert (plain != tuned) is tuned_file and len(keys) == (2 if tuned_file else 1)
+    assert p.run_config(base, {"name": "srmm"}, train, [], seed, True, None).head.embed_scale == 8.0
 
 
 def test_protocol_pattern_builders_give_the_exact_availability_levels():
