@@ -48,7 +48,7 @@ def _tune_cfg(colour_store, tmp_path, *extra):
     cfg, _ = colour_store
     return load_config(None, [f"{k}={v}" for k, v in cfg.flat().items() if k.startswith(("data.", "store.root"))
                               and v != "None"] + [
-        f"encoders.image.kind=efficientnet_lite0", "encoders.text.kind=minilm",
+        "encoders.image.kind=efficientnet_lite0", "encoders.text.kind=minilm",
         f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", f"tracking.artifact_root={tmp_path}/art",
         "train.epochs=2", "train.batch_size=16", "train.device=cpu", "tune.n_trials=2", "tune.prune=false",
         f"tune.out_dir={tmp_path}/tuned", *extra])
