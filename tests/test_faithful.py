@@ -276,3 +276,21 @@ def test_cmpt_lora_dropout_in_training_only():
     lin.eval()
     exact = lin.base(x) + (x @ lin.lora_a.T) @ lin.lora_b.T * lin.scale
     assert torch.allclose(lin(x), exact) and torch.allclose(lin(x), lin(x))
+
+
+def test_cmpt_encoder_stream_skips_the_batchs_all_padding_tail_with_the_same_outputs():
+    spec = cmpt_spec()
+    head = cmpt(spec, {"text": bert_blocks()}).eval()
+    b = cmpt_batch(spec, n=3)
+    b.emb_mask["text"] = torch.arange(7)[None] < torch.tensor([3, 2, 4])[:, None]  # longest real: 4 of 7
+    lengths = []
+    hook = head.streams["text"].register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        cls, proxies = head.run_stream("text", b)
+    hook.remove()
+    assert lengths == [4 + 1]  # 4 real columns and the proxy token, not 7 + 1
+    x, mask = b.emb["text"], b.emb_mask["text"]
+    with torch.no_grad():
+        h = head.streams["text"](torch.cat([x[:, :1], head.proxy_tok["text_to_image"].expand(3, 1, -1), x[:, 1:]], 1),
+                                 torch.cat([mask[:, :1], torch.ones(3, 1, dtype=torch.bool), mask[:, 1:]], 1))
+    assert torch.allclose(cls, h[:, 0], atol=1e-5) and torch.allclose(proxies["image"], h[:, 1], atol=1e-5)

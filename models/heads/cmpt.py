@@ -9,7 +9,8 @@ from pydantic import Field
 from torch import nn
 
 from ..lora import DEFAULT_TARGETS, apply_lora
-from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, pool_tokens, register_head, usable
+from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, pool_tokens, register_head,
+                   trim_padding, usable)
 
 
 class EncoderBlocks(Protocol):
@@ -136,8 +137,8 @@ class CMPT(Head):
             x = stream.embed(x)
             x = torch.cat([self.cls_tok[m].to(x.dtype).expand(x.shape[0], 1, -1), x], 1)
             mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
-        else:
-            x, mask = batch.emb[m], batch.emb_mask[m]
+        else:  # the encoder's own blocks cost per token: skip the batch's all-padding tail
+            x, mask = trim_padding(batch.emb[m], batch.emb_mask[m])
         B, T = x.shape[:2]
         targets = [i for j, i in self.pairs if j == m]
         proxies = torch.stack([self.proxy_tok[f"{m}_to_{i}"] for i in targets]).to(x.dtype).expand(B, -1, -1) \
