@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import yaml
 
 from models.config import ConfigError, ExperimentConfig, load_config
 
@@ -64,3 +67,12 @@ def test_store_root_uri_stays_a_uri_and_credentials_stay_out_of_the_config():
     with pytest.raises(ConfigError, match="look like credentials: set them in the environment") as e:
         load_config(None, ["store.storage_options.aws_secret_access_key=hunter2"])
     assert "hunter2" not in str(e.value)
+
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").rglob("*.yaml")), ids=str)
+def test_every_shipped_config_loads_and_a_tuned_file_names_its_head(path):
+    cfg = load_config(path)  # extra="forbid" and the ranges: a typo in a shipped file fails here
+    if path.parent.name == "tuned":  # configs/tuned/<source config>-<head>.yaml extends ../<source config>.yaml
+        source = yaml.safe_load(path.read_text())["extends"]
+        assert path.stem == f"{Path(source).stem}-{cfg.head.name}"
