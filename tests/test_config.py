@@ -70,7 +70,10 @@ def test_store_root_uri_stays_a_uri_and_credentials_stay_out_of_the_config():
 
 
 
-@pytest.mark.parametrize("path", sorted(Path("configs").rglob("*.yaml")), ids=str)
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_loads_and_a_tuned_file_names_its_head(path):
     cfg = load_config(path)  # extra="forbid" and the ranges: a typo in a shipped file fails here
     if path.parent.name == "tuned":  # configs/tuned/<source config>-<head>.yaml extends ../<source config>.yaml
