@@ -83,10 +83,16 @@ def training_plan(protocols: list[str], modalities: list[str], weak: str) -> dic
 
 
 # ---------------------------------------------------------------------- runs
-def head_specs(heads: list[str], modalities: list[str]) -> list[dict]:
-    """Head configs; ``oracle`` expands to one oracle per modality."""
-    return [h for name in heads for h in ([{"name": "oracle", "modality": m} for m in modalities]
-                                          if name == "oracle" else [{"name": name}])]
+def head_specs(heads: list[str], modalities: list[str], with_blocks: list[str] = ()) -> list[dict]:
+    """Head configs; ``oracle`` expands to one oracle per modality, ``oracle-lora`` to one LoRA oracle per
+    modality whose encoder has transformer blocks (``with_blocks``: the store's embedding-layer tokens)."""
+    expand = {"oracle": [{"name": "oracle", "modality": m} for m in modalities],
+              "oracle-lora": [{"name": "oracle", "modality": m, "backbone": "encoder+lora"} for m in with_blocks]}
+    return [h for name in heads for h in expand.get(name, [{"name": name}])]
+
+
+def block_modalities(store) -> list[str]:
+    return list(store.meta.get("emb_dim", {}))
 
 
 def with_head(base: ExperimentConfig, head: dict) -> ExperimentConfig:
@@ -121,9 +127,9 @@ def run_key(head: dict, train: MissingPattern, seed: int, epochs: int | None, tu
 
 def measure(ds: str, args, base: ExperimentConfig, plan: dict, log: Path) -> list[dict]:
     done = {r["key"]: r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
-    results = []
-    mods = open_store(base).modalities
-    for head in head_specs(args.heads, mods):
+    results, store = [], open_store(base)
+    mods = store.modalities
+    for head in head_specs(args.heads, mods, block_modalities(store)):
         for train, tests in plan.values():
             for seed in args.seeds:
                 key = run_key(head, train, seed, args.epochs, tuned_applies(base, head, args.tuned))
@@ -267,7 +273,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for ds in args.datasets:
         base = load_config(f"configs/{ds}.yaml", args.set)
-        mods = open_store(base).modalities
+        store = open_store(base)
+        mods = store.modalities
         weak = args.weak or WEAKER.get(ds, mods[-1])
         t0 = time.perf_counter()
         results = measure(ds, args, base, training_plan(args.protocols, mods, weak), out / f"protocols-{ds}.jsonl")
@@ -280,7 +287,8 @@ def main() -> None:
             title, text, flat = protocol_table(p, [dict(r) for r in results], mods, weak)
             sections.append(f"### {title}\n\n{text}\n")
             metrics.update({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"{p}/{k}"): v for k, v in flat.items()})
-        tuned = [h["name"] for h in head_specs(args.heads, mods) if tuned_applies(base, h, args.tuned)]
+        tuned = [h["name"] for h in head_specs(args.heads, mods, block_modalities(store))
+                 if tuned_applies(base, h, args.tuned)]
         md = (f"## {ds}: test accuracy (%), mean ± sd over seeds {args.seeds}; epochs "
               f"{args.epochs or 'from config'}"
               + (f"; tuned (configs/tuned/): {', '.join(tuned) or 'none'}, the other heads on their defaults"

@@ -62,18 +62,20 @@ def scenario_scalars(scenarios: list[Scenario]) -> dict[str, dict[str, float]]:
 
 
 def load_backbones(cfg: ExperimentConfig, meta: dict, head_cls) -> dict[str, torch.nn.Module]:
-    """Encoder transformer blocks for heads that run them (CMPT), for modalities whose store has
+    """Encoder transformer blocks for heads that run them (CMPT, the LoRA oracle), for modalities whose store has
     embedding-layer tokens (Hugging Face encoders)."""
-    if not getattr(head_cls, "needs_backbones", False) or getattr(cfg.head, "backbone", "auto") == "trainable_block":
+    if not getattr(head_cls, "needs_backbones", False) or cfg.head.encoder_blocks == "none":
         return {}
-    enc = cfg.encoder_configs()
+    enc, only = cfg.encoder_configs(), getattr(cfg.head, "modality", None)  # a unimodal head loads its own
     blocks = {}
     for m in meta.get("emb_dim", {}):
+        if only not in (None, m):
+            continue
         try:
             b = build_encoder(m, enc[m]).blocks()
         except ValueError as e:  # a family without a verified replay: auto falls back, "encoder" says why
-            if getattr(cfg.head, "backbone", "auto") == "encoder":
-                raise StoreError(f"head.backbone='encoder' for {m}: {e}") from None
+            if cfg.head.encoder_blocks == "required":
+                raise StoreError(f"head.backbone={cfg.head.backbone!r} for {m}: {e}") from None
             continue
         if b is not None:
             blocks[m] = b

@@ -294,3 +294,25 @@ def test_cmpt_encoder_stream_skips_the_batchs_all_padding_tail_with_the_same_out
         h = head.streams["text"](torch.cat([x[:, :1], head.proxy_tok["text_to_image"].expand(3, 1, -1), x[:, 1:]], 1),
                                  torch.cat([mask[:, :1], torch.ones(3, 1, dtype=torch.bool), mask[:, 1:]], 1))
     assert torch.allclose(cls, h[:, 0], atol=1e-5) and torch.allclose(proxies["image"], h[:, 1], atol=1e-5)
+
+
+def test_lora_oracle_is_cmpts_stream_alone_on_its_modality():
+    spec = cmpt_spec()
+    cfg = parse_head_config({"name": "oracle", "modality": "text", "backbone": "encoder+lora"})
+    assert cfg.label == "oracle-text-lora" and cfg.encoder_blocks == "required"
+    torch.manual_seed(0)
+    head = build_head(cfg, spec, {"text": bert_blocks()}).eval()
+    assert head.inputs == ("emb",) and head.variant == {"only": "text", "backbone": "encoder+lora"}
+    from models.lora import LoRALinear
+    loras = [m for m in head.modules() if isinstance(m, LoRALinear)]
+    assert loras and all(m.dropout.p == 0.1 for m in loras)  # CMPT's adapters (001 A3)
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("net.") for n in trainable)
+    b = cmpt_batch(spec)
+    b.vec = {}  # it reads no pooled vector
+    with torch.no_grad():
+        logits = head(b).logits
+        want = head.net(head.stream(b.emb["text"], b.emb_mask["text"])[:, 0])  # the encoder's own class token
+    assert torch.allclose(logits, want, atol=1e-5)
+    with pytest.raises(ValueError, match="no encoder blocks for 'image'"):
+        build_head(parse_head_config({"name": "oracle", "modality": "image", "backbone": "encoder+lora"}), spec, {})

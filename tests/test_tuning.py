@@ -200,3 +200,10 @@ def test_protocol_pattern_builders_give_the_exact_availability_levels():
     plan = p.training_plan(["a", "b", "c", "d"], mods, "image")  # a/b and c/d share their trainings
     assert sorted(plan) == ["complete", "map[both=70]", "map[image=70]", "map[text=70]"]
     assert len(plan["complete"][1]) == 7 + 6 - 3  # (100,100), (30,100), (0,100) are in both c and d
+
+
+def test_protocol_heads_expand_oracles_per_modality_and_lora_oracles_where_the_encoder_has_blocks():
+    specs = _protocols().head_specs(["mmp", "oracle", "oracle-lora"], ["image", "text"], ["text"])
+    assert specs == [{"name": "mmp"}, {"name": "oracle", "modality": "image"}, {"name": "oracle", "modality": "text"},
+                     {"name": "oracle", "modality": "text", "backbone": "encoder+lora"}]
+    assert [parse_head_config(s).label for s in specs[1:]] == ["oracle-image", "oracle-text", "oracle-text-lora"]

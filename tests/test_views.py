@@ -134,6 +134,11 @@ def test_ids_with_quotes_and_an_injected_split_filter(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- reproduce and gc (MLflow registry)
+# heads logged once and reproduced; the LoRA oracle runs MiniLM's blocks on the text modality alone
+REPRODUCED = {"early": {"name": "early"}, "srmm": {"name": "srmm"}, "mmp": {"name": "mmp"}, "cmpt": {"name": "cmpt"},
+              "oracle-text-lora": {"name": "oracle", "modality": "text", "backbone": "encoder+lora"}}
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A small store and one registered run per head family, logged to a real MLflow (sqlite)."""
@@ -146,8 +151,8 @@ def logged(tmp_path_factory):
     extract(cfg, progress=False)
     tracker = Tracker(cfg.tracking, "colours")
     runs = {}
-    for head in ("early", "srmm", "mmp", "cmpt"):
-        c = cfg.model_copy(update={"head": parse_head_config({"name": head})})
+    for head, raw in REPRODUCED.items():
+        c = cfg.model_copy(update={"head": parse_head_config(raw)})
         result = train_and_evaluate(c)
         runs[head] = (tracker.log_run(result), result.store["versions"])
     # the store moves on after the runs: new rows, so the latest versions differ from the logged ones
@@ -158,7 +163,7 @@ def logged(tmp_path_factory):
     return cfg, runs
 
 
-@pytest.mark.parametrize("head", ["early", "srmm", "mmp", "cmpt"])
+@pytest.mark.parametrize("head", list(REPRODUCED))
 def test_reproduce_matches_the_original_metrics_exactly(logged, head, tmp_path, capsys):
     from flows.cli import main
     cfg, runs = logged

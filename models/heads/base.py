@@ -94,6 +94,12 @@ class HeadConfig(BaseModel):
         """Short name of this configured head: registered model names, progress bars, console columns."""
         return self.name
 
+    @property
+    def encoder_blocks(self) -> Literal["none", "optional", "required"]:
+        """Whether this head runs the frozen encoders' transformer blocks (the store loads them only then):
+        "optional" takes them where the store has them, "required" refuses a modality without them."""
+        return "none"
+
 
 class Head(nn.Module):
     """Base class. Subclasses declare the cached inputs they read and implement ``forward``."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..lora import DEFAULT_TARGETS, apply_lora
+from ..lora import DEFAULT_TARGETS, LoRASettings, apply_lora
 from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, pool_tokens, register_head,
                    trim_padding, usable)
 
@@ -26,7 +26,26 @@ class EncoderBlocks(Protocol):
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
 
-class CMPTConfig(HeadConfig):
+def class_token_output(h: torch.Tensor, mask: torch.Tensor, source: str) -> torch.Tensor:
+    """The stream's class-token output [B, w] from its output tokens ``h`` over input tokens with ``mask`` (the
+    first ``mask.shape[1]`` positions of ``h``): position 0 ("first", "learned"), the last real token ("eos",
+    right-padded CLIP text) or the mask-aware mean ("none": Whisper encoder, wav2vec2)."""
+    if source in ("learned", "first"):
+        return h[:, 0]
+    if source == "eos":
+        return h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp_min(0)]
+    w = mask.unsqueeze(-1).to(h.dtype)
+    return (h[:, : mask.shape[1]] * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def lora_stream(blocks: nn.Module, cfg: LoRASettings) -> tuple[nn.Module, str]:
+    """The encoder's frozen blocks with LoRA adapters, and where their class token sits."""
+    apply_lora(blocks, getattr(blocks, "lora_targets", DEFAULT_TARGETS), cfg.lora_rank, cfg.lora_alpha,
+               cfg.lora_dropout)
+    return blocks, getattr(blocks, "cls_token", "first")
+
+
+class CMPTConfig(HeadConfig, LoRASettings):
     """CMPT (paper 001 §3; hyper-parameters from A3 Table 5). ``backbone``: "encoder" runs the encoder's own
     transformer blocks (frozen, LoRA rank ``lora_rank`` = 1, alpha 1, dropout 0.1 on q, k, v and the attention
     output, §3.5/A3) over the cached embedding-layer tokens (Eq. 1-3; Hugging Face transformers encoders, and
@@ -37,9 +56,6 @@ class CMPTConfig(HeadConfig):
 
     name: Literal["cmpt"] = "cmpt"
     backbone: Literal["auto", "encoder", "trainable_block"] = "auto"
-    lora_rank: int = Field(1, ge=1)
-    lora_alpha: float = Field(1.0, gt=0)
-    lora_dropout: float = Field(0.1, ge=0, lt=1)
     lam: float = Field(0.2, ge=0)  # Eq. 7
     d_model: int = Field(256, ge=1)  # trainable-block width, and the fusion width when stream widths differ
     max_tokens: int = Field(32, ge=1)  # trainable-block streams pool cached tokens (mask-aware) to this many
@@ -47,6 +63,10 @@ class CMPTConfig(HeadConfig):
     n_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     attn_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def encoder_blocks(self) -> str:
+        return {"auto": "optional", "encoder": "required", "trainable_block": "none"}[self.backbone]
 
 
 class TrainableBlock(nn.Module):
@@ -101,10 +121,7 @@ class CMPT(Head):
         self.streams = nn.ModuleDict()
         for m in mods:
             if cfg.backbone != "trainable_block" and m in backbones:
-                blocks = backbones[m]
-                apply_lora(blocks, getattr(blocks, "lora_targets", DEFAULT_TARGETS), cfg.lora_rank, cfg.lora_alpha,
-                           cfg.lora_dropout)
-                self.streams[m], self.cls_source[m] = blocks, getattr(blocks, "cls_token", "first")
+                self.streams[m], self.cls_source[m] = lora_stream(backbones[m], cfg)
             else:
                 self.streams[m] = TrainableBlock(spec.tok_dim[m], cfg.d_model, cfg.block_layers, cfg.n_heads,
                                                  cfg.dropout, cfg.attn_dropout)
@@ -151,12 +168,7 @@ class CMPT(Head):
             seq, seq_mask, at = torch.cat([x, proxies], 1), torch.cat([mask, real], 1), T
         h = stream(seq, seq_mask)
         out = {i: h[:, at + k] for k, i in enumerate(targets)}
-        if source in ("learned", "first"):
-            return h[:, 0], out
-        if source == "eos":  # tokens are right-padded: the end-of-text token is the last real one
-            return h[torch.arange(B, device=h.device), (mask.sum(1) - 1).clamp_min(0)], out
-        w = mask.unsqueeze(-1).to(h.dtype)
-        return (h[:, :T] * w).sum(1) / w.sum(1).clamp_min(1), out
+        return class_token_output(h, mask, source), out
 
     def proxy_in(self, j: str, i: str, proxy: torch.Tensor) -> torch.Tensor:
         """CMPT_{j->i} in modality i's width ("width_map" deviation only where the widths differ)."""
