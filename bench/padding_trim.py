@@ -30,7 +30,7 @@ def epoch_seconds(cfg, spec, meta, data, trim: bool) -> tuple[float, torch.nn.Mo
     """One training epoch of a fresh CMPT (same seed), and the trained head."""
     cmpt_module.trim_padding = trim_fn[trim]
     seed_everything(0)
-    head = build_head(parse_head_config({"name": "cmpt"}), spec, load_backbones(cfg, meta, cmpt_module.CMPT))
+    head = build_head(parse_head_config({"name": "cmpt"}), spec, load_backbones(cfg, meta))
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-3)
     head.train()
     t0 = time.perf_counter()

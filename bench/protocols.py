@@ -91,10 +91,6 @@ def head_specs(heads: list[str], modalities: list[str], with_blocks: list[str] =
     return [h for name in heads for h in expand.get(name, [{"name": name}])]
 
 
-def block_modalities(store) -> list[str]:
-    return list(store.meta.get("emb_dim", {}))
-
-
 def with_head(base: ExperimentConfig, head: dict) -> ExperimentConfig:
     return base.model_copy(update={"head": parse_head_config(head)})
 
@@ -125,11 +121,11 @@ def run_key(head: dict, train: MissingPattern, seed: int, epochs: int | None, tu
     return json.dumps([head, train.key, seed, epochs, tuned], sort_keys=True)
 
 
-def measure(ds: str, args, base: ExperimentConfig, plan: dict, log: Path) -> list[dict]:
+def measure(ds: str, args, base: ExperimentConfig, heads: list[dict], mods: list[str], plan: dict,
+            log: Path) -> list[dict]:
     done = {r["key"]: r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
-    results, store = [], open_store(base)
-    mods = store.modalities
-    for head in head_specs(args.heads, mods, block_modalities(store)):
+    results = []
+    for head in heads:
         for train, tests in plan.values():
             for seed in args.seeds:
                 key = run_key(head, train, seed, args.epochs, tuned_applies(base, head, args.tuned))
@@ -275,9 +271,11 @@ def main() -> None:
         base = load_config(f"configs/{ds}.yaml", args.set)
         store = open_store(base)
         mods = store.modalities
+        heads = head_specs(args.heads, mods, list(store.meta.get("emb_dim", {})))  # emb tokens: encoder blocks
         weak = args.weak or WEAKER.get(ds, mods[-1])
         t0 = time.perf_counter()
-        results = measure(ds, args, base, training_plan(args.protocols, mods, weak), out / f"protocols-{ds}.jsonl")
+        results = measure(ds, args, base, heads, mods, training_plan(args.protocols, mods, weak),
+                          out / f"protocols-{ds}.jsonl")
         sections, metrics = [], {}
         if {"c", "d"} & set(args.protocols):
             text, flat = verdict_table(results)
@@ -287,8 +285,7 @@ def main() -> None:
             title, text, flat = protocol_table(p, [dict(r) for r in results], mods, weak)
             sections.append(f"### {title}\n\n{text}\n")
             metrics.update({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", f"{p}/{k}"): v for k, v in flat.items()})
-        tuned = [h["name"] for h in head_specs(args.heads, mods, block_modalities(store))
-                 if tuned_applies(base, h, args.tuned)]
+        tuned = [h["name"] for h in heads if tuned_applies(base, h, args.tuned)]
         md = (f"## {ds}: test accuracy (%), mean ± sd over seeds {args.seeds}; epochs "
               f"{args.epochs or 'from config'}"
               + (f"; tuned (configs/tuned/): {', '.join(tuned) or 'none'}, the other heads on their defaults"

@@ -46,11 +46,10 @@ def cached_vs_reencode(ds_name: str, sample: int) -> str:
             enc.encode(items[i : i + ecfg.batch_size])
         enc_s[m] = (time.perf_counter() - t0) / len(items) * epoch_items
     rows = []
-    from models.heads.base import HEADS
     for name in ("srmm", "mmp", "cmpt"):
         head_cfg = parse_head_config({"name": name})
         run_cfg = cfg.model_copy(update={"head": head_cfg})
-        head = build_head(head_cfg, store.spec(), load_backbones(run_cfg, store.meta, HEADS[name].build))
+        head = build_head(head_cfg, store.spec(), load_backbones(run_cfg, store.meta))
         inputs, mods = tuple(head.inputs), store.modalities
         ph, masks = store.placeholders(inputs), MaskStore(store)
         t0 = time.perf_counter()

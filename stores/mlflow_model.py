@@ -23,14 +23,13 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from models.config import ExperimentConfig
         from models.heads import ModalitySpec, build_head
-        from models.heads.base import HEADS
         from stores.predict import Predictor
         from stores.runner import load_backbones
 
         cfg = ExperimentConfig.model_validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         extras = torch.load(context.artifacts["state"], map_location="cpu", weights_only=False)
-        backbones = load_backbones(cfg, meta, HEADS[cfg.head.name].build)
+        backbones = load_backbones(cfg, meta)
         head = build_head(cfg.head, ModalitySpec(**extras["spec"]), backbones)
         head.load_state_dict(extras["state_dict"])
         cfg.train.device = "cpu" if not torch.cuda.is_available() else cfg.train.device

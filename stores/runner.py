@@ -61,10 +61,10 @@ def scenario_scalars(scenarios: list[Scenario]) -> dict[str, dict[str, float]]:
     return {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)} for s in scenarios}
 
 
-def load_backbones(cfg: ExperimentConfig, meta: dict, head_cls) -> dict[str, torch.nn.Module]:
+def load_backbones(cfg: ExperimentConfig, meta: dict) -> dict[str, torch.nn.Module]:
     """Encoder transformer blocks for heads that run them (CMPT, the LoRA oracle), for modalities whose store has
-    embedding-layer tokens (Hugging Face encoders)."""
-    if not getattr(head_cls, "needs_backbones", False) or cfg.head.encoder_blocks == "none":
+    embedding-layer tokens (Hugging Face encoders); ``cfg.head.encoder_blocks`` says whether the head runs them."""
+    if cfg.head.encoder_blocks == "none":
         return {}
     enc, only = cfg.encoder_configs(), getattr(cfg.head, "modality", None)  # a unimodal head loads its own
     blocks = {}
@@ -153,8 +153,7 @@ def fit_head(cfg: ExperimentConfig, store: FeatureStore, on_epoch=None) -> tuple
     """Build ``cfg.head`` and fit it on train (under ``cfg.train_pattern``), selecting epochs on val. Reads the
     train and val splits only, never test (tuning relies on it)."""
     check_store(cfg, store)
-    from models.heads.base import HEADS
-    backbones = load_backbones(cfg, store.meta, HEADS[cfg.head.name].build)
+    backbones = load_backbones(cfg, store.meta)
     spec = store.spec()
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, spec, backbones)

@@ -69,7 +69,6 @@ def test_store_root_uri_stays_a_uri_and_credentials_stay_out_of_the_config():
     assert "hunter2" not in str(e.value)
 
 
-
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
