@@ -85,9 +85,12 @@ def training_plan(protocols: list[str], modalities: list[str], weak: str) -> dic
 # ---------------------------------------------------------------------- runs
 def head_specs(heads: list[str], modalities: list[str], with_blocks: list[str] = ()) -> list[dict]:
     """Head configs; ``oracle`` expands to one oracle per modality, ``oracle-lora`` to one LoRA oracle per
-    modality whose encoder has transformer blocks (``with_blocks``: the store's embedding-layer tokens)."""
+    modality whose encoder has transformer blocks (``with_blocks``: the store's embedding-layer tokens), and
+    ``<baseline>-lora`` to that baseline over LoRA streams (none where no encoder has blocks)."""
     expand = {"oracle": [{"name": "oracle", "modality": m} for m in modalities],
-              "oracle-lora": [{"name": "oracle", "modality": m, "backbone": "encoder+lora"} for m in with_blocks]}
+              "oracle-lora": [{"name": "oracle", "modality": m, "backbone": "encoder+lora"} for m in with_blocks],
+              **{f"{b}-lora": [{"name": b, "backbone": "encoder+lora"}] if with_blocks else []
+                 for b in ("early", "late", "moddrop")}}
     return [h for name in heads for h in expand.get(name, [{"name": name}])]
 
 

@@ -208,9 +208,11 @@ def neighbours(rows: list[dict], title: str) -> None:
 
 def short_head(variant: str) -> str:
     """A column-sized head name: the variant's paths stay in the report and the run's head_variant tag, except
-    the oracle's modality, which tells two oracle columns apart."""
+    the oracle's modality and a LoRA backbone, which tell two oracle or two baseline columns apart."""
     name, _, rest = variant.partition("[")
-    return f"{name}\n{rest.removeprefix('only:').rstrip(']')}" if name == "oracle" and rest else name
+    parts = dict(p.split(":", 1) for p in rest.rstrip("]").split(",") if ":" in p)
+    name += "-lora" if parts.get("backbone") == "encoder+lora" else ""
+    return f"{name}\n{parts['only']}" if "only" in parts else name
 
 
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:

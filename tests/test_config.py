@@ -57,6 +57,9 @@ def test_two_oracles_get_their_own_registered_names_and_columns():
     labels = {load_config(None, ["head.name=oracle", f"head.modality={m}"]).head.label for m in ("image", "audio")}
     assert labels == {"oracle-image", "oracle-audio"} and load_config(None, ["head.name=mmp"]).head.label == "mmp"
     assert short_head("oracle[only:audio]") == "oracle\naudio" and short_head("mmp[tokens:x]") == "mmp"
+    assert short_head("oracle[only:text,backbone:encoder+lora]") == "oracle-lora\ntext"
+    assert short_head("moddrop[backbone:encoder+lora,streams:text]") == "moddrop-lora" != short_head("moddrop")
+    assert short_head("cmpt[text:encoder+lora,image:trainable_block+learned_cls]") == "cmpt"
 
 
 def test_store_root_uri_stays_a_uri_and_credentials_stay_out_of_the_config():

@@ -316,3 +316,37 @@ def test_lora_oracle_is_cmpts_stream_alone_on_its_modality():
     assert torch.allclose(logits, want, atol=1e-5)
     with pytest.raises(ValueError, match="no encoder blocks for 'image'"):
         build_head(parse_head_config({"name": "oracle", "modality": "image", "backbone": "encoder+lora"}), spec, {})
+
+
+@pytest.mark.parametrize("name", ["early", "moddrop", "late"])
+def test_lora_baseline_reads_cmpts_stream_where_a_modality_has_blocks_and_the_pooled_vector_elsewhere(name):
+    spec = cmpt_spec()
+    cfg = parse_head_config({"name": name, "backbone": "encoder+lora"})
+    assert cfg.label == f"{name}-lora" and cfg.encoder_blocks == "optional"
+    torch.manual_seed(0)
+    head = build_head(cfg, spec, {"text": bert_blocks()}).eval()
+    assert head.inputs == ("emb", "vec") and head.variant == {"backbone": "encoder+lora", "streams": "text"}
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable)
+    assert not any(n.startswith("streams.") and "lora_" not in n for n in trainable)  # the encoder stays frozen
+    b = cmpt_batch(spec)
+    b.emb.pop("image")  # the image reads its pooled vector, the text the stream's class token (no pooled vector)
+    b.vec.pop("text")
+    plain_spec = cmpt_spec()
+    plain_spec.vec_dim["text"] = 32  # the pooled head over the stream's width
+    plain = build_head(parse_head_config({"name": name}), plain_spec).eval()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("streams.")})
+    with torch.no_grad():
+        logits = head(b).logits
+        b.vec["text"] = head.streams["text"](b.emb["text"], b.emb_mask["text"])[:, 0]  # the encoder's class token
+        assert torch.allclose(logits, plain(b).logits, atol=1e-5)  # = the pooled head on the stream's CLS
+        b.emb["text"] = b.emb["text"] + 1
+        assert not torch.allclose(logits, head(b).logits, atol=1e-3)
+        gone = cmpt_batch(spec, present=torch.tensor([[True, False]] * 6))  # missing text: zero-filled
+        gone.vec["text"] = torch.zeros(6, 32)
+        assert torch.allclose(head(gone).logits, plain(gone).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="no modality has encoder blocks"):
+        build_head(cfg, spec, {})
+    with pytest.raises(ValueError, match="fills with zeros only"):
+        build_head(parse_head_config({"name": name, "backbone": "encoder+lora", "fill": "placeholder"}), spec,
+                   {"text": bert_blocks()})
