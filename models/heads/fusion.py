@@ -19,7 +19,8 @@ class _FusionConfig(HeadConfig, LoRASettings):
     "encoder+lora" (this project's extension, label ``<name>-lora``) replaces it, for every modality whose
     encoder has transformer blocks, by the class-token output of those blocks with LoRA, CMPT's stream exactly
     (same rank, alpha, dropout, class token): the baseline fine-tuned as much as CMPT is, so that a comparison
-    with CMPT measures its proxy tokens and not its fine-tuning. Modalities without blocks keep the pooled vector."""
+    with CMPT measures its proxy tokens and not its fine-tuning, as 001 §4.6.1's ablation (ii) does (modality
+    dropout on the same LoRA-tuned encoders). Modalities without blocks keep the pooled vector."""
 
     hidden: int = Field(256, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
