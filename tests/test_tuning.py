@@ -211,3 +211,24 @@ def test_protocol_heads_expand_oracles_per_modality_and_lora_oracles_where_the_e
     assert lora == [{"name": "moddrop", "backbone": "encoder+lora"}, {"name": "early"}]
     assert parse_head_config(lora[0]).label == "moddrop-lora"
     assert _protocols().head_specs(["moddrop-lora"], ["image", "audio"], []) == []  # no encoder has blocks
+
+
+def test_protocol_verdict_keeps_a_lora_baseline_apart_from_the_baseline_the_bar_is_against():
+    p = _protocols()
+
+    def run(head, variant, complete, grid):
+        return {"head": head, "variant": variant, "train_pattern": "complete",
+                "summary": {"complete_acc": complete, "grid_mean_acc": grid}}
+
+    results = [run(h, v, c + d, g + d) for d in (0.0, 0.002, -0.002) for h, v, c, g in [
+        ("moddrop", "moddrop", 0.80, 0.70), ("early", "early", 0.81, 0.68),
+        ("moddrop", "moddrop[backbone:encoder+lora,streams:text]", 0.90, 0.78),
+        ("cmpt", "cmpt[text:encoder+lora]", 0.89, 0.77)]]
+    text, flat = p.verdict_table(results)
+    assert "best baseline on complete data: early" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[4:]}
+    assert flat["verdict/moddrop/grid_mean"] == pytest.approx(70.0)  # not pooled with the LoRA runs
+    assert flat["verdict/moddrop-lora/complete"] == pytest.approx(90.0)
+    assert "| +8.0 ± " in rows["cmpt[text:encoder+lora]"] and "| yes | 3 |" in rows["cmpt[text:encoder+lora]"]
+    lora = rows["moddrop[backbone:encoder+lora,streams:text]"]
+    assert lora.endswith("|  | 3 |")  # listed, no verdict of its own
