@@ -9,7 +9,7 @@ from torch import nn
 
 from ..lora import LoRASettings
 from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, trim_padding
-from .cmpt import class_token_output, lora_stream
+from .streams import class_token_output, lora_stream
 
 
 class OracleConfig(HeadConfig, LoRASettings):
