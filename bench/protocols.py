@@ -90,7 +90,7 @@ def head_specs(heads: list[str], modalities: list[str], with_blocks: list[str] =
     expand = {"oracle": [{"name": "oracle", "modality": m} for m in modalities],
               "oracle-lora": [{"name": "oracle", "modality": m, "backbone": "encoder+lora"} for m in with_blocks],
               **{f"{b}-lora": [{"name": b, "backbone": "encoder+lora"}] if with_blocks else []
-                 for b in ("early", "late", "moddrop")}}
+                 for b in BASELINES}}
     return [h for name in heads for h in expand.get(name, [{"name": name}])]
 
 
@@ -224,8 +224,9 @@ LORA_BASELINES = tuple(f"{b}-lora" for b in BASELINES)  # reported beside the ba
 
 
 def run_label(r: dict) -> str:
-    """A run's head as its config labels it: a baseline over LoRA streams is ``<name>-lora``, not ``<name>``."""
-    return r["head"] + ("-lora" if r["head"] in BASELINES and "backbone:encoder+lora" in r["variant"] else "")
+    """A run's head as its config labels it (from the head config in its run key): a baseline over LoRA streams
+    is ``<name>-lora``, not ``<name>``."""
+    return parse_head_config(json.loads(r["key"])[0]).label
 
 
 def verdict_table(results: list[dict]) -> tuple[str, dict[str, float]]:

@@ -1,6 +1,7 @@
 """Equal-budget tuning (Optuna + MLflow parent/child runs + Prefect), the unimodal oracle, gap_closed and the
 protocol benchmark's pattern builders."""
 import importlib.util
+import json
 from pathlib import Path
 
 import optuna
@@ -217,13 +218,15 @@ def test_protocol_verdict_keeps_a_lora_baseline_apart_from_the_baseline_the_bar_
     p = _protocols()
 
     def run(head, variant, complete, grid):
-        return {"head": head, "variant": variant, "train_pattern": "complete",
+        return {"head": head["name"], "variant": variant, "train_pattern": "complete",
+                "key": json.dumps([head, "complete", 0, None, True]),
                 "summary": {"complete_acc": complete, "grid_mean_acc": grid}}
 
+    lora_head = {"name": "moddrop", "backbone": "encoder+lora"}
     results = [run(h, v, c + d, g + d) for d in (0.0, 0.002, -0.002) for h, v, c, g in [
-        ("moddrop", "moddrop", 0.80, 0.70), ("early", "early", 0.81, 0.68),
-        ("moddrop", "moddrop[backbone:encoder+lora,streams:text]", 0.90, 0.78),
-        ("cmpt", "cmpt[text:encoder+lora]", 0.89, 0.77)]]
+        ({"name": "moddrop"}, "moddrop", 0.80, 0.70), ({"name": "early"}, "early", 0.81, 0.68),
+        (lora_head, "moddrop[backbone:encoder+lora,streams:text]", 0.90, 0.78),
+        ({"name": "cmpt"}, "cmpt[text:encoder+lora]", 0.89, 0.77)]]
     text, flat = p.verdict_table(results)
     assert "best baseline on complete data: early" in text
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[4:]}

@@ -9,9 +9,8 @@ from pydantic import Field
 from torch import nn
 
 from ..lora import LoRASettings
-from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, sample_keep_mask,
-                   trim_padding)
-from .streams import class_token_output, lora_stream
+from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, sample_keep_mask
+from .streams import lora_stream, stream_class_token
 
 
 class _FusionConfig(HeadConfig, LoRASettings):
@@ -69,8 +68,7 @@ class _FillMixin(Head):
         """Modality m's input vector: the LoRA stream's class-token output, or the frozen pooled vector."""
         if m not in self.streams:
             return batch.vec[m]
-        x, mask = trim_padding(batch.emb[m], batch.emb_mask[m])
-        return class_token_output(self.streams[m](x, mask), mask, self.cls_source[m])
+        return stream_class_token(self.streams[m], self.cls_source[m], batch.emb[m], batch.emb_mask[m])
 
     def filled(self, batch: FeatureBatch, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}

@@ -8,8 +8,8 @@ from pydantic import Field
 from torch import nn
 
 from ..lora import LoRASettings
-from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, trim_padding
-from .streams import class_token_output, lora_stream
+from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head
+from .streams import lora_stream, stream_class_token
 
 
 class OracleConfig(HeadConfig, LoRASettings):
@@ -69,8 +69,8 @@ class Oracle(Head):
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         if self.cfg.backbone == "encoder+lora":  # a missing row holds the encoder's placeholder tokens
-            x, mask = trim_padding(batch.emb[self.modality], batch.emb_mask[self.modality])
-            logits = self.net(class_token_output(self.stream(x, mask), mask, self.cls_source))
+            logits = self.net(stream_class_token(self.stream, self.cls_source, batch.emb[self.modality],
+                                                 batch.emb_mask[self.modality]))
             return HeadOutput(logits, self.zero(logits))
         v = batch.vec[self.modality]
         x = torch.where(batch.present[:, self.col : self.col + 1], v, self.placeholder.to(v.dtype))

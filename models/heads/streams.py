@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..lora import DEFAULT_TARGETS, LoRASettings, apply_lora
+from .base import trim_padding
 
 
 class EncoderBlocks(Protocol):
@@ -40,3 +41,10 @@ def lora_stream(blocks: nn.Module, cfg: LoRASettings) -> tuple[nn.Module, str]:
     apply_lora(blocks, getattr(blocks, "lora_targets", DEFAULT_TARGETS), cfg.lora_rank, cfg.lora_alpha,
                cfg.lora_dropout)
     return blocks, getattr(blocks, "cls_token", "first")
+
+
+def stream_class_token(stream: nn.Module, source: str, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The class-token output [B, w] of ``stream`` run alone (no proxy tokens) over a modality's cached
+    embedding-layer tokens, skipping the batch's all-padding tail: the LoRA oracle's and LoRA baselines' input."""
+    x, mask = trim_padding(emb, mask)
+    return class_token_output(stream(x, mask), mask, source)
