@@ -58,11 +58,13 @@ def quiet(debug: bool | None = None) -> None:
 
 def console(stderr: bool = False):
     """Rich console; printed to a file or pipe (a log), 100 columns instead of rich's 80 so a comparison of eight
-    heads fits on one line per scenario (a terminal keeps its own width; COLUMNS overrides both)."""
+    heads fits on one line per scenario (a terminal keeps its own width; COLUMNS overrides both). Markup is off:
+    everything printed is data (head variants such as ``cmpt[text:encoder+lora]``, titles, paths, errors), and
+    rich would take a bracketed part for a style tag and drop it."""
     from rich.console import Console
-    c = Console(stderr=stderr, highlight=False)
+    c = Console(stderr=stderr, highlight=False, markup=False)
     if not c.is_terminal and "COLUMNS" not in os.environ:
-        c = Console(stderr=stderr, highlight=False, width=100)
+        c = Console(stderr=stderr, highlight=False, markup=False, width=100)
     return c
 
 

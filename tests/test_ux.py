@@ -104,3 +104,13 @@ def test_store_error_is_one_line_without_traceback(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: no feature store") and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlruns").exists()  # no MLflow run opened
+
+
+def test_result_tables_print_bracketed_head_variants_whole(capsys):
+    from flows.console import key_values, note, records
+    variant = "moddrop[backbone:encoder+lora,streams:text]"  # rich markup would read [...] as a style tag
+    key_values({"variant": variant}, title="run")
+    records([{"variant": "cmpt[text:encoder+lora]"}])
+    note("source: Puma [bold] Shoes")
+    out = capsys.readouterr().out
+    assert variant in out and "cmpt[text:encoder+lora]" in out and "Puma [bold] Shoes" in out
