@@ -26,8 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.config import EncoderConfig
-from stores.encode_stream import encode_stream
-from stores.encoders import LOAD_WORKERS, _autocast, build_encoder
+from stores.encoders.stream import encode_stream
+from stores.encoders import LOAD_WORKERS, build_encoder
+from stores.encoders.base import autocast
 
 DATA = Path(os.environ.get("MM_DATASETS_DIR", "../shared/datasets"))
 # dense peak TFLOP/s by (device-name fragment, precision); fp32 is the non-tensor-core figure
@@ -49,7 +50,7 @@ def raw_inputs(modality: str, n: int, images: Path | None) -> list:
 @functools.lru_cache(maxsize=1)
 def random_effnet() -> str:
     """One random-weight EfficientNet-Lite0 file per run (every encoder built from it has the same weights)."""
-    from stores.effnet_lite import EfficientNetLite0
+    from stores.encoders.effnet_lite import EfficientNetLite0
     path = str(Path(tempfile.mkdtemp()) / "effnet-random.pth")
     torch.save(EfficientNetLite0().state_dict(), path)
     return path
@@ -172,7 +173,7 @@ def bare_forward_rate(enc, refs: list, batch: int, seconds: float = 3.0) -> floa
         inputs = {k: v.to(enc.device) for k, v in inputs.items()}
         step = lambda: enc.model(**inputs)  # noqa: E731
     n = len(refs[:batch])
-    with torch.inference_mode(), _autocast(enc.device, enc.precision):
+    with torch.inference_mode(), autocast(enc.device, enc.precision):
         step()
         _sync()
         reps, t0 = 0, time.perf_counter()
@@ -185,7 +186,7 @@ def bare_forward_rate(enc, refs: list, batch: int, seconds: float = 3.0) -> floa
 
 def pipeline_rate(enc, refs: list, batch: int, repeat: int = 2) -> float:
     """items/s of the extractor's whole path from raw files: decode-ahead threads, encode, features back on the
-    host (stores/encode_stream.py), best of ``repeat`` passes after a warm-up batch."""
+    host (stores/encoders/stream.py), best of ``repeat`` passes after a warm-up batch."""
     list(encode_stream(enc, refs[:batch], batch))
     best = float("inf")
     for _ in range(repeat):

@@ -15,11 +15,11 @@ import time
 import torch
 
 import models.heads.cmpt as cmpt_module
-from models.config import load_config
+from stores.config_files import load_config
 from models.heads import build_head, parse_head_config
 from models.training import TrainConfig, batches, predict, seed_everything
-from stores.feature_store import open_store
-from stores.runner import load_backbones
+from stores.features.feature_store import open_store
+from stores.encoders import load_backbones
 
 
 def untrimmed(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +30,8 @@ def epoch_seconds(cfg, spec, meta, data, trim: bool) -> tuple[float, torch.nn.Mo
     """One training epoch of a fresh CMPT (same seed), and the trained head."""
     cmpt_module.trim_padding = trim_fn[trim]
     seed_everything(0)
-    head = build_head(parse_head_config({"name": "cmpt"}), spec, load_backbones(cfg, meta))
+    backbones = load_backbones(cfg.head, cfg.encoder_configs(), meta.emb_dim)
+    head = build_head(parse_head_config({"name": "cmpt"}), spec, backbones)
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-3)
     head.train()
     t0 = time.perf_counter()

@@ -25,14 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from models.config import ExperimentConfig, load_config
+from models.config import ExperimentConfig
+from stores.config_files import load_config
 from models.heads import parse_head_config
 from models.patterns import MissingPattern, robustness_grid, scenario_slug
-from stores.feature_store import open_store
-from stores.gap import add_gap_closed
-from stores.runner import train_and_evaluate
-from stores.tracking import log_tables_run
-from stores.tuning import load_tuned, tuned_path, with_tree
+from stores.features.feature_store import open_store
+from runs.gap import add_gap_closed
+from runs.train import train_and_evaluate
+from models.records import RunRow
+from stores.tracking.studies import log_tables_run
+from runs.tune import load_tuned, tuned_path, with_tree
 
 HEADS = ["early", "late", "moddrop", "srmm", "mmp", "cmpt", "oracle"]
 PROTOCOLS = ["a", "b", "c", "d"]
@@ -141,7 +143,7 @@ def measure(ds: str, args, base: ExperimentConfig, heads: list[dict], mods: list
                 cfg = run_config(base, head, train, tests, seed, args.tuned, args.epochs)
                 t0 = time.perf_counter()
                 r = train_and_evaluate(cfg)
-                row = {**r.row(), "key": key, "epochs": cfg.train.epochs, "best_epoch": r.fit.best_epoch,
+                row = {**r.row().as_dict(), "key": key, "epochs": cfg.train.epochs, "best_epoch": r.fit.best_epoch,
                        "seconds": time.perf_counter() - t0}
                 results.append(row)
                 with log.open("a") as f:
@@ -202,7 +204,8 @@ def protocol_table(protocol: str, results: list[dict], mods: list[str], weak: st
         return title, text, flat
     if protocol == "c":
         complete = [r for r in results if r["train_pattern"] == "complete"]
-        gaps = add_gap_closed(complete, "acc", mods)
+        # the rows share their summary dicts with ``complete``: the gaps land in both
+        gaps = add_gap_closed([RunRow.from_dict(r) for r in complete], "acc", mods)
         extra = {f"{v}|complete": {g: cell([r["summary"][g] for r in complete if r["variant"] == v
                                             and g in r["summary"]]) for g in gaps}
                  for v in {r["variant"] for r in complete}}
@@ -283,7 +286,7 @@ def main() -> None:
         base = load_config(f"configs/{ds}.yaml", args.set)
         store = open_store(base)
         mods = store.modalities
-        heads = head_specs(args.heads, mods, list(store.meta.get("emb_dim", {})))  # emb tokens: encoder blocks
+        heads = head_specs(args.heads, mods, list(store.meta.emb_dim))  # emb tokens: encoder blocks
         weak = args.weak or WEAKER.get(ds, mods[-1])
         t0 = time.perf_counter()
         results = measure(ds, args, base, heads, mods, training_plan(args.protocols, mods, weak),

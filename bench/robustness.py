@@ -10,10 +10,11 @@ import json
 import time
 from pathlib import Path
 
-from models.config import load_config
+from stores.config_files import load_config
 from models.heads import parse_head_config
-from stores.reporting import aggregate, markdown_table
-from stores.runner import train_and_evaluate
+from models.records import RunRow
+from runs.reporting import aggregate, markdown_table
+from runs.train import train_and_evaluate
 
 HEADS = ["early", "late", "moddrop", "srmm", "mmp", "cmpt"]
 
@@ -44,13 +45,13 @@ def main() -> None:
                 cfg = cfg.model_copy(update={"head": parse_head_config({"name": head})})
                 t0 = time.perf_counter()
                 r = train_and_evaluate(cfg)
-                row = {**r.row(), "seconds": time.perf_counter() - t0}
+                row = {**r.row().as_dict(), "seconds": time.perf_counter() - t0}
                 results.append(row)
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{ds} {r.variant} seed {seed}: grid mean {r.summary['grid_mean_acc']:.3f} "
                       f"({row['seconds']:.0f}s)", flush=True)
-        scenarios, rows = aggregate(results, "acc")
+        scenarios, rows = aggregate([RunRow.from_dict(r) for r in results], "acc")
         table = markdown_table(scenarios, rows)
         secs = {r["variant"]: 0.0 for r in results}
         for r in results:

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"  # time the training, not the cache
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 
-from models.config import load_config  # noqa: E402
+from stores.config_files import load_config  # noqa: E402
 
 DATA = Path(os.environ.get("MM_DATASETS_DIR", "../shared/datasets"))
 

@@ -19,16 +19,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from models.config import load_config
+from stores.config_files import load_config
 from models.heads import build_head, parse_head_config
 from models.training import TrainConfig, fit
 from stores.datasets import load_dataset
 from stores.encoders import build_encoder
 from models.features import take
-from stores import filters
-from stores.feature_store import FeatureStore, decode_tokens, open_store
-from stores.masks import MaskStore
-from stores.runner import load_backbones, prepare
+from stores.features import filters
+from stores.features.feature_store import FeatureStore, decode_tokens, open_store
+from stores.features.masks import MaskStore
+from runs.train import prepare
+from stores.encoders import load_backbones
 
 
 def cached_vs_reencode(ds_name: str, sample: int) -> str:
@@ -49,7 +50,8 @@ def cached_vs_reencode(ds_name: str, sample: int) -> str:
     for name in ("srmm", "mmp", "cmpt"):
         head_cfg = parse_head_config({"name": name})
         run_cfg = cfg.model_copy(update={"head": head_cfg})
-        head = build_head(head_cfg, store.spec(), load_backbones(run_cfg, store.meta))
+        backbones = load_backbones(run_cfg.head, run_cfg.encoder_configs(), store.meta.emb_dim)
+        head = build_head(head_cfg, store.spec(), backbones)
         inputs, mods = tuple(head.inputs), store.modalities
         ph, masks = store.placeholders(inputs), MaskStore(store)
         t0 = time.perf_counter()
@@ -143,7 +145,7 @@ def reader(ds_name: str) -> str:
             for m in store.modalities:
                 ids = [row_ids[m][k] for k in keys[f"{m}_key"].take(i).to_pylist()]
                 t = tables[m].take_row_ids(ids).select(["tok", "ntok"]).to_arrow()
-                decode_tokens(t["tok"], t["ntok"].fill_null(0).to_numpy(), meta["tok_dim"][m], meta["tok_len"][m])
+                decode_tokens(t["tok"], t["ntok"].fill_null(0).to_numpy(), meta.tok_dim[m], meta.tok_len[m])
 
     def npy_rand():
         mm = {k: np.load(tmp / f"{k}.npy", mmap_mode="r") for k in arrays}

@@ -25,8 +25,8 @@ from models.training import TrainConfig, fit, predict
 
 
 def export(path: Path) -> None:
-    from models.config import load_config
-    from stores.feature_store import open_store
+    from stores.config_files import load_config
+    from stores.features.feature_store import open_store
 
     store = open_store(load_config("configs/fashion.yaml"))
     spec = store.spec()

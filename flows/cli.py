@@ -14,7 +14,7 @@ out.quiet()  # before any third-party import; runs again in Prefect's worker pro
 
 
 def _cfg(args):
-    from models.config import load_config
+    from stores.config_files import load_config
     return load_config(args.config, args.set)
 
 
@@ -26,15 +26,14 @@ def _show(args, result, human) -> None:
         human(result)
 
 
-def _sweep_output(args, cfg, swept: dict, extra: dict | None = None) -> None:
+def _sweep_output(args, cfg, swept, extra: dict | None = None) -> None:
+    """A sweep's (``SweepResult``) table, champions and report; ``extra`` (the pipeline's extraction) first."""
     from models.metrics import primary_metric
-    from stores.reporting import aggregate, json_rows
+    from runs.reporting import aggregate, json_rows
     metric = primary_metric("multilabel" if cfg.data.dataset == "mmimdb" else "multiclass")
-    scenarios, rows = aggregate(swept["results"], metric)
-    result = {**(extra or {}), "report": swept["report"], "champions": swept["champions"],
-              "table": json_rows(scenarios, rows),
-              "runs": [{k: r[k] for k in ("run_id", "variant", "seed", "train_pattern", "summary", "seconds")}
-                       for r in swept["results"]]}
+    scenarios, rows = aggregate(swept.results, metric)
+    result = {**(extra or {}), "report": swept.report, "champions": [c.as_dict() for c in swept.champions],
+              "table": json_rows(scenarios, rows), "runs": [r.brief() for r in swept.results]}
 
     def human(res):
         if extra and "extract" in extra:
@@ -49,27 +48,27 @@ def _sweep_output(args, cfg, swept: dict, extra: dict | None = None) -> None:
 
 def cmd_extract(args) -> None:
     from flows.pipeline import extract_flow
-    _show(args, extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows),
+    _show(args, extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows).as_dict(),
           lambda r: out.key_values(r, title="extraction"))
 
 
 def cmd_info(args) -> None:
-    from stores.feature_store import open_store
-    from stores.location import StoreLocation
-    from stores.store_admin import overview
+    from stores.features.admin import overview
+    from stores.features.feature_store import open_store
+    from stores.features.location import StoreLocation
     cfg = _cfg(args)
     res = overview(StoreLocation.for_config(cfg.store))
     try:
-        res["config"] = open_store(cfg).info()
+        res["config"] = open_store(cfg).info().as_dict()
     except Exception as e:  # noqa: BLE001 - the listing is still useful when this config's store is absent
         res["config"] = f"not extracted: {e}"
     _show(args, res, out.store_overview)
 
 
 def cmd_gc(args) -> None:
-    from stores.location import StoreLocation
-    from stores.store_admin import gc
-    from stores.tracking import pinned_store_versions
+    from stores.features.admin import gc
+    from stores.features.location import StoreLocation
+    from stores.tracking.lineage import pinned_store_versions
     cfg = _cfg(args)
     pinned = pinned_store_versions(cfg.tracking)
     res = {"pinned_by_registered_runs": pinned,
@@ -79,18 +78,14 @@ def cmd_gc(args) -> None:
 
 
 def cmd_migrate(args) -> None:
-    from stores.extraction import extract
-    from stores.store_admin import migrate_legacy
-    cfg = _cfg(args)
-    res = migrate_legacy(cfg)
-    res["extract"] = extract(cfg, progress=False).as_dict()
-    _show(args, res, lambda r: out.key_values(r, title="store migrate"))
+    from flows.pipeline import migrate_flow
+    _show(args, migrate_flow(_cfg(args)), lambda r: out.key_values(r, title="store migrate"))
 
 
 def query_filter(args, classes: list[str]) -> str | None:
-    """The Lance filter of ``mm query``'s options, built from typed values (stores/filters.py); ``--where`` is
+    """The Lance filter of ``mm query``'s options, built from typed values (stores/features/filters.py); ``--where`` is
     the user's own SQL and is ANDed in parenthesised."""
-    from stores import filters
+    from stores.features import filters
     clauses = [args.where]
     if args.split:
         clauses.append(filters.eq("split", args.split))
@@ -103,8 +98,8 @@ def query_filter(args, classes: list[str]) -> str | None:
 
 
 def cmd_query(args) -> None:
-    from stores.feature_store import open_store
     from stores.encoders import build_encoder
+    from stores.features.feature_store import open_store
 
     cfg = _cfg(args)
     store = open_store(cfg)
@@ -116,7 +111,7 @@ def cmd_query(args) -> None:
         mod = "text" if args.text is not None else "image" if args.image else "audio"
         enc = build_encoder(mod, cfg.encoder_configs()[mod])
         vec = enc.encode([enc.load(raw)]).vec[0]
-    classes = store.meta["classes"]
+    classes = store.meta.classes
     hits = store.search(vec, mod, args.k, query_filter(args, classes), exact=args.exact, nprobes=args.nprobes)
     rows = [{"id": r["id"], "split": r["split"], "label": classes[r["label"]] if r["label"] >= 0 else None,
              "distance": round(r["_distance"], 4), "source": json.loads(r["source"])} for r in hits.to_pylist()]
@@ -126,21 +121,8 @@ def cmd_query(args) -> None:
 
 def cmd_reproduce(args) -> None:
     """Re-run a logged run from its config and the store versions it read; its metrics beside the original."""
-    from models.config import ExperimentConfig, _set, parse_override
-    from stores.runner import train_and_evaluate
-    from stores.tracking import logged_run
-
-    logged = logged_run(_cfg(args).tracking, args.run_id)
-    tree = logged["config"]
-    for item in args.set:  # e.g. store.root when the store moved; the versions always come from the run
-        _set(tree, *parse_override(item))
-    tree.setdefault("store", {})["versions"] = logged["versions"]
-    result = train_and_evaluate(ExperimentConfig.model_validate(tree))
-    new = result.scalar_metrics()
-    rows = [{"metric": k, "original": v, "reproduced": new.get(k), "equal": new.get(k) == v}
-            for k, v in sorted(logged["metrics"].items()) if k in new and k != "fit/seconds"]
-    res = {"run_id": args.run_id, "versions": logged["versions"], "identical": all(r["equal"] for r in rows),
-           "metrics": rows}
+    from flows.pipeline import reproduce_flow
+    res = reproduce_flow(_cfg(args), args.run_id, args.set).as_dict()  # --set: e.g. store.root when it moved
     _show(args, res, lambda r: (out.records(r["metrics"], title=f"reproduce {r['run_id']}"),
                                 out.note(f"identical: {r['identical']}; versions: {r['versions']}")))
 
@@ -149,8 +131,7 @@ def cmd_train(args) -> None:
     from flows.pipeline import train_flow
     with out.training_progress(not args.json):
         res = train_flow(_cfg(args))
-    _show(args, {k: res[k] for k in ("run_id", "variant", "seed", "train_pattern", "summary", "seconds")},
-          lambda r: out.key_values(r, title="run"))
+    _show(args, res.brief(), lambda r: out.key_values(r, title="run"))
 
 
 def cmd_tune(args) -> None:
@@ -169,7 +150,7 @@ def cmd_evaluate(args) -> None:
     def human(r):
         out.key_values({"model": r["model_uri"], **r["summary"]}, title="summary")
         out.records([{"scenario": s, **m} for s, m in r["scenarios"].items()], title="test scenarios")
-    _show(args, evaluate_flow(_cfg(args), args.model), human)
+    _show(args, evaluate_flow(_cfg(args), args.model).as_dict(), human)
 
 
 def cmd_sweep(args) -> None:
@@ -185,12 +166,12 @@ def cmd_pipeline(args) -> None:
     cfg = _cfg(args)
     with out.training_progress(not args.json):
         res = pipeline_flow(cfg, version=not args.no_dvc)
-    _sweep_output(args, cfg, res, {"extract": res["extract"]})
+    _sweep_output(args, cfg, res.sweep, {"extract": res.extract.as_dict()})
 
 
 def cmd_compare(args) -> None:
-    from stores.reporting import aggregate, json_rows
-    from stores.tracking import experiment_name, run_results
+    from runs.reporting import aggregate, json_rows
+    from stores.tracking.runs import experiment_name, run_results
     cfg = _cfg(args)
     experiment = experiment_name(cfg.tracking, cfg.data.dataset_name)
     scenarios, rows = aggregate(run_results(cfg.tracking, experiment, args.metric), args.metric)
@@ -199,7 +180,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from stores.tracking import load_predictor
+    from stores.tracking.runs import load_predictor
     predictor = load_predictor(args.model, _cfg(args).tracking)
     sample = {m: v for m, v in (("image", args.image), ("text", args.text), ("audio", args.audio)) if v is not None}
     _show(args, predictor.predict([sample]), lambda r: out.records(r, title="prediction"))
@@ -209,11 +190,11 @@ def cmd_serve(args) -> None:
     """Prefect server and MLflow UI on loopback, in the foreground until Ctrl-C."""
     cfg = _cfg(args)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
-    from stores.tracking import _uri, artifact_uri
+    from stores.tracking.runs import artifact_uri, tracking_uri
     procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(args.prefect_port)], env=env),
              subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-                               str(args.mlflow_port), "--backend-store-uri", _uri(cfg.tracking),
+                               str(args.mlflow_port), "--backend-store-uri", tracking_uri(cfg.tracking),
                                "--default-artifact-root", artifact_uri(cfg.tracking)], env=env)]
     print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: http://127.0.0.1:{args.mlflow_port}\n"
           f"point flows at it: export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api")
@@ -229,17 +210,18 @@ def cmd_serve(args) -> None:
 
 def cmd_deploy(args) -> None:
     from flows.deploy import serve_deployments
-    from models.config import load_config
+    from stores.config_files import load_config
     serve_deployments([load_config(c, args.set) for c in args.configs])
 
 
-FLOW_COMMANDS = {"extract", "train", "evaluate", "sweep", "pipeline", "deploy", "tune"}
+FLOW_COMMANDS = {"extract", "migrate", "train", "reproduce", "evaluate", "sweep", "pipeline", "deploy", "tune"}
 
 
 def check_prefect_api(timeout_s: float) -> None:
     """With PREFECT_API_URL set, that server must answer before a flow starts; unset, flows run on a temporary
     local server and need nothing."""
     from prefect.settings import PREFECT_API_URL
+
     from stores.health import wait_healthy
 
     url = PREFECT_API_URL.value()
@@ -341,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from models.config import ConfigError
     from stores.datasets import DatasetError
-    from stores.feature_store import StoreError
+    from stores.features.feature_store import StoreError
     from stores.health import ServiceUnreachable
 
     try:

@@ -11,11 +11,11 @@ import tempfile
 import threading
 import time
 import warnings
-
-from rich import box
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from rich import box
 
 # Environment read by libraries at import (and inherited by Prefect's worker processes). setdefault: a value
 # the user exported wins.
@@ -218,10 +218,11 @@ def short_head(variant: str) -> str:
 
 
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:
-    """The comparison table (``stores.reporting``: the same cells as the report and ``mm compare``), turned so
+    """The comparison table (``runs.reporting``: the same cells as the report and ``mm compare``), turned so
     that heads are columns and test scenarios rows: it fits a terminal."""
     from rich.table import Table
-    from stores.reporting import cell
+
+    from runs.reporting import cell
     if not rows:
         console().print("(no runs)")
         return

@@ -5,6 +5,7 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from models.config import ExperimentConfig
+
 from .pipeline import extract_flow, pipeline_flow
 
 

@@ -1,47 +1,55 @@
-"""The Prefect flows: extract, train, evaluate, sweep and pipeline (extract -> sweep -> report)."""
+"""The Prefect flows: extract, migrate, train, reproduce, evaluate, sweep and pipeline (extract -> sweep -> report).
+Every unit of work is a task (``tasks/``); flows compose them and never call the run logic directly."""
 from __future__ import annotations
 
 import itertools
 
 from prefect import flow, get_run_logger
 
+from flows.runners import sweep_task_runner, task_threads
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
-from models.metrics import primary_metric
-from stores.feature_store import open_store
-from stores.tracking import Tracker, check_reachable
-from tasks.extraction import extract_features, version_store
+from models.records import Evaluation, Extraction, PipelineResult, Reproduction, RunRow, SweepResult
+from tasks.evaluation import evaluate_model
+from tasks.extraction import extract_features, migrate_store, version_store
 from tasks.reporting import report
-from tasks.training import train_all, update_champions
-from flows.runners import sweep_task_runner, task_threads
+from tasks.training import (
+    check_tracking,
+    open_experiment,
+    reproduce_run,
+    train_all,
+    update_champions,
+)
 
 
 @flow(name="extract")
-def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int | None = None) -> dict:
+def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int | None = None) -> Extraction:
     """Extract features into the LanceDB store (resumable), then version it with DVC."""
-    out = extract_features(config, max_rows=max_rows)
-    if version:
-        out.update(version_store(config))
-    return out
+    return Extraction(extract_features(config, max_rows=max_rows), version_store(config) if version else None)
+
+
+@flow(name="migrate")
+def migrate_flow(config: ExperimentConfig) -> dict:
+    """Convert an old-layout store into feature views (no re-encoding) and extract what is missing."""
+    return migrate_store(config)
 
 
 @flow(name="train")
-def train_flow(config: ExperimentConfig) -> dict:
+def train_flow(config: ExperimentConfig) -> RunRow:
     """One head, one training pattern, one seed: train, evaluate the grid, register in MLflow."""
     return train_all([config])[0]
 
 
-@flow(name="evaluate")
-def evaluate_flow(config: ExperimentConfig, model_uri: str) -> dict:
-    """Re-evaluate a registered model (e.g. models:/avmnist-mmp@champion) on the config's scenario grid."""
-    from stores.tracking import load_predictor
-    from stores.runner import evaluate_grid, scenario_scalars, summarize
+@flow(name="reproduce")
+def reproduce_flow(config: ExperimentConfig, run_id: str, overrides: list[str] | None = None) -> Reproduction:
+    """Re-run a logged run on the store versions it read; its metrics beside the original's."""
+    return reproduce_run(config, run_id, overrides)
 
-    predictor = load_predictor(model_uri, config.tracking)
-    store = open_store(config)
-    scenarios = evaluate_grid(config, predictor.head, store)
-    return {"model_uri": model_uri, "summary": summarize(scenarios, store.meta["task"], store.modalities, config.eval.test_rates),
-            "scenarios": scenario_scalars(scenarios)}
+
+@flow(name="evaluate")
+def evaluate_flow(config: ExperimentConfig, model_uri: str) -> Evaluation:
+    """Re-evaluate a registered model (e.g. models:/avmnist-mmp@champion) on the config's scenario grid."""
+    return evaluate_model(config, model_uri)
 
 
 def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
@@ -53,25 +61,20 @@ def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
 
 
 @flow(name="sweep")
-def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
+def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> SweepResult:
     """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
     deterministic and one GPU is not oversubscribed), alias champions, write the report."""
     log = get_run_logger()
-    # reachable, and the backend's schema and the experiment created once here: worker processes that all
-    # start on a fresh sqlite file race on its migrations
-    Tracker(config.tracking, config.data.dataset_name)
-    store = open_store(config)
-    threads = task_threads(config)
-    results = train_all(sweep_configs(config), threads, tags)
-    metric = primary_metric(store.meta["task"])
+    metric = open_experiment(config)
+    results = train_all(sweep_configs(config), task_threads(config), tags)
     heads = sorted({c.head.label for c in sweep_configs(config)})
     champions = update_champions(config, heads, metric)
     path = report(results, config.data.dataset_name, metric)
     log.info("report: %s; champions: %s", path, champions)
-    return {"results": results, "champions": champions, "report": path}
+    return SweepResult(results, champions, path)
 
 
-def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> dict:
+def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> SweepResult:
     """``sweep_flow`` on ``sweep.runner``: a process pool of ``sweep.max_parallel`` workers, or Ray tasks with
     the ``ray`` section's resources (paths made absolute, so workers find the store and MLflow)."""
     config, runner = sweep_task_runner(config)
@@ -79,9 +82,10 @@ def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> d
 
 
 @flow(name="pipeline")
-def pipeline_flow(config: ExperimentConfig, version: bool = True) -> dict:
+def pipeline_flow(config: ExperimentConfig, version: bool = True) -> PipelineResult:
     """extract -> DVC version -> sweep -> report, for one dataset."""
-    check_reachable(config.tracking)  # before the long extraction, not after it
+    check_tracking(config)  # before the long extraction, not after it
     extracted = extract_flow(config, version=version)
-    swept = run_sweep(config, {"dvc_hash": extracted["dvc_hash"]} if "dvc_hash" in extracted else None)
-    return {"extract": extracted, **swept}
+    dvc_hash = extracted.version.dvc_hash if extracted.version else None
+    swept = run_sweep(config, {"dvc_hash": dvc_hash} if dvc_hash else None)
+    return PipelineResult(extracted, swept)

@@ -10,8 +10,9 @@ from prefect_ray import RayTaskRunner
 from prefect_ray.context import RemoteOptionsContext, remote_options
 
 from models.config import ExperimentConfig
-from stores.ray_extraction import init_kwargs
-from stores.tracking import absolute_sqlite_uri
+from stores.datasets import datasets_root
+from stores.ray_cluster import init_kwargs
+from stores.tracking.runs import absolute_sqlite_uri
 from tasks.training import threads_per_worker
 
 
@@ -55,7 +56,7 @@ def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     if cfg.store.cache_dir is not None:
         cfg.store.cache_dir = Path(cfg.store.cache_dir).resolve()
     cfg.store.dvc_repo = Path(cfg.store.dvc_repo).resolve()
-    cfg.data.data_dir = Path(cfg.data.data_dir).resolve()
+    cfg.data.data_dir = datasets_root(cfg.data).resolve()
     cfg.tracking.uri = absolute_sqlite_uri(cfg.tracking.uri)
     if "://" not in cfg.tracking.artifact_root:
         cfg.tracking.artifact_root = str(Path(cfg.tracking.artifact_root).resolve())

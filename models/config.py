@@ -1,22 +1,40 @@
-"""The one typed config tree (pydantic, extra="forbid"): YAML files under configs/ plus CLI overrides."""
+"""The one typed config tree (pydantic, extra="forbid", ranges checked at validation). Schemas only: YAML files,
+``extends:`` and ``--set`` overrides are read by ``stores.config_files``.
+
+A field marked ``RUNTIME`` changes how or where work runs, never a feature, a view name or a trained result;
+``runtime_fields`` derives from that one mark what view names, store names and the training cache leave out."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-import yaml
-from typing import Annotated
-
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationError, WithJsonSchema,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, WithJsonSchema,
                       field_validator, model_validator)
 
+from .errors import ConfigError  # noqa: F401  (re-exported: every layer catches it from here)
 from .heads import HEADS, HeadConfig, parse_head_config
 from .patterns import MissingPattern
 from .training import TrainConfig
 
-DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+RUNTIME = {"runtime": True}  # json_schema_extra of a runtime field (see the module docstring)
+
+
+def runtime_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The ``exclude`` tree of ``model``'s RUNTIME fields, sections included (``{"store": {"root": True}}``, a dict
+    of sections as ``{"encoders": {"__all__": {...}}}``), for ``model_dump(exclude=...)``."""
+    out: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("runtime"):
+            out[name] = True
+            continue
+        for t in (f.annotation, *get_args(f.annotation)):  # a section, ``Section | None`` or ``dict[str, Section]``
+            keyed = get_origin(t) is dict
+            section = get_args(t)[1] if keyed else t
+            if isinstance(section, type) and issubclass(section, BaseModel) and (nested := runtime_fields(section)):
+                out[name] = {"__all__": nested} if keyed else nested
+                break
+    return out
 
 
 Rate = Annotated[float, Field(ge=0, le=1)]  # a missing rate
@@ -32,7 +50,8 @@ class DataConfig(Strict):
     # names the store's dataset table, the MLflow experiment and the registered models; default: the manifest
     # file's stem for dataset=manifest, else the dataset name
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("MM_DATASETS_DIR", DEFAULT_DATASETS_DIR)))
+    # None: $MM_DATASETS_DIR, else ../shared/datasets beside the checkout (stores.datasets.datasets_root)
+    data_dir: Path | None = Field(None, json_schema_extra=RUNTIME)
     manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
     classes: list[str] | None = None  # manifest: the label set (fixed class indices); other labels are errors
     label_field: str = "subCategory"  # fashion: subCategory or masterCategory
@@ -58,14 +77,14 @@ class EncoderConfig(Strict):
 
     kind: Literal["efficientnet_lite0", "minilm", "whisper_ct2", "hf"]
     model: str | None = None  # HF id or local path; defaults to the offline package's files
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, json_schema_extra=RUNTIME)
     max_length: int = Field(64, ge=1)  # text tokens
     audio_seconds: float = Field(3.0, gt=0)
     image_size: int = Field(224, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=RUNTIME)
     # compute precision of the frozen forward pass; auto = bf16 autocast on CUDA, float32 on CPU. Like device,
     # a runtime choice: it does not name a new store (features agree to ~1e-2 relative)
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", json_schema_extra=RUNTIME)
     # image decoding: "host" (PIL on CPU threads) or "device" (nvJPEG via torchvision on CUDA, resized there with
     # antialiased bicubic: host decoding caps a GPU at ~1.5k img/s). Device-decoded features differ slightly,
     # so "device" names its own features
@@ -96,13 +115,13 @@ SECRET_OPTION = re.compile(r"secret|token|password|account_key|sas|service_accou
 class StoreConfig(Strict):
     # a folder (tracked by data.dvc) or an object-store URI: s3://bucket/prefix (also gs://, az://), whose
     # versions are the Lance table versions (pinned by `versions`); DVC versioning applies to folders only
-    root: StoreRoot = Path("data/store")
+    root: StoreRoot = Field(Path("data/store"), json_schema_extra=RUNTIME)
     # object-store settings in Lance's names (aws_endpoint, aws_region, allow_http, ...) over the AWS_* variables;
     # put credentials in the environment, not here (the config is logged to MLflow; secrets are left out of it)
-    storage_options: dict[str, str] = Field(default_factory=dict)
+    storage_options: dict[str, str] = Field(default_factory=dict, json_schema_extra=RUNTIME)
     # local folder for the decoded split cache and, on non-S3 URIs, the writer locks; default: beside the tables
     # for a folder, ~/.cache/mmrobust/<name of the URI> for a URI
-    cache_dir: Path | None = None
+    cache_dir: Path | None = Field(None, json_schema_extra=RUNTIME)
 
     @field_validator("storage_options")
     @classmethod
@@ -119,10 +138,11 @@ class StoreConfig(Strict):
     lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
     # default DVC remote: a folder (relative to dvc_repo, or absolute) or a URI such as s3://bucket/path
-    dvc_remote: str = "data-remote"
+    dvc_remote: str = Field("data-remote", json_schema_extra=RUNTIME)
     # `dvc remote modify` settings for it, e.g. {endpointurl: http://minio:9000} for an S3-compatible server
-    dvc_remote_options: dict[str, str] = Field(default_factory=dict)
-    read_cache: bool = True  # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
+    dvc_remote_options: dict[str, str] = Field(default_factory=dict, json_schema_extra=RUNTIME)
+    # keep decoded splits as .npy next to the table (keyed by Lance version), memory-map them
+    read_cache: bool = Field(True, json_schema_extra=RUNTIME)
     # time travel: pin the Lance version a run reads, per part: "dataset" (the dataset table) and each modality's
     # feature view, e.g. {dataset: 3, text: 7}; unpinned parts read the latest. Runs log what they read
     versions: dict[str, int] = Field(default_factory=dict)
@@ -218,11 +238,11 @@ class ExperimentConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: Seed = 0
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, json_schema_extra=RUNTIME)
+    sweep: SweepConfig = Field(default_factory=SweepConfig, json_schema_extra=RUNTIME)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, json_schema_extra=RUNTIME)
+    ray: RayConfig = Field(default_factory=RayConfig, json_schema_extra=RUNTIME)
+    tune: TuneConfig = Field(default_factory=TuneConfig, json_schema_extra=RUNTIME)
 
     @field_validator("head", mode="before")
     @classmethod
@@ -272,77 +292,3 @@ class ExperimentConfig(Strict):
                 out[prefix] = str(v)
         walk("", self.model_dump(mode="json"))
         return out
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.path=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:  # e.g. a cron string "* * * * *": keep it as text
-        value = raw
-    return key.strip().split("."), value
-
-
-def _set(tree: dict, path: list[str], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"cannot set {'.'.join(path)}: {k} is not a section")
-    tree[path[-1]] = value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """YAML file (optional, may ``extends:`` another file) + dotted overrides -> validated config."""
-    tree: dict = {}
-    if path:
-        tree = _read_yaml(Path(path))
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        _set(tree, keys, value)
-    try:
-        return ExperimentConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {describe(e)}") from None
-
-
-def describe(e: ValidationError) -> str:
-    """Each error on one line part: the dotted field, pydantic's message and the value given."""
-    parts = []
-    for err in e.errors(include_url=False):
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
-        msg = err["msg"].removeprefix("Value error, ")
-        if not loc:  # a check across sections: its message names the fields
-            parts.append(msg)
-            continue
-        hidden = err["type"] in ("missing", "extra_forbidden") or loc.startswith("store.storage_options")  # secrets
-        given = "" if hidden else f" (got {err.get('input')!r})"
-        parts.append(f"{loc}: {msg}{given}")
-    return "; ".join(parts)
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping")
-    base = tree.pop("extends", None)
-    if base:
-        merged = _read_yaml((path.parent / base).resolve())
-        _deep_merge(merged, tree)
-        return merged
-    return tree
-
-
-def _deep_merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _deep_merge(into[k], v)
-        else:
-            into[k] = v

@@ -1,4 +1,4 @@
-"""Hyper-parameter search spaces, one entry per registered head (data only; stores/tuning.py samples them).
+"""Hyper-parameter search spaces, one entry per registered head (data only; runs/tune.py samples them).
 
 Keys are dotted config paths (``train.lr``, ``head.hidden``); values name an Optuna distribution:
 ``{"float": [low, high], "log": bool}``, ``{"int": [low, high]}`` or ``{"choice": [...]}``. Every head gets the

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from .device import resolve_device
 from .features import take
 from .heads.base import FeatureBatch, Head
 from .metrics import classification_metrics, primary_metric
@@ -35,18 +35,11 @@ class TrainConfig(BaseModel):
     deterministic: bool = True
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but CUDA is not available on this worker")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed torch; ``deterministic`` also asks for deterministic kernels (cuBLAS needs its workspace setting
-    before its first call, which a fresh worker process satisfies)."""
+    """Seed torch; ``deterministic`` also asks for deterministic kernels (cuBLAS also needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first call: the run layer sets it, ``runs.train``)."""
     torch.manual_seed(seed)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     # results do not depend on it, and NaN-filling every new tensor cost 11% of an MMP epoch on CPU
@@ -98,7 +91,7 @@ def stage(data: FeatureBatch, device: torch.device, budget: float = 0.25) -> Fea
 @torch.no_grad()
 def predict(head: Head, data: FeatureBatch, cfg: TrainConfig) -> torch.Tensor:
     """Logits for every row of ``data`` (float32, CPU), in order."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     head.to(device).eval()
     outs = []
     for b in batches(data, cfg.eval_batch_size):
@@ -121,7 +114,7 @@ def fit(head: Head, train: FeatureBatch, val: FeatureBatch | dict[str, FeatureBa
     """Train ``head`` in place; keep the weights of the epoch with the best validation score: the primary
     metric averaged over the validation scenarios in ``val`` (validation split only)."""
     seed_everything(seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     train = stage(train, device)
     vals = {k: stage(v, device) for k, v in (val if isinstance(val, dict) else {"val": val}).items()}
     head.to(device)

@@ -1,4 +1,4 @@
-"""Training, evaluation and registry tasks."""
+"""Training, reproduction and registry tasks."""
 from __future__ import annotations
 
 import functools
@@ -7,12 +7,18 @@ import time
 
 import torch
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from models.config import ExperimentConfig
+from models.metrics import primary_metric
+from models.records import Champion, Reproduction, RunRow
+from runs.train import train_and_evaluate
 from stores import progress
-from stores.feature_store import open_store
-from stores.runner import train_and_evaluate
-from stores.tracking import Tracker, tracking_target
+from stores.config_files import parse_override, set_path, validate
+from stores.features.feature_store import open_store
+from stores.tracking.lineage import logged_run
+from stores.tracking.runs import Tracker, check_reachable, tracking_target
+
 from .common import content_key, retry_transient
 
 
@@ -27,7 +33,7 @@ def run_label(cfg: ExperimentConfig) -> str:
 
 @task(name="train-head", cache_key_fn=_train_key, persist_result=True, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
-def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str, str] | None = None) -> dict:
+def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str, str] | None = None) -> RunRow:
     """Train one head (one pattern, one seed), evaluate the grid, log and register in MLflow. The MLflow run
     is open during training: epochs are logged live, and reported to the console's progress file."""
     if threads:
@@ -50,11 +56,11 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     show(state="done", epoch=result.fit.epochs_run, epochs=result.fit.epochs_run, val=result.fit.best_score,
          seconds=result.seconds)
     log.info("%s: %s", result.variant, {k: round(v, 4) for k, v in result.summary.items()})
-    return {"run_id": run.run_id, **result.row()}
+    return result.row(run.run_id)
 
 
 def train_all(configs: list[ExperimentConfig], threads: int | None = None,
-              tags: dict[str, str] | None = None) -> list[dict]:
+              tags: dict[str, str] | None = None) -> list[RunRow]:
     """``train_head`` over ``configs`` concurrently (on the flow's task runner). A result the cache answers
     with an MLflow run that is gone (the run deleted, the tracking database reset) is trained again, bypassing
     the cache: every returned ``run_id`` exists in the configured tracking store."""
@@ -62,7 +68,7 @@ def train_all(configs: list[ExperimentConfig], threads: int | None = None,
         return []
     results = [f.result() for f in [train_head.submit(c, threads=threads, tags=tags) for c in configs]]
     tracker = Tracker(configs[0].tracking, configs[0].data.dataset_name)
-    stale = [i for i, r in enumerate(results) if not tracker.has_run(r["run_id"])]
+    stale = [i for i, r in enumerate(results) if not tracker.has_run(r.run_id)]
     if stale:
         get_run_logger().warning("%d cached training results had no MLflow run in %s: training them again",
                                  len(stale), tracking_target(configs[0].tracking, configs[0].data.dataset_name))
@@ -72,11 +78,42 @@ def train_all(configs: list[ExperimentConfig], threads: int | None = None,
     return results
 
 
+@task(name="open-experiment", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def open_experiment(cfg: ExperimentConfig) -> str:
+    """Before a sweep: the tracking server reachable, the backend's schema and the experiment created once here
+    (worker processes that all start on a fresh sqlite file race on its migrations), the store present. Returns
+    the store's primary metric."""
+    Tracker(cfg.tracking, cfg.data.dataset_name)
+    return primary_metric(open_store(cfg).meta.task)
+
+
+@task(name="check-tracking")
+def check_tracking(cfg: ExperimentConfig) -> None:
+    """Fail fast, before a long extraction or study, when the tracking server does not answer."""
+    check_reachable(cfg.tracking)
+
+
 @task(name="update-champions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str) -> list[dict]:
+def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str) -> list[Champion]:
     """Alias ``champion`` on each ``<dataset name>-<head>`` model: best ``summary/grid_mean_<metric>``."""
     tracker = Tracker(cfg.tracking, cfg.data.dataset_name)
     return [c for h in heads if (c := tracker.update_champion(tracker.model_name(h), f"summary/grid_mean_{metric}"))]
+
+
+@task(name="reproduce-run", cache_policy=NO_CACHE)  # a reproduction always runs again
+def reproduce_run(cfg: ExperimentConfig, run_id: str, overrides: list[str] | None = None) -> Reproduction:
+    """Re-run logged run ``run_id`` (found in ``cfg.tracking``) from its config on the store versions it read;
+    ``overrides`` (e.g. ``store.root`` when the store moved) apply on top, the versions always come from the run.
+    Nothing is logged: the new metrics are compared with the logged ones."""
+    logged = logged_run(cfg.tracking, run_id)
+    tree = logged.config
+    for item in overrides or []:
+        set_path(tree, *parse_override(item))
+    tree.setdefault("store", {})["versions"] = logged.versions
+    new = train_and_evaluate(validate(tree, f" of run {run_id}")).scalar_metrics()
+    rows = [{"metric": k, "original": v, "reproduced": new.get(k), "equal": new.get(k) == v}
+            for k, v in sorted(logged.metrics.items()) if k in new and k != "fit/seconds"]
+    return Reproduction(run_id, logged.versions, all(r["equal"] for r in rows), rows)
 
 
 def threads_per_worker(parallel: int) -> int:

@@ -1,11 +1,11 @@
-"""Tuning task: one head's equal-budget Optuna study (logic in stores/tuning.py)."""
+"""Tuning task: one head's equal-budget Optuna study (logic in runs/tune.py)."""
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
 from models.config import ExperimentConfig
-from stores.feature_store import open_store
-from stores.tuning import run_tuning
+from runs.tune import run_tuning
+from stores.features.feature_store import open_store
 
 
 @task(name="tune-head")

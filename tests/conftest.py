@@ -10,15 +10,20 @@ for k, v in {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANAL
              "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
     os.environ.setdefault(k, v)
 
+import contextlib
 import json
 import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from models.config import ExperimentConfig, load_config
+from models.config import ExperimentConfig
+from stores.config_files import load_config
 
 DATASETS = Path(os.environ.get("MM_DATASETS_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220)]
@@ -100,7 +105,7 @@ def avmnist_cfg(tmp_path_factory) -> ExperimentConfig:
     if not (DATASETS / "fsdd").exists():
         pytest.skip(f"shared datasets not found at {DATASETS}")
     tmp = tmp_path_factory.mktemp("avmnist")
-    return load_config(None, [f"data.dataset=avmnist", f"data.data_dir={DATASETS}", "data.limit=120",
+    return load_config(None, ["data.dataset=avmnist", f"data.data_dir={DATASETS}", "data.limit=120",
                               f"store.root={tmp}/data/store", "store.write_every=32", "store.index_min_rows=100",
                               f"tracking.uri=sqlite:///{tmp}/mlruns/mlflow.db",
                               f"tracking.artifact_root={tmp}/mlruns/art", "train.epochs=3", "train.device=cpu",
@@ -226,3 +231,53 @@ def wait_http(url: str, timeout: float, proc=None) -> bool:
         except OSError:
             time.sleep(0.5)
     return False
+
+
+def isolated_python(root: Path) -> Path:
+    """A venv whose site-packages reaches the shared venv's packages through a plain path line: .pth files
+    there (the editable install of this repo) are not processed, so the project is not importable."""
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(root)],
+                   check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(root), "platbase": str(root)}))
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "shared_packages.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    python = root / "bin" / "python"
+    uvicorn = root / "bin" / "uvicorn"  # what the scoring server launches, bound to the isolated interpreter
+    uvicorn.write_text(f"#!{python}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
+    return python
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, tracking_uri: str, tmp_path: Path):
+    """``mlflow models serve`` of ``model_uri`` from a folder outside the repo, in an isolated interpreter that has
+    the third-party packages but not this project; yields (``invoke(records) -> predictions``, python, env, cwd)."""
+    python = isolated_python(tmp_path / "venv")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH=f"{python.parent}:{env['PATH']}", MLFLOW_TRACKING_URI=tracking_uri)
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(python), "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=work, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def invoke(records: list[dict]) -> list[dict]:
+        import urllib.request
+        body = json.dumps({"dataframe_records": records}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=180) as r:
+            return json.loads(r.read())["predictions"]
+    try:
+        if not wait_http(f"http://127.0.0.1:{port}/ping", 240, proc):
+            pytest.fail(f"server did not answer /ping:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+        yield invoke, python, env, work
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()

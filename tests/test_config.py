@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import ConfigError, ExperimentConfig, load_config
+from models.config import ConfigError, ExperimentConfig
+from stores.config_files import load_config
 
 
 def test_yaml_extends_and_overrides(tmp_path):
@@ -81,3 +82,46 @@ def test_every_shipped_config_loads_and_a_tuned_file_names_its_head(path):
     if path.parent.name == "tuned":  # configs/tuned/<source config>-<head>.yaml extends ../<source config>.yaml
         source = yaml.safe_load(path.read_text())["extends"]
         assert path.stem == f"{Path(source).stem}-{cfg.head.name}"
+
+
+def test_store_and_view_names_are_those_the_code_before_the_layout_change_gave():
+    """A store written before the package layout changed (8d73ba0) opens without re-extraction: the runtime fields
+    derived from the schema's RUNTIME marks leave out what the three hand-written lists left out, so every store,
+    legacy-layout and view name is the same (tests/fixtures/names_8d73ba0.json, computed by that code)."""
+    import json
+    from stores.features.feature_store import legacy_store_name, store_name
+    from stores.features.views import view_name
+    root = Path(__file__).resolve().parents[1]
+    for source, want in json.loads((root / "tests" / "fixtures" / "names_8d73ba0.json").read_text()).items():
+        cfg = load_config(root / source) if source != "manifest" else load_config(None, [
+            "data.dataset=manifest", "data.manifest=items.csv", "encoders.image.kind=hf", "encoders.image.model=/m/vit",
+            "encoders.image.batch_size=7", "encoders.image.device=cpu", "encoders.image.precision=float32",
+            "encoders.text.max_length=32"])
+        assert {"store": store_name(cfg), "legacy": legacy_store_name(cfg),
+                "views": {m: view_name(m, e) for m, e in sorted(cfg.encoder_configs().items())}} == want, source
+
+
+def test_runtime_fields_come_from_one_mark_and_change_no_name():
+    from models.config import EncoderConfig, runtime_fields
+    from stores.features.views import view_name
+    assert runtime_fields(EncoderConfig) == {"batch_size": True, "device": True, "precision": True}
+    tree = runtime_fields(ExperimentConfig)
+    assert tree["encoders"] == {"__all__": runtime_fields(EncoderConfig)} and tree["tracking"] is True
+    assert tree["data"] == {"data_dir": True} and "versions" not in tree["store"] and "root" in tree["store"]
+    base = EncoderConfig(kind="minilm")
+    assert view_name("text", base) == view_name("text", base.model_copy(update={"batch_size": 3, "precision": "bfloat16"}))
+    assert view_name("text", base) != view_name("text", base.model_copy(update={"max_length": 32}))
+
+
+def test_one_device_resolver_refuses_cuda_without_cuda():
+    import torch
+    from stores.encoders import build_encoder
+    from models.config import EncoderConfig
+    from models.device import resolve_device
+    assert resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="encoders.image.device='cuda' but CUDA is not available"):
+        build_encoder("image", EncoderConfig(kind="efficientnet_lite0", device="cuda"))
+    with pytest.raises(ConfigError, match="train.device='cuda'"):
+        resolve_device("cuda", "train.device")

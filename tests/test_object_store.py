@@ -45,8 +45,8 @@ def test_mlflow_artifacts_and_models_on_s3(s3, colour_store, tmp_path):
     from mlflow.tracking import MlflowClient
     from models.config import TrackingConfig
     from models.heads import parse_head_config
-    from stores.runner import train_and_evaluate
-    from stores.tracking import Tracker, load_predictor
+    from runs.train import train_and_evaluate
+    from stores.tracking.runs import Tracker, load_predictor
 
     _, client = s3
     cfg, _ = colour_store
@@ -70,8 +70,8 @@ def test_dvc_remote_on_s3_round_trip(s3, colour_store, git_repo):
     import shutil
 
     from tasks.extraction import version_store
-    from stores import versioning
-    from stores.feature_store import FeatureStore
+    from stores.features import versioning
+    from stores.features.feature_store import FeatureStore
     from test_versioning import digest
 
     url, client = s3
@@ -82,7 +82,7 @@ def test_dvc_remote_on_s3_round_trip(s3, colour_store, git_repo):
                           "dvc_repo": str(git_repo), "dvc_remote": "s3://dvc/mmrobust",
                           "dvc_remote_options": {"endpointurl": url}})
     out = version_store.fn(cfg)  # dvc add + dvc push to the configured S3 remote
-    assert out["dvc_hash"].endswith(".dir") and out["data_dir"] == "data"
+    assert out.dvc_hash.endswith(".dir") and out.data_dir == "data"
     assert any(k.startswith("mmrobust/files/md5/") for k in keys(client, "dvc"))
     shutil.rmtree(git_repo / "data")
     shutil.rmtree(git_repo / ".dvc" / "cache")
@@ -140,9 +140,9 @@ def test_feature_store_on_s3(s3, tmp_path, capsys):
     from flows.cli import main
     from models.heads import parse_head_config
     from stores.extraction import extract
-    from stores.feature_store import StoreError, open_store
-    from stores.location import StoreLocation
-    from stores.runner import train_and_evaluate
+    from stores.features.feature_store import StoreError, open_store
+    from stores.features.location import StoreLocation
+    from runs.train import train_and_evaluate
     from tasks.extraction import version_store
 
     url, client = s3
@@ -177,7 +177,7 @@ def test_feature_store_on_s3(s3, tmp_path, capsys):
     head_cfg = cfg.model_copy(update={"head": parse_head_config({"name": "early"}),
                                       "train": cfg.train.model_copy(update={"epochs": 2})})
     result = train_and_evaluate(head_cfg)
-    assert result.store["versions"] == store.versions() and 0 <= result.summary["complete_acc"] <= 1
+    assert result.store.versions == store.versions() and 0 <= result.summary["complete_acc"] <= 1
     assert result.fit.epochs_run == 2
     assert any(k.startswith("features/manifest-masks.lance/") for k in keys(client, "lance", "features/"))
 
@@ -185,7 +185,7 @@ def test_feature_store_on_s3(s3, tmp_path, capsys):
     with StoreLocation.for_config(cfg.store).lock("manifest", 0):
         with pytest.raises(StoreError, match="being written by another process.*s3://lance/features/manifest.lock"):
             extract(cfg, progress=False)
-    assert "Lance table versions" in version_store.fn(cfg)["dvc"]  # not under DVC
+    assert "Lance table versions" in version_store.fn(cfg).dvc  # not under DVC
 
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -209,7 +209,7 @@ def test_s3_writer_lock_is_a_conditional_write(s3, monkeypatch):
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from stores.location import StoreError, StoreLocation
+    from stores.features.location import StoreError, StoreLocation
 
     url, client = s3
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)

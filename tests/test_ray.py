@@ -19,14 +19,14 @@ def test_sweep_on_ray_lands_every_run_in_mlflow(ray_cluster, prefect_harness, tm
                           ray={"num_cpus_per_task": 1})
     extract(cfg, progress=False)
     out = run_sweep(cfg)
-    assert len(out["results"]) == 4
+    assert len(out.results) == 4
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("manifest").experiment_id])
-    assert sorted(r.info.run_id for r in runs) == sorted(r["run_id"] for r in out["results"])
+    assert sorted(r.info.run_id for r in runs) == sorted(r.run_id for r in out.results)
     assert sorted((r.data.tags["head"], r.data.tags["seed"]) for r in runs) == [
         ("early", "0"), ("early", "1"), ("srmm", "0"), ("srmm", "1")]
     for r in runs:
         assert r.data.params["sweep.runner"] == "ray" and r.data.params["store.root"] == str(tmp_path / "data/store")
         assert r.info.artifact_uri.startswith((tmp_path / "mlruns" / "art").as_uri())
         assert "scenarios.csv" in {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {c["model"] for c in out["champions"]} == {"manifest-early", "manifest-srmm"}
+    assert {c.model for c in out.champions} == {"manifest-early", "manifest-srmm"}

@@ -12,7 +12,7 @@ from conftest import make_manifest, manifest_config
 def test_ray_data_encoding_matches_the_encoder(ray_cluster, tmp_path_factory, modality):
     from stores.datasets import load_dataset
     from stores.encoders import BadInput, build_encoder
-    from stores.ray_extraction import encode_items
+    from stores.extraction.ray import encode_items
 
     tmp = tmp_path_factory.mktemp("raydata")
     cfg = manifest_config(tmp, make_manifest(tmp / "raw", n=12, audio=True), modalities=("image", "text", "audio"))
@@ -51,7 +51,7 @@ def test_ray_data_encoding_matches_the_encoder(ray_cluster, tmp_path_factory, mo
 # --------------------------------------------------------------- store.extract_engine: ray, the whole extraction
 def _store_state(cfg) -> dict:
     """Everything extraction wrote: the search table by id and each view by content key (duplicates counted)."""
-    from stores.feature_store import FeatureStore, store_name
+    from stores.features.feature_store import FeatureStore, store_name
 
     store = FeatureStore(cfg.store.root, store_name(cfg))
     tbl = store.table
@@ -122,7 +122,7 @@ def test_ray_engine_survives_an_encoder_actor_killed_mid_extraction(ray_cluster,
     from ray._private.state import actors  # the public state API needs the dashboard, off on this cluster
 
     from stores.extraction import extract
-    from stores.feature_store import FeatureStore
+    from stores.features.feature_store import FeatureStore
 
     manifest, ref = engine_manifest
     cfg = manifest_config(tmp_path, manifest, encoders__image__batch_size=2, store__extract_engine="ray")

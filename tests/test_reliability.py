@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from conftest import free_port, make_manifest, manifest_config
-from stores import filters
-from stores.feature_store import FeatureStore
+from stores.features import filters
+from stores.features.feature_store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRACT = ("import sys, json\nfrom models.config import load_config\nfrom stores.extraction import extract\n"
-           "from stores.feature_store import StoreError\ntry:\n"
+EXTRACT = ("import sys, json\nfrom stores.config_files import load_config\nfrom stores.extraction import extract\n"
+           "from stores.features.feature_store import StoreError\ntry:\n"
            "    print(json.dumps(extract(load_config(sys.argv[1]), progress=False).as_dict()))\n"
            "except StoreError as e:\n    print('StoreError:', e)\n    sys.exit(2)\n")
 
@@ -44,7 +44,7 @@ def test_queries_and_reads_stay_consistent_while_extraction_writes(tmp_path):
         n = store.table.count_rows()
         split = store.read_split("train", ("vec", "tok"))  # one table version, decoded or from the cache
         assert split.ids == sorted(set(split.ids)) and split.batch.tok["text"].shape[0] == len(split.ids)
-        hits = store.search(np.ones(store.meta["vec_dim"]["text"]), "text", k=3, where=filters.eq("split", "train"))
+        hits = store.search(np.ones(store.meta.vec_dim["text"]), "text", k=3, where=filters.eq("split", "train"))
         # the query may see a later version than the read: rows only ever grow
         assert min(3, len(split.ids)) <= hits.num_rows <= 3 and set(hits["split"].to_pylist()) == {"train"}
         counts.append(n)
@@ -81,7 +81,7 @@ def test_two_writers_on_one_store_one_fails_clearly_or_waits(tmp_path, lock_time
 
 def _store_state(store: FeatureStore) -> tuple:
     """The dataset table, the views and the search table (a run may add its masks to the separate mask table)."""
-    return store.versions(), store.table.version, store.table.count_rows(), store.meta["fingerprint"]
+    return store.versions(), store.table.version, store.table.count_rows(), store.meta.fingerprint
 
 
 def test_mlflow_unreachable_fails_before_training_and_store_is_intact(colour_store, prefect_harness):

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from stores import filters
-from stores.feature_store import FeatureStore, StoreError, decode_tokens, _tokens
+from stores.features import filters
+from stores.features.feature_store import FeatureStore, StoreError, decode_tokens
+from stores.features.views import tokens
 
 
 def _tiny_store(root, toks=(), read_cache=True, rng=None, dim=3):
     """A one-modality store written through the same calls extraction uses: a view, the dataset table."""
     from models.config import EncoderConfig
-    from stores.views import View, write_json
+    from stores.features.views import View, write_json
     store = FeatureStore(root, "t", read_cache=read_cache, dataset="d", views={"text": "view-text-t"})
     write_json(store.dataset_meta_path, {"kind": "dataset", "modalities": ["text"],
                                          "history": {"1": {"classes": ["a", "b"], "task": "multiclass"}}})
@@ -94,7 +95,7 @@ def test_split_cache_serves_the_same_tensors_and_follows_table_versions(tmp_path
 
 
 def test_decode_tokens_handles_nulls_and_truncation():
-    blobs, lengths = _tokens([np.ones((3, 2), np.float16), None, np.full((5, 2), 2, np.float16)])
+    blobs, lengths = tokens([np.ones((3, 2), np.float16), None, np.full((5, 2), 2, np.float16)])
     x, mask = decode_tokens(blobs, lengths.fill_null(0).to_numpy(), 2, 4)
     assert mask.sum(1).tolist() == [3, 0, 4] and (x[2] == 2).all() and (x[1] == 0).all()
 
@@ -111,8 +112,8 @@ def test_colour_store_contents_and_bad_inputs(colour_store):
     assert set(issues) == {"s000", "s001", "s002", "s004"}
     assert issues["s002"] == {"text": "empty text"}
     info = store.info()
-    assert info["present"] == {"image": 33, "text": 35} and info["rows"] == 36
-    assert info["fingerprint"] == report.fingerprint
+    assert info.present == {"image": 33, "text": 35} and info.rows == 36
+    assert info.fingerprint == report.fingerprint
 
 
 def test_query_filters(colour_store):
@@ -170,17 +171,17 @@ def test_second_writer_gets_clear_error(tmp_path):
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
-    from models.config import load_config
-    from stores.feature_store import open_store
+    from stores.config_files import load_config
+    from stores.features.feature_store import open_store
     with pytest.raises(StoreError, match="run `mm extract`"):
         open_store(load_config(None, [f"store.root={tmp_path}"]))
 
 
 def test_store_names_depend_on_encoders_not_on_splits():
     """Split fractions, seed and limit live in the dataset table: changing them names no new store or view."""
-    from models.config import load_config
-    from stores.feature_store import store_name
-    from stores.views import view_name
+    from stores.config_files import load_config
+    from stores.features.feature_store import store_name
+    from stores.features.views import view_name
     base = load_config("configs/fashion.yaml")
     resplit = load_config("configs/fashion.yaml", ["data.val_fraction=0.2", "data.seed=3", "data.limit=100",
                                                    "encoders.image.precision=bfloat16", "encoders.text.device=cpu"])
@@ -192,8 +193,8 @@ def test_store_names_depend_on_encoders_not_on_splits():
 
 
 def test_old_layout_store_gives_a_one_line_migration_message(tmp_path):
-    from models.config import load_config
-    from stores.feature_store import legacy_store_name, open_store
+    from stores.config_files import load_config
+    from stores.features.feature_store import legacy_store_name, open_store
     cfg = load_config(None, [f"store.root={tmp_path}"])
     (tmp_path / f"{legacy_store_name(cfg)}.json").write_text(json.dumps({"fingerprint": "x"}))
     with pytest.raises(StoreError, match="old one-table-per-encoder-set layout.*`mm store migrate`"):

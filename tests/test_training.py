@@ -23,7 +23,7 @@ def test_metrics_known_values():
 @pytest.mark.parametrize("head", ["early", "mmp"])
 def test_training_is_deterministic_and_learns(colour_store, head):
     from models.heads import parse_head_config
-    from stores.runner import train_and_evaluate
+    from runs.train import train_and_evaluate
     cfg, _ = colour_store
     cfg = cfg.model_copy(update={"head": parse_head_config({"name": head}),
                                  "train_pattern": MissingPattern(kind="per_modality", rates={"image": 0.3})})
@@ -40,9 +40,9 @@ def test_training_is_deterministic_and_learns(colour_store, head):
 
 
 def test_noise_pattern_changes_features_not_presence(colour_store):
-    from stores.feature_store import FeatureStore
-    from stores.masks import MaskStore
-    from stores.runner import prepare
+    from stores.features.feature_store import FeatureStore
+    from stores.features.masks import MaskStore
+    from runs.train import prepare
     cfg, report = colour_store
     store = FeatureStore(cfg.store.root, report.store)
     split, ph = store.read_split("test", ("vec",)), store.placeholders(("vec",))

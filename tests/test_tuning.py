@@ -8,14 +8,15 @@ import optuna
 import pytest
 import torch
 
-from models.config import TrainConfig, load_config
+from models.config import TrainConfig
+from stores.config_files import load_config
 from models.heads import HEADS, parse_head_config
 from models.patterns import MissingPattern, presence_mask
 from models.search_spaces import SEARCH_SPACE
-from stores.feature_store import open_store
-from stores.gap import add_gap_closed, gap_closed
-from stores.runner import fit_head, train_and_evaluate, used_rows
-from stores.tuning import load_tuned, suggest, tune_head, tuned_path, with_tree, write_tuned
+from stores.features.feature_store import open_store
+from runs.gap import add_gap_closed, gap_closed
+from runs.train import fit_head, train_and_evaluate, used_rows
+from runs.tune import load_tuned, suggest, tune_head, tuned_path, with_tree, write_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_every_registered_head_has_a_search_space_of_real_fields(name):
 
 
 def _nest(flat):
-    from stores.tuning import nest
+    from runs.tune import nest
     return nest(flat)
 
 
@@ -86,7 +87,8 @@ def test_objective_reads_train_and_val_only_and_returns_the_validation_score(col
 
 def test_tune_flow_logs_parent_and_child_runs_and_writes_the_best_params(colour_store, tmp_path, prefect_harness):
     from flows.tuning import tune_flow
-    from stores.tracking import Tracker, child_runs
+    from stores.tracking.runs import Tracker
+    from stores.tracking.studies import child_runs
 
     cfg = _tune_cfg(colour_store, tmp_path, "tune.heads=[early]")
     source = tmp_path / "base.yaml"
@@ -143,21 +145,21 @@ def test_gap_closed_on_hand_made_numbers():
     assert gap_closed(0.9, 0.6, 0.605) is None and gap_closed(0.9, 0.6, 0.61) == pytest.approx(30)  # < 1 point: noise
     grid = lambda a_missing, t_missing: {"image-000/text-000": {"acc": 0.9}, "image-100/text-000": {"acc": a_missing},
                                          "image-000/text-100": {"acc": t_missing}}  # noqa: E731
-    runs = [{"variant": "early", "scenarios": grid(0.40, 0.30), "summary": {}},
-            {"variant": "early", "scenarios": grid(0.60, 0.30), "summary": {}},  # mean 0.50 at image missing
-            {"variant": "oracle[only:text]", "scenarios": grid(0.70, 0.10), "summary": {}},
-            {"variant": "oracle[only:image]", "scenarios": grid(0.10, 0.50), "summary": {}},
-            {"variant": "mmp", "scenarios": grid(0.65, 0.45), "summary": {}}]
+    from models.records import RunRow
+    row = lambda variant, scenarios: RunRow(variant, "complete", 0, scenarios, {})  # noqa: E731
+    runs = [row("early", grid(0.40, 0.30)), row("early", grid(0.60, 0.30)),  # mean 0.50 at image missing
+            row("oracle[only:text]", grid(0.70, 0.10)), row("oracle[only:image]", grid(0.10, 0.50)),
+            row("mmp", grid(0.65, 0.45))]
     assert add_gap_closed(runs, "acc", ["image", "text"]) == ["gap_closed_image", "gap_closed_text"]
-    mmp = runs[-1]["summary"]
+    mmp = runs[-1].summary
     assert mmp["gap_closed_image"] == pytest.approx((0.65 - 0.50) / (0.70 - 0.50))
     assert mmp["gap_closed_text"] == pytest.approx((0.45 - 0.30) / (0.50 - 0.30))
-    assert runs[0]["summary"]["gap_closed_image"] == pytest.approx(-0.5)  # early run 1: (0.4-0.5)/0.2
-    assert "gap_closed_image" not in runs[2]["summary"]  # the references get none
+    assert runs[0].summary["gap_closed_image"] == pytest.approx(-0.5)  # early run 1: (0.4-0.5)/0.2
+    assert "gap_closed_image" not in runs[2].summary  # the references get none
     # the sweep report aggregates it per head
-    from stores.reporting import aggregate, markdown_table
+    from runs.reporting import aggregate, markdown_table
     for r in runs:
-        r.update(train_pattern="complete", summary={"grid_mean_acc": 0.5})
+        r.summary["grid_mean_acc"] = 0.5
     scenarios, rows = aggregate(runs, "acc")
     table = markdown_table(scenarios, rows)
     assert "gap_closed_image" in table.splitlines()[0]

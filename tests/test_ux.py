@@ -38,7 +38,8 @@ def test_bad_value_exits_2_with_one_line_and_nothing_tracked(override, field, tm
 
 
 def test_every_numeric_field_with_a_range_is_checked():
-    from models.config import ConfigError, load_config
+    from models.config import ConfigError
+    from stores.config_files import load_config
     for bad in ["train.batch_size=0", "train.patience=0", "train.warmup_frac=1.5", "sweep.max_parallel=0",
                 "store.write_every=0", "store.lock_timeout_s=-1", "tracking.connect_timeout_s=0", "data.limit=0",
                 "encoders.image.batch_size=0", "data.val_fraction=1", "sweep.seeds=[-1]", "eval.test_rates=[]"]:
@@ -47,12 +48,12 @@ def test_every_numeric_field_with_a_range_is_checked():
 
 
 def _result(variant, seed, acc):
-    return {"variant": variant, "train_pattern": "complete", "seed": seed,
-            "scenarios": {"image-000/text-000": {"acc": acc}}, "summary": {"grid_mean_acc": acc - 0.1}}
+    from models.records import RunRow
+    return RunRow(variant, "complete", seed, {"image-000/text-000": {"acc": acc}}, {"grid_mean_acc": acc - 0.1})
 
 
 def test_single_seed_cells_have_no_spread_and_tables_have_the_grid_mean():
-    from stores.reporting import aggregate, json_rows, markdown_table
+    from runs.reporting import aggregate, json_rows, markdown_table
     scenarios, rows = aggregate([_result("early", 0, 0.9), _result("mmp", 0, 0.8), _result("mmp", 1, 0.6)], "acc")
     table = markdown_table(scenarios, rows)
     early, mmp = table.splitlines()[2:]
@@ -61,18 +62,34 @@ def test_single_seed_cells_have_no_spread_and_tables_have_the_grid_mean():
     assert json_rows(scenarios, rows)[0]["grid_mean"] == {"mean": pytest.approx(0.8), "sd": None, "n": 1}
 
 
-def test_train_cache_key_follows_the_models_code(colour_store, tmp_path, monkeypatch):
-    """A fix in a head must not be answered from the cache of the old code."""
+def test_train_cache_key_follows_the_code_that_decides_a_result(colour_store, tmp_path, monkeypatch):
+    """A fix in a head must not be answered from the cache of the old code; a comment, a docstring or a change in
+    code that decides no result (the YAML loader) keeps the cache."""
     import tasks.common as common
     cfg, _ = colour_store
-    code = shutil.copytree(common.MODELS_DIR, tmp_path / "models", ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(common, "MODELS_DIR", code)
+    for part in common.DECIDING_CODE + ("stores/config_files.py",):
+        src = common.CODE_ROOT / part
+        dst = tmp_path / part
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    monkeypatch.setattr(common, "CODE_ROOT", tmp_path)
     before = common.content_key(cfg, "train")
     assert common.content_key(cfg, "train") == before
-    head = code / "heads" / "fusion.py"
-    head.write_text(head.read_text() + "\n# a bug fix\n")
-    common.code_version.cache_clear()
-    assert common.content_key(cfg, "train") != before
+
+    def edit(part: str, new: str) -> str:
+        common.code_version.cache_clear()
+        (tmp_path / part).write_text(new)
+        return common.content_key(cfg, "train")
+
+    head = (tmp_path / "models/heads/fusion.py").read_text()
+    assert edit("models/heads/fusion.py", head + "\n# a comment\n") == before
+    assert edit("models/heads/fusion.py", head.replace('"""', '"""A reworded docstring. ', 1)) == before
+    loader = (tmp_path / "stores/config_files.py").read_text()
+    assert edit("stores/config_files.py", loader + "\nLOADER_CHANGE = 1\n") == before
+    assert edit("models/heads/fusion.py", head + "\nA_BUG_FIX = 1\n") != before
 
 
 def test_progress_display_shows_each_run_from_its_progress_file(capsys):

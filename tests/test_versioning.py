@@ -4,7 +4,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from stores import versioning
+from stores.features import versioning
 
 
 def digest(folder):
@@ -32,7 +32,7 @@ def test_push_pull_round_trip(git_repo, colour_store):
     versioning.pull(git_repo)
     assert digest(data) == before
     # the pulled store opens and reads
-    from stores.feature_store import FeatureStore
+    from stores.features.feature_store import FeatureStore
     store = FeatureStore(data / "store", report.store)
     assert store.table.count_rows() == 36
 

@@ -8,9 +8,9 @@ import yaml
 from PIL import Image
 
 from conftest import make_manifest, manifest_config
-from stores import filters
+from stores.features import filters
 from stores.extraction import extract
-from stores.feature_store import StoreError, open_store
+from stores.features.feature_store import StoreError, open_store
 
 
 def _rows(manifest):
@@ -42,7 +42,7 @@ def test_switching_the_text_encoder_extracts_only_text(small, tiny_hf):
     assert image_view.version == image_version  # the image view was not written
     a, b = open_store(cfg), open_store(bert)
     assert a.views()["image"].name == b.views()["image"].name and a.name != b.name
-    assert b.meta["tok_dim"]["text"] == 32 and a.meta["tok_dim"]["text"] == 384
+    assert b.meta.tok_dim["text"] == 32 and a.meta.tok_dim["text"] == 384
     assert b.read_split("train", ("vec",)).ids == a.read_split("train", ("vec",)).ids
     # both configs keep working side by side; rerunning either encodes nothing
     assert extract(cfg, progress=False).encoded == {"image": 0, "text": 0}
@@ -116,7 +116,7 @@ def test_ids_with_quotes_and_an_injected_split_filter(tmp_path, capsys):
     hits = store.search(vec, "text", k=20, where=filters.ne("id", "o'brien")).to_pylist()
     assert len(hits) == 8 and "o'brien" not in {h["id"] for h in hits}
     from models.patterns import MissingPattern
-    from stores.masks import MaskStore
+    from stores.features.masks import MaskStore
     split = next(s for s in ("train", "val", "test") if "o'brien" in store.read_split(s).ids)
     ids = store.read_split(split).ids
     assert MaskStore(store).get(split, ids, MissingPattern(kind="per_modality", rates={"image": 0.5}), 0).shape == \
@@ -143,8 +143,8 @@ REPRODUCED = {"early": {"name": "early"}, "srmm": {"name": "srmm"}, "mmp": {"nam
 def logged(tmp_path_factory):
     """A small store and one registered run per head family, logged to a real MLflow (sqlite)."""
     from models.heads import parse_head_config
-    from stores.runner import train_and_evaluate
-    from stores.tracking import Tracker
+    from runs.train import train_and_evaluate
+    from stores.tracking.runs import Tracker
     tmp = tmp_path_factory.mktemp("repro")
     manifest = make_manifest(tmp / "raw", n=24, bad=False)
     cfg = manifest_config(tmp, manifest, train__epochs=2)
@@ -154,7 +154,7 @@ def logged(tmp_path_factory):
     for head, raw in REPRODUCED.items():
         c = cfg.model_copy(update={"head": parse_head_config(raw)})
         result = train_and_evaluate(c)
-        runs[head] = (tracker.log_run(result), result.store["versions"])
+        runs[head] = (tracker.log_run(result), result.store.versions)
     # the store moves on after the runs: new rows, so the latest versions differ from the logged ones
     rows = _rows(manifest)
     rows += [dict(r, id=f"late{i}") for i, r in enumerate(rows[:6])]
@@ -179,8 +179,8 @@ def test_reproduce_matches_the_original_metrics_exactly(logged, head, tmp_path, 
 
 
 def test_gc_never_removes_a_pinned_version_unless_forced(logged):
-    from stores.store_admin import gc, overview
-    from stores.tracking import pinned_store_versions
+    from stores.features.admin import gc, overview
+    from stores.tracking.lineage import pinned_store_versions
     cfg, runs = logged
     pinned = pinned_store_versions(cfg.tracking)
     assert {p["run_id"] for p in pinned} == {r for r, _ in runs.values()}
@@ -204,9 +204,9 @@ def test_migrate_an_old_layout_store_without_reencoding(tmp_path):
     """A store in the old layout (one table per encoder set + .json) becomes views; nothing is encoded again."""
     import lancedb
     import pyarrow as pa
-    from stores.feature_store import legacy_store_name
-    from stores.store_admin import migrate_legacy
-    from stores.views import fixed, tokens
+    from stores.features.feature_store import legacy_store_name
+    from stores.extraction.migrate import migrate_legacy
+    from stores.features.views import fixed, tokens
     cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=6, bad=False))
     extract(cfg, progress=False)
     store = open_store(cfg)
@@ -215,12 +215,12 @@ def test_migrate_an_old_layout_store_without_reencoding(tmp_path):
     legacy_root = tmp_path / "legacy"
     db, name = lancedb.connect(str(legacy_root)), legacy_store_name(cfg)
     cols: dict = {"id": [], "split": [], "label": [], "labels": [], "source": [], "issues": []}
-    per = {m: {"present": [], "vec": [], "tok": [], "emb": []} for m in meta["modalities"]}
+    per = {m: {"present": [], "vec": [], "tok": [], "emb": []} for m in meta.modalities}
     for s, got in splits.items():
         for i, id_ in enumerate(got.ids):
             cols["id"].append(id_), cols["split"].append(s), cols["source"].append("{}"), cols["issues"].append(None)
             cols["label"].append(int(got.batch.y[i])), cols["labels"].append([int(got.batch.y[i])])
-            for j, m in enumerate(meta["modalities"]):
+            for j, m in enumerate(meta.modalities):
                 per[m]["present"].append(bool(got.batch.present[i, j]))
                 per[m]["vec"].append(got.batch.vec[m][i].numpy())
                 for k in ("tok", "emb"):
@@ -234,13 +234,13 @@ def test_migrate_an_old_layout_store_without_reencoding(tmp_path):
         cols[f"{m}_tok"], cols[f"{m}_ntok"] = tokens(p["tok"])
         cols[f"{m}_emb"], cols[f"{m}_nemb"] = tokens(p["emb"])
     db.create_table(name, pa.table(cols))
-    phc = {"modality": meta["modalities"], "vec": [ph.vec[m][0].tolist() for m in meta["modalities"]]}
-    phc["tok"], phc["ntok"] = tokens([ph.tok[m][0, : int(ph.tok_mask[m][0].sum())].numpy() for m in meta["modalities"]])
+    phc = {"modality": meta.modalities, "vec": [ph.vec[m][0].tolist() for m in meta.modalities]}
+    phc["tok"], phc["ntok"] = tokens([ph.tok[m][0, : int(ph.tok_mask[m][0].sum())].numpy() for m in meta.modalities])
     phc["emb"], phc["nemb"] = tokens([ph.emb[m][0, : int(ph.emb_mask[m][0].sum())].numpy() if m in ph.emb else None
-                                      for m in meta["modalities"]])
+                                      for m in meta.modalities])
     db.create_table(name + "-placeholders", pa.table(phc))
-    (legacy_root / f"{name}.json").write_text(json.dumps({"fingerprint": "old", "modalities": meta["modalities"],
-                                                          "encoders": meta["encoders"]}))
+    (legacy_root / f"{name}.json").write_text(json.dumps({"fingerprint": "old", "modalities": meta.modalities,
+                                                          "encoders": meta.encoders}))
     moved = cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": legacy_root})})
     with pytest.raises(StoreError, match="mm store migrate"):
         open_store(moved)

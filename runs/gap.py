@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.records import RunRow
+
 EARLY = "early"  # zero-fill early fusion's variant name
 # below one point (6-10 test rows here) the ratio is noise: Fashion's 0.2-point gap gave +-300% on one seed
 MIN_GAP = 0.01
@@ -38,14 +40,14 @@ def modalities_of(scenarios: list[str]) -> list[str]:
     return []
 
 
-def add_gap_closed(results: list[dict], metric: str, modalities: list[str]) -> list[str]:
-    """Set ``summary["gap_closed_<m>"]`` on every run of ``results`` (dicts with variant, scenarios, summary) whose
+def add_gap_closed(results: list[RunRow], metric: str, modalities: list[str]) -> list[str]:
+    """Set ``summary["gap_closed_<m>"]`` on every run of ``results`` whose
     references exist among them: mean over runs of zero-fill ``early`` and of the oracle of the remaining modality
     (two-modality datasets; with more, the oracle of the remaining set is not one run). Oracle runs get none.
     Returns the keys set."""
     def mean_at(variant: str, scenario: str) -> float | None:
-        vals = [r["scenarios"][scenario][metric] for r in results
-                if r["variant"] == variant and metric in r["scenarios"].get(scenario, {})]
+        vals = [r.scenarios[scenario][metric] for r in results
+                if r.variant == variant and metric in r.scenarios.get(scenario, {})]
         return float(np.mean(vals)) if vals else None
 
     keys = []
@@ -58,9 +60,9 @@ def add_gap_closed(results: list[dict], metric: str, modalities: list[str]) -> l
         if early is None or oracle is None:
             continue
         for r in results:  # the oracles are the references, not methods: no gap of their own
-            if not r["variant"].startswith("oracle[") and metric in r["scenarios"].get(s, {}):
-                g = gap_closed(r["scenarios"][s][metric], early, oracle)
+            if not r.variant.startswith("oracle[") and metric in r.scenarios.get(s, {}):
+                g = gap_closed(r.scenarios[s][metric], early, oracle)
                 if g is not None:
-                    r["summary"][f"gap_closed_{m}"] = g
+                    r.summary[f"gap_closed_{m}"] = g
                     keys.append(f"gap_closed_{m}")
     return sorted(set(keys))

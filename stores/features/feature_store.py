@@ -1,7 +1,7 @@
 """LanceDB feature store. Three kinds of table under ``store.root`` (a folder or an object-store URI such as
-``s3://bucket/prefix``; stores/location.py holds everything that differs between the two):
+``s3://bucket/prefix``; stores/features/location.py holds everything that differs between the two):
 
-- feature views ``view-<modality>-<hash>`` (stores/views.py): features per (modality, encoder), keyed by the
+- feature views ``view-<modality>-<hash>`` (stores/features/views.py): features per (modality, encoder), keyed by the
   content hash of the input, shared by every dataset and config that uses that encoder;
 - the dataset (entity) table ``<data.dataset_name>``: id, split, label(s), source and each modality's content
   key, so split and label changes re-extract nothing and a changed file gets a new key;
@@ -9,7 +9,7 @@
   label, presence, issues and pooled vectors, with an IVF-PQ index), plus ``<name>.json`` metadata.
 
 Training reads join the dataset table and the views at pinned Lance versions (``store.versions``), so a run
-can be repeated on exactly the rows it read; decoded splits are cached by those versions (stores/split_cache.py)."""
+can be repeated on exactly the rows it read; decoded splits are cached by those versions (``split_cache``)."""
 from __future__ import annotations
 
 import hashlib
@@ -25,16 +25,16 @@ import pyarrow as pa
 import torch
 from lancedb.index import IvfPq
 
-from models.config import ExperimentConfig
+from models.config import DataConfig, EncoderConfig, ExperimentConfig, runtime_fields
 from models.heads.base import FeatureBatch, ModalitySpec
+from models.records import StoreInfo, StoreMeta
 
-from . import filters
-from .location import StoreFile, StoreLocation
-from .split_cache import SplitCache
-from .views import View, StoreError, fixed, now, tokens, view_name, write_json
+from stores.features import filters
+from stores.features.location import StoreFile, StoreLocation
+from stores.features.split_cache import SplitCache
+from stores.features.views import View, StoreError, fixed, now, view_name, write_json
 
 __all__ = ["FeatureStore", "StoreError", "open_store", "store_name", "decode_tokens", "SplitFeatures", "now"]
-_tokens = tokens  # the name stores/predict.py imports
 
 
 def store_name(cfg: ExperimentConfig) -> str:
@@ -45,11 +45,11 @@ def store_name(cfg: ExperimentConfig) -> str:
 
 def legacy_store_name(cfg: ExperimentConfig) -> str:
     """The table name of the old layout (one table per dataset and encoder set), for migration."""
-    data = cfg.data.model_dump(mode="json", exclude={"data_dir"})
+    data = cfg.data.model_dump(mode="json", exclude=runtime_fields(DataConfig))
     for added in ("classes", "name"):
         if data.get(added) is None:
             data.pop(added, None)
-    enc = {m: e.model_dump(mode="json", exclude={"batch_size", "device", "precision"}
+    enc = {m: e.model_dump(mode="json", exclude=set(runtime_fields(EncoderConfig))
                            | ({"decode"} if e.decode == "host" else set())  # added later: defaults keep names
                            | ({"embedding_tokens"} if e.embedding_tokens is None else set()))
            for m, e in cfg.encoder_configs().items()}
@@ -127,7 +127,7 @@ class FeatureStore:
         # decoded splits stay on local disk: beside the tables for a folder, in the cache folder for a URI
         self.cache = SplitCache(self.location.cache_dir / f"{name}.cache") if read_cache else None
         self._lengths: dict[tuple[str, int], dict[str, int]] = {}
-        self._meta_memo: tuple[tuple, dict] | None = None
+        self._meta_memo: tuple[tuple, StoreMeta] | None = None
 
     @classmethod
     def for_config(cls, cfg: ExperimentConfig, modalities: list[str] | None = None) -> "FeatureStore":
@@ -228,7 +228,7 @@ class FeatureStore:
         return history[str(max(known))] if known else history[min(history, key=int)]
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> StoreMeta:
         """Everything about what this store reads, at its (pinned or latest) versions: modalities, classes,
         task, dims, padded lengths, encoder fingerprints, views and versions."""
         vers = self.versions()
@@ -239,16 +239,16 @@ class FeatureStore:
         state = self.dataset_state(vers["dataset"])
         vm = {m: v.meta for m, v in views.items()}
         mods = ds["modalities"]
-        meta = {"name": self.name, "dataset": self.dataset, "modalities": mods, "classes": state["classes"],
-                "task": state["task"], "views": self.view_names, "versions": vers,
-                "dataset_version": f"{self.dataset}@{vers['dataset']}",
-                "encoders": {m: vm[m]["encoder"] for m in mods},
-                "vec_dim": {m: vm[m]["vec_dim"] for m in mods}, "tok_dim": {m: vm[m]["tok_dim"] for m in mods},
-                "tok_len": {m: self.lengths(m, vers[m])["tok"] for m in mods},
-                "emb_dim": {m: vm[m]["emb_dim"] for m in mods if vm[m]["emb_dim"] is not None},
-                "emb_len": {m: self.lengths(m, vers[m])["emb"] for m in mods if vm[m]["emb_dim"] is not None}}
-        meta["fingerprint"] = hashlib.sha256(json.dumps([meta["encoders"], self.view_names, vers],
-                                                        sort_keys=True).encode()).hexdigest()[:16]
+        encoders = {m: vm[m]["encoder"] for m in mods}
+        meta = StoreMeta(
+            name=self.name, dataset=self.dataset, modalities=mods, classes=state["classes"], task=state["task"],
+            views=self.view_names, versions=vers, dataset_version=f"{self.dataset}@{vers['dataset']}",
+            encoders=encoders, vec_dim={m: vm[m]["vec_dim"] for m in mods},
+            tok_dim={m: vm[m]["tok_dim"] for m in mods}, tok_len={m: self.lengths(m, vers[m])["tok"] for m in mods},
+            emb_dim={m: vm[m]["emb_dim"] for m in mods if vm[m]["emb_dim"] is not None},
+            emb_len={m: self.lengths(m, vers[m])["emb"] for m in mods if vm[m]["emb_dim"] is not None},
+            fingerprint=hashlib.sha256(json.dumps([encoders, self.view_names, vers],
+                                                  sort_keys=True).encode()).hexdigest()[:16])
         self._meta_memo = (memo_key, meta)
         return meta
 
@@ -256,7 +256,7 @@ class FeatureStore:
     @contextmanager
     def writer_lock(self, timeout: float) -> Iterator[None]:
         """Exclusive write access to the dataset table and this config's views (locks taken in name order;
-        stores/location.py: what a lock is on a folder and on a URI)."""
+        stores/features/location.py: what a lock is on a folder and on a URI)."""
         names = sorted({self.dataset, *self.view_names.values()}) if self._dataset or self.meta_path.exists() \
             else [self.name]
         with ExitStack() as stack:
@@ -264,7 +264,7 @@ class FeatureStore:
                 stack.enter_context(self.location.lock(n, timeout))
             yield
 
-    # ------------------------------------------------------------------ writing (stores/extraction.py)
+    # ------------------------------------------------------------------ writing (stores/extraction/local.py)
     def entities(self) -> dict[str, dict]:
         """The latest dataset table as id -> row."""
         if not self._has(self.dataset):
@@ -336,9 +336,8 @@ class FeatureStore:
     # ------------------------------------------------------------------ reading
     def spec(self) -> ModalitySpec:
         meta, ph = self.meta, self.placeholders(("vec",))
-        return ModalitySpec(meta["modalities"], meta["vec_dim"], meta["tok_dim"], meta["tok_len"],
-                            len(meta["classes"]), meta["task"], meta.get("emb_dim", {}), meta.get("emb_len", {}),
-                            placeholder_vec={m: v[0] for m, v in ph.vec.items()})
+        return ModalitySpec(meta.modalities, meta.vec_dim, meta.tok_dim, meta.tok_len, len(meta.classes), meta.task,
+                            meta.emb_dim, meta.emb_len, placeholder_vec={m: v[0] for m, v in ph.vec.items()})
 
     def read_split(self, split: str, inputs: tuple[str, ...] = ("vec",)) -> SplitFeatures:
         """Every row of ``split`` as one FeatureBatch of CPU tensors (ids sorted), the dataset table joined with
@@ -369,8 +368,8 @@ class FeatureStore:
         keep = np.array([all(keys[m][i] in row_ids[m] for m in mods) for i in range(t.num_rows)], bool)
         order = np.flatnonzero(keep)[np.argsort(np.asarray(t["id"].to_pylist(), dtype=object)[keep], kind="stable")]
         order = order.astype(np.int64)
-        if meta["task"] == "multilabel":
-            y = torch.zeros(len(order), len(meta["classes"]))
+        if meta.task == "multilabel":
+            y = torch.zeros(len(order), len(meta.classes))
             for i, labels in enumerate(t["labels"].take(order).to_pylist()):
                 y[i, labels] = 1
         else:
@@ -390,10 +389,9 @@ class FeatureStore:
         for m, (rows, take) in batch_parts.items():
             if "vec" in inputs:
                 col = rows["vec"].combine_chunks()
-                vec = col.values.to_numpy(zero_copy_only=False).reshape(len(col), meta["vec_dim"][m])
+                vec = col.values.to_numpy(zero_copy_only=False).reshape(len(col), meta.vec_dim[m])
                 b.vec[m] = torch.from_numpy(vec[take])
-            for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]),
-                                      ("emb", meta.get("emb_dim", {}), meta.get("emb_len", {}))):
+            for kind, dim, length in (("tok", meta.tok_dim, meta.tok_len), ("emb", meta.emb_dim, meta.emb_len)):
                 if kind in inputs and m in dim:
                     lengths = rows[f"n{kind}"].fill_null(0).to_numpy()
                     x, mask = decode_tokens(rows[kind], lengths, dim[m], length[m], take)
@@ -403,13 +401,12 @@ class FeatureStore:
     def placeholders(self, inputs: tuple[str, ...] = ("vec", "tok", "emb")) -> FeatureBatch:
         """One-row FeatureBatch per modality's placeholder features (same padding as read_split)."""
         meta = self.meta
-        b = FeatureBatch(torch.zeros(1, len(meta["modalities"]), dtype=torch.bool), torch.zeros(1, dtype=torch.long))
+        b = FeatureBatch(torch.zeros(1, len(meta.modalities), dtype=torch.bool), torch.zeros(1, dtype=torch.long))
         for m, view in self.views().items():
-            row = view.placeholder(view.table(meta["versions"][m]))
+            row = view.placeholder(view.table(meta.versions[m]))
             if "vec" in inputs:
                 b.vec[m] = torch.tensor(row["vec"][0].as_py(), dtype=torch.float32)[None]
-            for kind, dim, length in (("tok", meta["tok_dim"], meta["tok_len"]),
-                                      ("emb", meta.get("emb_dim", {}), meta.get("emb_len", {}))):
+            for kind, dim, length in (("tok", meta.tok_dim, meta.tok_len), ("emb", meta.emb_dim, meta.emb_len)):
                 if kind in inputs and m in dim:
                     x, mask = decode_tokens(row[kind], row[f"n{kind}"].fill_null(0).to_numpy(), dim[m], length[m])
                     getattr(b, kind)[m], getattr(b, f"{kind}_mask")[m] = torch.from_numpy(x), torch.from_numpy(mask)
@@ -418,7 +415,7 @@ class FeatureStore:
     # ------------------------------------------------------------------ search & info
     def search(self, vector: np.ndarray, modality: str, k: int = 5, where: str | None = None,
                exact: bool = False, nprobes: int = 20) -> pa.Table:
-        """Top-k cosine neighbours; ``where`` is a filter from stores/filters.py, applied before the search.
+        """Top-k cosine neighbours; ``where`` is a filter from stores/features/filters.py, applied before the search.
         With an IVF-PQ index, ``nprobes`` partitions are scanned and 10 x k candidates re-ranked exactly
         (bench/store_io.py: recall vs nprobes); ``exact`` scans every row."""
         q = self.table.search(np.asarray(vector, np.float32), vector_column_name=f"{modality}_vec").metric("cosine")
@@ -441,17 +438,17 @@ class FeatureStore:
                 "lineage.dataset_table": self.dataset,
                 **{f"lineage.view.{m}": v for m, v in self.view_names.items()}}
 
-    def info(self) -> dict:
+    def info(self) -> StoreInfo:
         meta, tbl = self.meta, self.table
         counts = {s: tbl.count_rows(filters.eq("split", s)) for s in ("train", "val", "test")}
-        present = {m: tbl.count_rows(filters.eq(f"{m}_present", True)) for m in meta["modalities"]}
-        return {"name": self.name, "dataset": self.dataset, "fingerprint": meta["fingerprint"],
-                "dataset_version": meta["dataset_version"], "lance_version": meta["versions"]["dataset"],
-                "versions": meta["versions"], "views": self.view_names, "lineage": self.lineage(),
-                "rows": tbl.count_rows(), "splits": counts, "present": present,
-                "indices": [i.name for i in tbl.list_indices()], "encoders": meta["encoders"],
-                "missing_counts": self.config_meta.get("missing_counts", {}),
-                "updated": self.config_meta.get("updated")}
+        present = {m: tbl.count_rows(filters.eq(f"{m}_present", True)) for m in meta.modalities}
+        return StoreInfo(name=self.name, dataset=self.dataset, fingerprint=meta.fingerprint,
+                         dataset_version=meta.dataset_version, lance_version=meta.versions["dataset"],
+                         versions=meta.versions, views=self.view_names, lineage=self.lineage(),
+                         rows=tbl.count_rows(), splits=counts, present=present,
+                         indices=[i.name for i in tbl.list_indices()], encoders=meta.encoders,
+                         missing_counts=self.config_meta.get("missing_counts", {}),
+                         updated=self.config_meta.get("updated"))
 
 
 def open_store(cfg: ExperimentConfig, must_exist: bool = True) -> FeatureStore:

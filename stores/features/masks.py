@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 
 from models.patterns import MissingPattern, presence_mask
-from . import filters
-from .feature_store import FeatureStore, StoreError
+from stores.features import filters
+from stores.features.feature_store import FeatureStore, StoreError
 
 
 class MaskStore:
@@ -35,7 +35,7 @@ class MaskStore:
         """[len(ids), M] presence (True = present) in ``ids`` order, created and saved on first use."""
         mods = self.store.modalities
         # the dataset table version plus the ids read: a partly extracted store reads fewer ids at one version
-        version = f"{self.store.meta['dataset_version']}/{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
+        version = f"{self.store.meta.dataset_version}/{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
         where = filters.all_of(filters.eq("dataset_version", version), filters.eq("split", split),
                                filters.eq("pattern", pattern.key), filters.eq("seed", int(seed)))
         with self.store.location.lock(self.name, 120, hint="masks are being saved by another run"):

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from models.config import StoreConfig
+from models.records import StoreVersion
+
 
 class DvcError(RuntimeError):
     pass
@@ -54,3 +57,23 @@ def push(repo: Path, data_dir: str = "data") -> str:
 
 def pull(repo: Path, data_dir: str = "data") -> str:
     return dvc(Path(repo), "pull", "-q", f"{data_dir}.dvc")
+
+
+def version_store(store: StoreConfig, to_remote: bool = True) -> StoreVersion:
+    """``dvc add <top folder of store.root>`` in ``store.dvc_repo`` (and push to the configured remote); the DVC
+    hash is the store's version for lineage. A store on object storage is not under DVC: its versions are the
+    Lance table versions (each run's ``lineage.version.*`` tags; ``store.versions`` pins them)."""
+    if not isinstance(store.root, Path):
+        return StoreVersion(dvc=f"not used: store.root {store.root} is on object storage, versioned by its Lance "
+                                "table versions (pin them with store.versions); DVC versioning applies to a local "
+                                "store.root")
+    repo_path = Path(store.dvc_repo).resolve()
+    try:
+        data_dir = Path(store.root).resolve().relative_to(repo_path).parts[0]
+    except ValueError:
+        raise ValueError(f"store.root {store.root} is not inside store.dvc_repo {repo_path}") from None
+    ensure_repo(repo_path, store.dvc_remote, store.dvc_remote_options)
+    md5 = track(repo_path, data_dir)
+    if to_remote:
+        push(repo_path, data_dir)
+    return StoreVersion(dvc_hash=md5, data_dir=data_dir)

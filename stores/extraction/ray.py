@@ -17,30 +17,12 @@ import pickle
 import time
 from typing import Any, Iterable, Iterator
 
-from models.config import EncoderConfig, RayConfig
-from .encode_stream import load_or_reason
-from .encoders import Encoder, build_encoder
+from models.config import EncoderConfig
+from stores.encoders import Encoder, build_encoder
+from stores.encoders.stream import load_or_reason
+
 Items = list[tuple[str, Any]]  # (content key, raw input)
 Encoded = list[tuple[str, "dict[str, Any] | str"]]  # (content key, {vec, tok, emb} or the reason it is unusable)
-
-
-def init_kwargs(r: RayConfig) -> dict[str, Any]:
-    """``ray.init`` settings for ``r``: a new local cluster's size (no dashboard) when there is no address (ray.init
-    refuses them when it joins a cluster), and the runtime environment."""
-    init: dict[str, Any] = {}
-    if r.address is None:
-        init = {"include_dashboard": False, **({"num_cpus": r.num_cpus} if r.num_cpus is not None else {})}
-    if r.runtime_env:
-        init["runtime_env"] = r.runtime_env
-    return init
-
-
-def connect(r: RayConfig) -> None:
-    """Join the cluster at ``ray.address``, or start a local one; an initialized Ray in this process is reused."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=r.address, **init_kwargs(r))
 
 
 @functools.lru_cache(maxsize=8)
@@ -113,7 +95,7 @@ def encode_items(encoder_cfg: EncoderConfig, modality: str, refs: Items, batch_s
                  actors: int = 1, num_gpus: float | None = None,
                  cpus_per_actor: float = 1.0) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """One modality: (key, raw input) pairs -> (key, ``{vec, tok, emb}``) or (key, reason the input is unusable),
-    in input order; the same contract as the single-process ``stores.extraction.encode_items``."""
+    in input order; the same contract as the single-process ``stores.extraction.local.encode_items``."""
     batches = ((modality, refs[i : i + batch_size]) for i in range(0, len(refs), batch_size))
     for _, encoded, _ in encode_batches({modality: encoder_cfg}, batches, actors=actors, num_gpus=num_gpus,
                                      cpus_per_actor=cpus_per_actor):

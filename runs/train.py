@@ -1,8 +1,9 @@
-"""Train one head under one training pattern and evaluate it on the grid of test patterns."""
+"""One run without Prefect: train one head under one training pattern (selecting epochs on validation) and evaluate
+it on the grid of test patterns."""
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -11,75 +12,25 @@ from models.config import ExperimentConfig
 from models.features import add_noise, apply_presence, take
 from models.heads import FeatureBatch, Head, build_head
 from models.metrics import classification_metrics, primary_metric, robustness_auc
-from models.patterns import MissingPattern, noise_generator, robustness_grid, scenario_slug
+from models.patterns import (
+    MissingPattern,
+    noise_generator,
+    robustness_grid,
+    scenario_slug,
+)
+from models.records import RunResult, Scenario
 from models.training import FitResult, fit, predict
-from .encoders import build_encoder
-from .feature_store import FeatureStore, SplitFeatures, StoreError, open_store
-from .masks import MaskStore
+from stores.encoders import load_backbones
+from stores.features.feature_store import (
+    FeatureStore,
+    SplitFeatures,
+    StoreError,
+    open_store,
+)
+from stores.features.masks import MaskStore
 
-
-@dataclass
-class Scenario:
-    pattern: MissingPattern
-    slug: str
-    metrics: dict
-
-
-@dataclass
-class RunResult:
-    config: ExperimentConfig
-    store: dict
-    fit: FitResult
-    scenarios: list[Scenario]
-    summary: dict
-    head: Head
-    variant: str
-    seconds: float
-    mask_tables: dict = field(default_factory=dict)
-
-    def row(self) -> dict:
-        """The run as the one table builder (stores/reporting.aggregate) reads it: variant, train pattern, seed,
-        summary, scalar metrics per scenario slug, seconds."""
-        return {"head": self.config.head.name, "variant": self.variant, "seed": self.config.seed,
-                "train_pattern": self.config.train_pattern.key, "summary": self.summary,
-                "scenarios": scenario_scalars(self.scenarios), "seconds": self.seconds}
-
-    def scalar_metrics(self) -> dict[str, float]:
-        """Flat metric dict with names that sort well in the MLflow UI."""
-        out = {f"summary/{k}": float(v) for k, v in self.summary.items()}
-        for s in self.scenarios:
-            for k, v in s.metrics.items():
-                if isinstance(v, (int, float)):
-                    out[f"test/{k}/{s.slug}"] = float(v)
-        out["fit/best_epoch"] = float(self.fit.best_epoch)
-        out["fit/seconds"] = float(self.fit.seconds)
-        return out
-
-
-def scenario_scalars(scenarios: list[Scenario]) -> dict[str, dict[str, float]]:
-    """{slug: {metric: value}} of the scalar metrics (per-class lists and confusion matrices left out)."""
-    return {s.slug: {k: v for k, v in s.metrics.items() if isinstance(v, float)} for s in scenarios}
-
-
-def load_backbones(cfg: ExperimentConfig, meta: dict) -> dict[str, torch.nn.Module]:
-    """Encoder transformer blocks for heads that run them (CMPT, the LoRA oracle), for modalities whose store has
-    embedding-layer tokens (Hugging Face encoders); ``cfg.head.encoder_blocks`` says whether the head runs them."""
-    if cfg.head.encoder_blocks == "none":
-        return {}
-    enc, only = cfg.encoder_configs(), getattr(cfg.head, "modality", None)  # a unimodal head loads its own
-    blocks = {}
-    for m in meta.get("emb_dim", {}):
-        if only not in (None, m):
-            continue
-        try:
-            b = build_encoder(m, enc[m]).blocks()
-        except ValueError as e:  # a family without a verified replay: auto falls back, "encoder" says why
-            if cfg.head.encoder_blocks == "required":
-                raise StoreError(f"head.backbone={cfg.head.backbone!r} for {m}: {e}") from None
-            continue
-        if b is not None:
-            blocks[m] = b
-    return blocks
+# deterministic cuBLAS kernels (train.deterministic) need this before CUDA's first call
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def prepare(split: SplitFeatures, name: str, pattern: MissingPattern, seed: int, masks: MaskStore,
@@ -153,7 +104,7 @@ def fit_head(cfg: ExperimentConfig, store: FeatureStore, on_epoch=None) -> tuple
     """Build ``cfg.head`` and fit it on train (under ``cfg.train_pattern``), selecting epochs on val. Reads the
     train and val splits only, never test (tuning relies on it)."""
     check_store(cfg, store)
-    backbones = load_backbones(cfg, store.meta)
+    backbones = load_backbones(cfg.head, cfg.encoder_configs(), store.meta.emb_dim)
     spec = store.spec()
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, spec, backbones)

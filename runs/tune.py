@@ -16,8 +16,8 @@ from models.config import ExperimentConfig
 from models.heads import parse_head_config
 from models.metrics import primary_metric
 from models.search_spaces import SEARCH_SPACE
-from .feature_store import FeatureStore
-from .runner import fit_head
+from runs.train import fit_head
+from stores.features.feature_store import FeatureStore
 
 FitFn = Callable[..., tuple[Any, Any]]  # (cfg, store, on_epoch) -> (head, FitResult); reads train + val only
 
@@ -82,11 +82,11 @@ def to_overrides(tree: dict, prefix: str = "") -> list[str]:
 
 def with_tree(cfg: ExperimentConfig, tree: dict) -> ExperimentConfig:
     """``cfg`` with a partial config tree merged in (validated again)."""
-    from models.config import _deep_merge  # the same merge ``extends:`` uses
+    from stores.config_files import deep_merge  # the same merge ``extends:`` uses
     base = cfg.model_dump(mode="json")
     if "head" in tree and tree["head"].get("name", base["head"]["name"]) != base["head"]["name"]:
         base["head"] = {}  # another head: start from its defaults
-    _deep_merge(base, tree)
+    deep_merge(base, tree)
     return ExperimentConfig.model_validate(base)
 
 
@@ -147,7 +147,7 @@ def tune_head(cfg: ExperimentConfig, head: str, store: FeatureStore, fit_fn: Fit
     and returns its best-epoch validation score; the pruner sees the per-epoch validation scores. ``fit_fn``
     gets the trial's config, the store and the per-epoch callback, nothing from the test split."""
     base = head_base(cfg, head)
-    key = f"val_{primary_metric(store.meta['task'])}"
+    key = f"val_{primary_metric(store.meta.task)}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2) if cfg.tune.prune
               else optuna.pruners.NopPruner())
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
@@ -183,14 +183,14 @@ def run_tuning(cfg: ExperimentConfig, head: str, store: FeatureStore, source_con
                fit_fn: FitFn = fit_head) -> TuneResult:
     """``tune_head`` with MLflow lineage (one parent run per (dataset, head), one child run per trial, logged as
     each trial ends) and the best parameters written to ``tuned_path``."""
-    from . import tracking
+    from stores.tracking import studies as tracking
 
     dataset = cfg.data.dataset_name
     budget = {"tune.n_trials": cfg.tune.n_trials, "tune.timeout_s": cfg.tune.timeout_s, "tune.seed": cfg.tune.seed,
               "tune.metric": cfg.tune.metric, "tune.prune": cfg.tune.prune, "train.epochs": cfg.train.epochs,
               "seed": cfg.seed, "store": store.name}
     parent = tracking.start_parent_run(cfg.tracking, dataset, f"tune-{head}", budget,
-                                       {"head": head, "kind": "tune", "store_fingerprint": store.meta["fingerprint"]})
+                                       {"head": head, "kind": "tune", "store_fingerprint": store.meta.fingerprint})
 
     def log_trial(t: TrialRecord) -> None:
         tracking.log_child_run(cfg.tracking, dataset, parent, f"tune-{head}-t{t.number}", t.params,

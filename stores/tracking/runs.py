@@ -16,8 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from models.config import ExperimentConfig, TrackingConfig
-from .health import wait_healthy
-from .runner import RunResult
+from stores.health import wait_healthy
+from models.records import Champion, RunResult, RunRow
+from stores.tracking.predictor import Predictor
 
 CHAMPION = "champion"
 
@@ -35,7 +36,7 @@ def check_reachable(cfg: TrackingConfig) -> None:
                      "start it, or set tracking.uri to a sqlite:/// path. The feature store is untouched")
 
 
-def _uri(cfg: TrackingConfig) -> str:
+def tracking_uri(cfg: TrackingConfig) -> str:
     if cfg.uri.startswith("sqlite:///") and not cfg.uri.startswith("sqlite:////"):
         Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return cfg.uri
@@ -77,8 +78,8 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, dataset: str):
         self.cfg, self.dataset = cfg, dataset
         check_reachable(cfg)
-        mlflow.set_tracking_uri(_uri(cfg))
-        self.client = MlflowClient(_uri(cfg))
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        self.client = MlflowClient(tracking_uri(cfg))
         self.experiment_name = experiment_name(cfg, dataset)
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is None:
@@ -132,7 +133,7 @@ class Tracker:
         pd.DataFrame(rows).to_csv(out / "scenarios.csv", index=False)
         (out / "per_class.json").write_text(json.dumps({s.slug: s.metrics.get("per_class_f1") for s in result.scenarios}))
         key = next(k for k in ("acc", "auroc", "f1_macro") if k in result.scenarios[0].metrics)
-        mods = result.store["encoders"].keys()
+        mods = result.store.encoders.keys()
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for m in mods:
             pts = [(0.0, result.scenarios[0].metrics[key])] + [
@@ -175,7 +176,7 @@ class Tracker:
         return int(self.client.create_model_version(name, info.model_uri, run_id=run_id,
                                                     model_id=info.model_id).version)
 
-    def update_champion(self, model_name: str, metric: str = "summary/grid_mean_acc") -> dict | None:
+    def update_champion(self, model_name: str, metric: str = "summary/grid_mean_acc") -> Champion | None:
         """Alias ``champion`` to the registered version whose run has the best ``metric``."""
         versions = self.client.search_model_versions(f"name = '{model_name}'")
         scored = []
@@ -187,7 +188,7 @@ class Tracker:
             return None
         best, version = max(scored)
         self.client.set_registered_model_alias(model_name, CHAMPION, str(version))
-        return {"model": model_name, "version": version, metric: best}
+        return Champion(model_name, version, metric, best)
 
     def runs(self, filter_string: str = "") -> pd.DataFrame:
         return mlflow.search_runs([self.experiment_id], filter_string=filter_string)
@@ -207,33 +208,37 @@ class LiveRun:
     def finish(self, result: RunResult) -> None:
         """Lineage tags, the dataset input, scenario metrics, artifacts and the (registered) model."""
         store, tracker = result.store, self.tracker
-        mlflow.set_tags({"head_variant": result.variant, "store": store["name"],
-                         "store_fingerprint": store["fingerprint"], "dataset_version": store["dataset_version"],
-                         "lance_version": str(store["lance_version"]), **store.get("lineage", {})})
+        mlflow.set_tags({"head_variant": result.variant, "store": store.name, "store_fingerprint": store.fingerprint,
+                         "dataset_version": store.dataset_version, "lance_version": str(store.lance_version),
+                         **store.lineage})
         dataset = mlflow.data.meta_dataset.MetaDataset(
-            source=mlflow.data.http_dataset_source.HTTPDatasetSource(url=f"lance://{store['name']}"),
-            name=store["name"], digest=store["fingerprint"])
+            source=mlflow.data.http_dataset_source.HTTPDatasetSource(url=f"lance://{store.name}"),
+            name=store.name, digest=store.fingerprint)
         mlflow.log_input(dataset, context="training")
         mlflow.log_metrics(result.scalar_metrics())
         with tempfile.TemporaryDirectory() as tmp:
             tracker._artifacts(result, Path(tmp))
             mlflow.log_artifacts(tmp)
-        from .mlflow_model import log_head_model
+        from stores.tracking.pyfunc import log_head_model
         info = log_head_model(result)
         if tracker.cfg.register_models:
             tracker.register(tracker.model_name(result.config.head.label), info, self.run_id)
 
 
-def load_predictor(model_uri: str, tracking: TrackingConfig):
-    """A Predictor from a registered model, e.g. ``models:/fashion-mmp@champion``."""
-    mlflow.set_tracking_uri(_uri(tracking))
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+def load_predictor(model_uri: str, tracking: TrackingConfig) -> Predictor:
+    """A Predictor for a registered model, e.g. ``models:/fashion-mmp@champion``, rebuilt by this code from the
+    model's artifacts (config, store metadata, weights), not from the code copy the model ships: a model
+    registered by an earlier version of this project loads in this process all the same."""
+    mlflow.set_tracking_uri(tracking_uri(tracking))  # a models:/ URI resolves in the registry, which follows it
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)) / "artifacts"
+        return Predictor.from_files(root / "config.yaml", root / "meta.json", root / "state.pt")
 
 
-def run_results(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> list[dict]:
-    """Finished runs of ``experiment`` in the shape the training task returns (variant, train pattern, seed,
-    scenarios, summary): the input of the one table builder, ``stores.reporting.aggregate``."""
-    mlflow.set_tracking_uri(_uri(tracking))
+def run_results(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> list[RunRow]:
+    """Finished runs of ``experiment`` as the rows the training task returns (variant, train pattern, seed,
+    scenarios with ``metric`` only, summary): the input of the one table builder, ``runs.reporting.aggregate``."""
+    mlflow.set_tracking_uri(tracking_uri(tracking))
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
     out = []
     prefix = f"metrics.test/{metric}/"
@@ -244,125 +249,7 @@ def run_results(tracking: TrackingConfig, experiment: str, metric: str = "acc") 
             continue
         summary = {c.removeprefix("metrics.summary/"): float(r[c]) for c in runs.columns
                    if c.startswith("metrics.summary/") and pd.notna(r[c])}
-        out.append({"run_id": r["run_id"], "variant": r.get("tags.head_variant") or r.get("tags.head"),
-                    "train_pattern": r.get("tags.train_pattern"), "seed": r.get("tags.seed"),
-                    "scenarios": scenarios, "summary": summary})
+        out.append(RunRow(variant=r.get("tags.head_variant") or r.get("tags.head"),
+                          train_pattern=r.get("tags.train_pattern"), seed=r.get("tags.seed"), scenarios=scenarios,
+                          summary=summary, run_id=r["run_id"]))
     return out
-
-
-def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> pd.DataFrame:
-    """Paper-style table of the experiment's runs: one row per (head, train pattern), one column per scenario
-    and the grid mean, mean ± sd over seeds (the same builder as the sweep report)."""
-    from .reporting import aggregate, cell, columns
-    scenarios, rows = aggregate(run_results(tracking, experiment, metric), metric)
-    return pd.DataFrame([{c: r[c] if c == "seeds" else cell(r.get(c, "")) for c in columns(scenarios, rows)}
-                         for r in rows])
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "(no runs)"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-
-# ---------------------------------------------------------------------- store lineage (reproduce, gc)
-LINEAGE_VERSION = "lineage.version."
-
-
-def logged_run(tracking: TrackingConfig, run_id: str) -> dict:
-    """A logged run's config (its ``config.yaml`` artifact), the store versions it read (``lineage.version.*``
-    tags) and its metrics."""
-    client = MlflowClient(_uri(tracking))
-    run = client.get_run(run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp,
-                                                   tracking_uri=_uri(tracking))
-        config = yaml.safe_load(Path(path).read_text())
-    versions = {k.removeprefix(LINEAGE_VERSION): int(v) for k, v in run.data.tags.items()
-                if k.startswith(LINEAGE_VERSION)}
-    return {"config": config, "versions": versions, "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
-
-
-def pinned_store_versions(tracking: TrackingConfig) -> list[dict]:
-    """For each registered model version: the Lance tables and versions its run read, as
-    ``{"model", "version", "run_id", "tables": {table: version}}``."""
-    client = MlflowClient(_uri(tracking))
-    out = []
-    for mv in client.search_model_versions():  # every registered model's versions (no filter to quote)
-        if mv.run_id:
-            tags = client.get_run(mv.run_id).data.tags
-            names = {"dataset": tags.get("lineage.dataset_table")}
-            names.update({k.removeprefix("lineage.view."): v for k, v in tags.items() if k.startswith("lineage.view.")})
-            tables = {names[p]: int(v) for p, v in ((k.removeprefix(LINEAGE_VERSION), v) for k, v in tags.items()
-                                                    if k.startswith(LINEAGE_VERSION)) if names.get(p)}
-            out.append({"model": mv.name, "version": int(mv.version), "run_id": mv.run_id, "tables": tables})
-    return out
-# ---------------------------------------------------------------------- tuning and protocol tables (new API)
-def _scalar_params(params: dict) -> list:
-    from mlflow.entities import Param
-    return [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-
-
-def start_parent_run(cfg: TrackingConfig, experiment: str, name: str, params: dict | None = None,
-                     tags: dict[str, str] | None = None) -> str:
-    """Open a parent run (e.g. one tuning study) in ``experiment``; returns its id. Children attach with
-    ``log_child_run``; close it with ``end_parent_run``."""
-    tracker = Tracker(cfg, experiment)
-    run = tracker.client.create_run(tracker.experiment_id, run_name=name, tags=tags or {})
-    if params:
-        tracker.client.log_batch(run.info.run_id, params=_scalar_params(params))
-    return run.info.run_id
-
-
-def log_child_run(cfg: TrackingConfig, experiment: str, parent_id: str, name: str, params: dict,
-                  metrics: dict[str, float], curves: dict[str, dict[int, float]] | None = None,
-                  tags: dict[str, str] | None = None, status: str = "FINISHED") -> str:
-    """One finished child run (e.g. one trial) under ``parent_id``: params, final metrics and per-step curves."""
-    import time as _time
-
-    from mlflow.entities import Metric
-    tracker = Tracker(cfg, experiment)
-    run = tracker.client.create_run(tracker.experiment_id, run_name=name,
-                                    tags={"mlflow.parentRunId": parent_id, **(tags or {})})
-    now = int(_time.time() * 1000)
-    points = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
-    points += [Metric(k, float(v), now, int(step)) for k, curve in (curves or {}).items() for step, v in curve.items()]
-    tracker.client.log_batch(run.info.run_id, metrics=points, params=_scalar_params(params))
-    tracker.client.set_terminated(run.info.run_id, status=status)
-    return run.info.run_id
-
-
-def end_parent_run(cfg: TrackingConfig, parent_id: str, metrics: dict[str, float] | None = None,
-                   texts: dict[str, str] | None = None, tags: dict[str, str] | None = None,
-                   status: str = "FINISHED") -> None:
-    """Final metrics, text artifacts (file name -> content) and tags of a parent run, then close it."""
-    import time as _time
-
-    from mlflow.entities import Metric, RunTag
-    mlflow.set_tracking_uri(_uri(cfg))
-    client = MlflowClient(_uri(cfg))
-    now = int(_time.time() * 1000)
-    client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
-    for fname, text in (texts or {}).items():
-        client.log_text(parent_id, text, fname)
-    client.set_terminated(parent_id, status=status)
-
-
-def child_runs(cfg: TrackingConfig, experiment: str, parent_id: str) -> pd.DataFrame:
-    """The child runs of ``parent_id`` (params, metrics, tags as columns)."""
-    mlflow.set_tracking_uri(_uri(cfg))
-    return mlflow.search_runs(experiment_names=[experiment_name(cfg, experiment)],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-
-
-def log_tables_run(cfg: TrackingConfig, experiment: str, name: str, tables: dict[str, str],
-                   metrics: dict[str, float], params: dict | None = None, tags: dict[str, str] | None = None) -> str:
-    """One run holding benchmark tables (Markdown artifacts, file name -> text) and their numbers as metrics."""
-    run_id = start_parent_run(cfg, experiment, name, params, tags)
-    end_parent_run(cfg, run_id, metrics, tables)
-    return run_id

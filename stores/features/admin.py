@@ -1,6 +1,6 @@
-"""Store management: what is in a store root (views, dataset tables, configs, versions, sizes, who uses what),
+"""Store management: what is in a store root (views, dataset tables, configs, versions, sizes, who uses what) and
 garbage collection of old Lance versions and unused views that never touches a version a registered model's
-run read, and migration of stores written by the old one-table-per-encoder-set layout."""
+run read."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,7 @@ import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import numpy as np
-
-from models.config import ExperimentConfig
-from .feature_store import FeatureStore, legacy_store_name, store_name
-from .location import StoreLocation
-from .views import StoreError, View, view_name
+from stores.features.location import StoreLocation
 
 PIN_TAG = "pinned-v"  # Lance tag on each version a registered run read: Lance itself refuses to clean it up
 
@@ -70,7 +65,7 @@ def _pins(pinned_runs: list[dict]) -> dict[str, set[int]]:
 def gc(root: Path | str | StoreLocation, pinned_runs: list[dict], force: bool = False, older_than_s: float = 3600.0,
        lock_timeout_s: float = 0.0) -> dict:
     """Remove Lance versions older than ``older_than_s`` and views no config uses. A version that a registered
-    model's run read (``pinned_runs``, from stores/tracking.py) is kept, with every later one, and tagged so
+    model's run read (``pinned_runs``, from stores/tracking/lineage.py) is kept, with every later one, and tagged so
     Lance refuses to delete it; ``force`` drops those tags and removes pinned versions and views too."""
     loc = StoreLocation.of(root)
     db = loc.connect()
@@ -109,56 +104,3 @@ def _clean_table(tbl, pinned: set[int], older_than_s: float) -> dict:
     after = [v["version"] for v in tbl.list_versions()]
     return {"versions_before": len(before), "versions_after": len(after), "pinned": kept,
             "removed": sorted(set(before) - set(after))}
-
-
-def migrate_legacy(cfg: ExperimentConfig) -> dict:
-    """Copy a store of the old layout (``<dataset>-<hash>`` table + ``.json``) into feature views, keyed by
-    each row's current content key, without encoding anything; a following ``extract`` then builds the dataset
-    and search tables (and encodes only rows that were not in the old table)."""
-    from .datasets import load_dataset
-    from .extraction import entity_rows
-
-    loc = StoreLocation.for_config(cfg.store)
-    legacy = legacy_store_name(cfg)
-    meta_path = loc.file(f"{legacy}.json")
-    if not meta_path.exists():
-        raise StoreError(f"no old-layout store {legacy} under {loc}")
-    meta = json.loads(meta_path.read_text())
-    db = loc.connect()
-    old = db.open_table(legacy).to_arrow()
-    ph = db.open_table(legacy + "-placeholders").to_arrow()
-    ds = load_dataset(cfg.data)
-    keys = {r["id"]: r for r in entity_rows(ds, {})}
-    enc_cfgs = cfg.encoder_configs()
-    store = FeatureStore.for_config(cfg, ds.modalities)
-    copied = {}
-    with store.writer_lock(cfg.store.lock_timeout_s):
-        for m in meta["modalities"]:
-            view = View(db, loc, view_name(m, enc_cfgs[m]))
-            p = ph.filter(np.asarray(ph["modality"].to_pylist()) == m).to_pylist()[0]
-            placeholder = {"vec": np.asarray(p["vec"], np.float32), "tok": _blob(p["tok"], p["ntok"]),
-                           "emb": _blob(p["emb"], p["nemb"])}
-            view.create(m, enc_cfgs[m], meta["encoders"][m], placeholder)
-            have = set(view.row_ids())
-            items = {}
-            for r in old.select(["id", "issues", f"{m}_present", f"{m}_vec", f"{m}_tok", f"{m}_ntok", f"{m}_emb",
-                                 f"{m}_nemb"]).to_pylist():
-                key = keys.get(r["id"], {}).get(f"{m}_key")
-                if key is None or key in have or key in items:
-                    continue
-                reason = json.loads(r["issues"]).get(m) if r["issues"] else None
-                items[key] = {"present": bool(r[f"{m}_present"]), "reason": reason,
-                              "vec": np.asarray(r[f"{m}_vec"], np.float32), "tok": _blob(r[f"{m}_tok"], r[f"{m}_ntok"]),
-                              "emb": _blob(r[f"{m}_emb"], r[f"{m}_nemb"])}
-            rows = list(items.items())
-            for start in range(0, len(rows), max(cfg.store.write_every, 1024)):
-                view.add(rows[start : start + max(cfg.store.write_every, 1024)])
-            copied[m] = len(rows)
-    return {"from": legacy, "to": store_name(cfg), "copied": copied}
-
-
-def _blob(data: bytes | None, n: int | None) -> np.ndarray | None:
-    if data is None or not n:
-        return None
-    return np.frombuffer(data, np.float16).reshape(n, -1)
-

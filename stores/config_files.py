@@ -1,0 +1,91 @@
+"""Experiment files: YAML under ``configs/`` (a file may ``extends:`` another), ``--set key.path=value``
+overrides, and the one-line description of a validation error. The schemas themselves live in ``models.config``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from models.config import ConfigError, ExperimentConfig
+from stores.datasets.base import datasets_root
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:  # e.g. a cron string "* * * * *": keep it as text
+        value = raw
+    return key.strip().split("."), value
+
+
+def set_path(tree: dict, path: list[str], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {k} is not a section")
+    tree[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML file (optional, may ``extends:`` another file) + dotted overrides -> validated config, with
+    ``data.data_dir`` resolved when unset (``$MM_DATASETS_DIR``, else ``../shared/datasets``) so it is logged."""
+    tree: dict = {}
+    if path:
+        tree = read_yaml(Path(path))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        set_path(tree, keys, value)
+    return validate(tree, f" {path}" if path else "")
+
+
+def validate(tree: dict, source: str = "") -> ExperimentConfig:
+    """A config tree (e.g. a logged run's ``config.yaml``) -> validated config; errors as one ConfigError line."""
+    try:
+        cfg = ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config{source}: {describe(e)}") from None
+    if cfg.data.data_dir is None:
+        cfg.data.data_dir = datasets_root(cfg.data)
+    return cfg
+
+
+def describe(e: ValidationError) -> str:
+    """Each error on one line part: the dotted field, pydantic's message and the value given."""
+    parts = []
+    for err in e.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across sections: its message names the fields
+            parts.append(msg)
+            continue
+        hidden = err["type"] in ("missing", "extra_forbidden") or loc.startswith("store.storage_options")  # secrets
+        given = "" if hidden else f" (got {err.get('input')!r})"
+        parts.append(f"{loc}: {msg}{given}")
+    return "; ".join(parts)
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    base = tree.pop("extends", None)
+    if base:
+        merged = read_yaml((path.parent / base).resolve())
+        deep_merge(merged, tree)
+        return merged
+    return tree
+
+
+def deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            deep_merge(into[k], v)
+        else:
+            into[k] = v

@@ -1,0 +1,100 @@
+"""The one manifest schema every dataset becomes (id, split, label, per-modality payload or None), and the
+helpers the adapters share (stratified splits, limits, required files)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from models.config import DataConfig
+
+# the datasets folder when neither data.data_dir nor $MM_DATASETS_DIR says: ../shared/datasets beside the checkout
+DEFAULT_DATASETS_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+def datasets_root(cfg: DataConfig) -> Path:
+    """``data.data_dir``, else ``$MM_DATASETS_DIR``, else ``DEFAULT_DATASETS_DIR``."""
+    return Path(cfg.data_dir or os.environ.get("MM_DATASETS_DIR") or DEFAULT_DATASETS_DIR)
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be read as configured (missing files, bad manifest, bad labels)."""
+
+
+@dataclass
+class Record:
+    id: str
+    split: str
+    label: int | list[int]
+    payload: dict[str, Any]  # modality -> file path / text / in-memory reference, or None when absent
+
+
+@dataclass
+class Dataset:
+    name: str
+    modalities: list[str]
+    classes: list[str]
+    records: list[Record]
+    task: str = "multiclass"
+    resolvers: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # modality -> ref -> raw input
+
+    def raw(self, modality: str, ref: Any) -> Any:
+        """The raw input behind a payload reference (a path unless the adapter resolves it itself)."""
+        return self.resolvers[modality](ref) if modality in self.resolvers else ref
+
+    @property
+    def version(self) -> str:
+        """Content hash of the manifest: ids, splits, labels, payload refs and referenced file sizes."""
+        h = hashlib.sha256(f"{self.name}|{self.task}|{self.classes}|{self.modalities}".encode())
+        for r in self.records:
+            sizes = {m: Path(v).stat().st_size for m, v in r.payload.items()
+                     if isinstance(v, str) and m != "text" and Path(v).is_file()}
+            h.update(json.dumps([r.id, r.split, r.label, {m: str(v) for m, v in r.payload.items()}, sizes],
+                                sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+
+def split_stratified(keys: list[Any], labels: list[Any], val: float, test: float, seed: int) -> dict[Any, str]:
+    rng = np.random.default_rng(seed)
+    by_class: dict[Any, list[Any]] = defaultdict(list)
+    for k, y in zip(keys, labels):
+        by_class[y].append(k)
+    out = {}
+    for y in sorted(by_class, key=str):
+        ks = list(by_class[y])
+        rng.shuffle(ks)
+        n_test, n_val = int(round(test * len(ks))), int(round(val * len(ks)))
+        for i, k in enumerate(ks):
+            out[k] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
+
+
+def limit_records(records: list[Record], cfg: DataConfig) -> list[Record]:
+    if cfg.limit is None or cfg.limit >= len(records):
+        return records
+    keep = np.random.default_rng(cfg.seed).permutation(len(records))[: cfg.limit]
+    return [records[i] for i in sorted(keep)]
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DatasetError(f"{what} not found at {path} (set data.data_dir or MM_DATASETS_DIR)")
+    return path
+
+
+# ---------------------------------------------------------------- AV-MNIST (FSDD audio + MNIST image)
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+

@@ -1,0 +1,50 @@
+"""Encoder kinds by name, and the encoder blocks a head runs (CMPT, the LoRA oracle and baselines)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from models.config import EncoderConfig
+from models.errors import ConfigError
+from models.heads import HeadConfig
+
+from .base import Encoder
+from .ct2_whisper import WhisperCT2Encoder
+from .effnet_lite import EfficientNetLite0Encoder
+from .hf import HFEncoder
+
+
+ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": WhisperCT2Encoder,
+            "minilm": HFEncoder, "hf": HFEncoder}
+
+
+def build_encoder(modality: str, cfg: EncoderConfig) -> Encoder:
+    if cfg.kind in ("hf", "minilm") and modality not in ("text", "image", "audio"):
+        raise ValueError(f"Hugging Face encoders handle text/image/audio, not {modality!r}")
+    return ENCODERS[cfg.kind](cfg, modality)
+
+
+
+
+def load_backbones(head: HeadConfig, encoders: dict[str, EncoderConfig], emb_modalities: Iterable[str]
+                   ) -> dict[str, nn.Module]:
+    """Encoder transformer blocks for heads that run them (CMPT, the LoRA oracle and baselines), for the
+    modalities whose store keeps embedding-layer tokens (``emb_modalities``); ``head.encoder_blocks`` says whether
+    the head runs them, a unimodal head (``head.modality``) loads its own only."""
+    if head.encoder_blocks == "none":
+        return {}
+    only = getattr(head, "modality", None)
+    blocks = {}
+    for m in emb_modalities:
+        if only not in (None, m):
+            continue
+        try:
+            b = build_encoder(m, encoders[m]).blocks()
+        except ValueError as e:  # a family without a verified replay: auto falls back, "encoder" says why
+            if head.encoder_blocks == "required":
+                raise ConfigError(f"head.backbone={head.backbone!r} for {m}: {e}") from None
+            continue
+        if b is not None:
+            blocks[m] = b
+    return blocks
