@@ -34,7 +34,8 @@ from runs.gap import add_gap_closed
 from runs.train import train_and_evaluate
 from models.records import RunRow
 from stores.tracking.studies import log_tables_run
-from runs.tune import load_tuned, tuned_path, with_tree
+from runs.tune import tuned_path
+from stores.config_files import load_tuned, with_tree
 
 HEADS = ["early", "late", "moddrop", "srmm", "mmp", "cmpt", "oracle"]
 PROTOCOLS = ["a", "b", "c", "d"]

@@ -136,7 +136,7 @@ def cmd_train(args) -> None:
 
 def cmd_tune(args) -> None:
     from flows.tuning import tune_flow
-    res = tune_flow(_cfg(args), args.config)
+    res = {h: r.summary() for h, r in tune_flow(_cfg(args), args.config).items()}
 
     def human(r):
         out.records([{"head": h, "best config": v["path"], "overrides": " ".join(f"--set {o}" for o in v["overrides"])}

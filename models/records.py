@@ -1,7 +1,7 @@
 """Typed records that cross a layer: what a store holds (``StoreMeta``), what an extraction did (``ExtractReport``,
 ``StoreVersion``, ``Extraction``), what a run read (``StoreInfo``), a run's results (``Scenario``, ``RunResult``),
 the row every comparison table reads (``RunRow``), a logged run read back (``LoggedRun``) and what the flows return
-(``SweepResult``, ``PipelineResult``, ``Evaluation``, ``Reproduction``, ``Champion``). Plain dataclasses, no I/O:
+(``SweepResult``, ``PipelineResult``, ``Evaluation``, ``Reproduction``, ``TuneResult``, ``Champion``). Plain dataclasses, no I/O:
 ``from_dict`` / ``as_dict`` map them to the JSON the store, MLflow and ``--json`` already use, so files written
 before these types existed still read."""
 from __future__ import annotations
@@ -195,6 +195,37 @@ class RunResult:
         out["fit/best_epoch"] = float(self.fit.best_epoch)
         out["fit/seconds"] = float(self.fit.seconds)
         return out
+
+
+@dataclass
+class TrialRecord:
+    """One tuning trial: its sampled parameters, validation score and per-epoch curve."""
+
+    number: int
+    params: dict[str, Any]
+    value: float | None  # best-epoch validation score; None when pruned before finishing
+    state: str
+    curve: dict[int, float] = field(default_factory=dict)  # epoch -> validation score
+    seconds: float = 0.0
+
+
+@dataclass
+class TuneResult:
+    """One head's equal-budget study (``mm tune``): the best parameters and every trial."""
+
+    head: str
+    best_params: dict[str, Any]
+    best_value: float
+    trials: list[TrialRecord]
+    tree: dict  # the best trial's settings as a config tree (head + train sections)
+    overrides: list[str]  # the same settings as ``--set`` arguments
+    path: str | None = None  # the tuned YAML, once written
+
+    def summary(self) -> dict[str, Any]:
+        """What ``mm tune --json`` prints of one head's study."""
+        return {"head": self.head, "best_value": self.best_value, "best_params": self.best_params,
+                "overrides": self.overrides, "path": self.path,
+                "trials": [{"number": t.number, "value": t.value, "state": t.state} for t in self.trials]}
 
 
 @dataclass

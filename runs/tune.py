@@ -3,47 +3,22 @@ pruning on the per-epoch validation score), scored on the validation split only;
 ``configs/tuned/<dataset>-<head>.yaml``."""
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import yaml
 
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
 from models.metrics import primary_metric
+from models.records import TrialRecord, TuneResult
 from models.search_spaces import SEARCH_SPACE
 from runs.train import fit_head
+from stores.config_files import nest, to_overrides, with_tree, write_tuned
 from stores.features.feature_store import FeatureStore
 
 FitFn = Callable[..., tuple[Any, Any]]  # (cfg, store, on_epoch) -> (head, FitResult); reads train + val only
-
-
-@dataclass
-class TrialRecord:
-    number: int
-    params: dict[str, Any]
-    value: float | None  # best-epoch validation score; None when pruned before finishing
-    state: str
-    curve: dict[int, float] = field(default_factory=dict)  # epoch -> validation score
-    seconds: float = 0.0
-
-
-@dataclass
-class TuneResult:
-    head: str
-    best_params: dict[str, Any]
-    best_value: float
-    trials: list[TrialRecord]
-    tree: dict  # the best trial's settings as a config tree (head + train sections)
-    path: Path | None = None
-
-    @property
-    def overrides(self) -> list[str]:
-        return to_overrides(self.tree)
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
@@ -57,37 +32,6 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
         else:
             out[key] = trial.suggest_categorical(key, d["choice"])
     return out
-
-
-def nest(flat: dict[str, Any]) -> dict:
-    """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}}."""
-    tree: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split(".")
-        cur = tree
-        for k in parents:
-            cur = cur.setdefault(k, {})
-        cur[leaf] = v
-    return tree
-
-
-def to_overrides(tree: dict, prefix: str = "") -> list[str]:
-    """A config tree as ``--set`` arguments."""
-    out = []
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out += to_overrides(v, key) if isinstance(v, dict) else [f"{key}={v}"]
-    return out
-
-
-def with_tree(cfg: ExperimentConfig, tree: dict) -> ExperimentConfig:
-    """``cfg`` with a partial config tree merged in (validated again)."""
-    from stores.config_files import deep_merge  # the same merge ``extends:`` uses
-    base = cfg.model_dump(mode="json")
-    if "head" in tree and tree["head"].get("name", base["head"]["name"]) != base["head"]["name"]:
-        base["head"] = {}  # another head: start from its defaults
-    deep_merge(base, tree)
-    return ExperimentConfig.model_validate(base)
 
 
 def head_base(cfg: ExperimentConfig, head: str) -> ExperimentConfig:
@@ -110,23 +54,6 @@ def tuned_tree(base: ExperimentConfig, params: dict[str, Any]) -> dict:
 def tuned_path(cfg: ExperimentConfig, head: str) -> Path:
     modality = getattr(cfg.head, "modality", None) if cfg.head.name == head else None
     return Path(cfg.tune.out_dir) / f"{cfg.data.dataset_name}-{head}{f'-{modality}' if modality else ''}.yaml"
-
-
-def write_tuned(path: Path, tree: dict, source_config: str | Path | None, note: str) -> Path:
-    """YAML a run can use directly (``-c``, it ``extends:`` the tuned config) or ``extends:`` itself."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"extends": os.path.relpath(Path(source_config).resolve(), path.parent.resolve())} if source_config else {}
-    text = "".join(f"# {line}\n" for line in note.splitlines())
-    text += f"# as overrides: {' '.join('--set ' + o for o in to_overrides(tree))}\n"
-    path.write_text(text + yaml.safe_dump({**body, **tree}, sort_keys=False))
-    return path
-
-
-def load_tuned(path: Path) -> dict:
-    """The tuned settings of ``path`` (without its ``extends:``)."""
-    tree = yaml.safe_load(Path(path).read_text()) or {}
-    tree.pop("extends", None)
-    return tree
 
 
 def current_values(cfg: ExperimentConfig, space: dict[str, dict]) -> dict[str, Any]:
@@ -176,7 +103,8 @@ def tune_head(cfg: ExperimentConfig, head: str, store: FeatureStore, fit_fn: Fit
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=cfg.tune.n_trials, timeout=cfg.tune.timeout_s, callbacks=[record])
     best = study.best_trial
-    return TuneResult(head, dict(best.params), float(best.value), records, tuned_tree(base, dict(best.params)))
+    tree = tuned_tree(base, dict(best.params))
+    return TuneResult(head, dict(best.params), float(best.value), records, tree, to_overrides(tree))
 
 
 def run_tuning(cfg: ExperimentConfig, head: str, store: FeatureStore, source_config: str | Path | None = None,
@@ -205,9 +133,9 @@ def run_tuning(cfg: ExperimentConfig, head: str, store: FeatureStore, source_con
     note = (f"tuned {head} on {dataset}: best validation score {result.best_value:.4f} (eval.select_on="
             f"{cfg.tune.metric}) after {len(result.trials)} trials, TPE seed {cfg.tune.seed}, {cfg.train.epochs} "
             f"max epochs; MLflow parent run {parent}")
-    result.path = write_tuned(tuned_path(cfg, head), result.tree, source_config, note)
+    result.path = str(write_tuned(tuned_path(cfg, head), result.tree, source_config, note))
     tracking.end_parent_run(cfg.tracking, parent, {"best_val_score": result.best_value,
                                                    "trials_pruned": sum(t.state == "PRUNED" for t in result.trials)},
-                            {"tuned.yaml": result.path.read_text()},
+                            {"tuned.yaml": Path(result.path).read_text()},
                             {f"best.{k}": v for k, v in result.best_params.items()})
     return result

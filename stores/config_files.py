@@ -1,7 +1,9 @@
 """Experiment files: YAML under ``configs/`` (a file may ``extends:`` another), ``--set key.path=value``
-overrides, and the one-line description of a validation error. The schemas themselves live in ``models.config``."""
+overrides, the one-line description of a validation error, and the tuned files ``mm tune`` writes under
+``configs/tuned/``. The schemas themselves live in ``models.config``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +91,51 @@ def deep_merge(into: dict, new: dict) -> None:
             deep_merge(into[k], v)
         else:
             into[k] = v
+
+
+# ---------------------------------------------------------------- config trees: tuned files and overrides
+def nest(flat: dict[str, Any]) -> dict:
+    """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}}."""
+    tree: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split(".")
+        cur = tree
+        for k in parents:
+            cur = cur.setdefault(k, {})
+        cur[leaf] = v
+    return tree
+
+
+def to_overrides(tree: dict, prefix: str = "") -> list[str]:
+    """A config tree as ``--set`` arguments."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out += to_overrides(v, key) if isinstance(v, dict) else [f"{key}={v}"]
+    return out
+
+
+def with_tree(cfg: ExperimentConfig, tree: dict) -> ExperimentConfig:
+    """``cfg`` with a partial config tree merged in (the merge ``extends:`` uses; validated again)."""
+    base = cfg.model_dump(mode="json")
+    if "head" in tree and tree["head"].get("name", base["head"]["name"]) != base["head"]["name"]:
+        base["head"] = {}  # another head: start from its defaults
+    deep_merge(base, tree)
+    return ExperimentConfig.model_validate(base)
+
+
+def write_tuned(path: Path, tree: dict, source_config: str | Path | None, note: str) -> Path:
+    """YAML a run can use directly (``-c``, it ``extends:`` the tuned config) or ``extends:`` itself."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"extends": os.path.relpath(Path(source_config).resolve(), path.parent.resolve())} if source_config else {}
+    text = "".join(f"# {line}\n" for line in note.splitlines())
+    text += f"# as overrides: {' '.join('--set ' + o for o in to_overrides(tree))}\n"
+    path.write_text(text + yaml.safe_dump({**body, **tree}, sort_keys=False))
+    return path
+
+
+def load_tuned(path: Path) -> dict:
+    """The tuned settings of ``path`` (without its ``extends:``)."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    tree.pop("extends", None)
+    return tree

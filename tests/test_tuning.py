@@ -16,7 +16,8 @@ from models.search_spaces import SEARCH_SPACE
 from stores.features.feature_store import open_store
 from runs.gap import add_gap_closed, gap_closed
 from runs.train import fit_head, train_and_evaluate, used_rows
-from runs.tune import load_tuned, suggest, tune_head, tuned_path, with_tree, write_tuned
+from runs.tune import suggest, tune_head, tuned_path
+from stores.config_files import load_tuned, with_tree, write_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_every_registered_head_has_a_search_space_of_real_fields(name):
 
 
 def _nest(flat):
-    from runs.tune import nest
+    from stores.config_files import nest
     return nest(flat)
 
 
@@ -99,16 +100,16 @@ def test_tune_flow_logs_parent_and_child_runs_and_writes_the_best_params(colour_
     assert len(parents) == 1 and parents.iloc[0]["tags.head"] == "early"
     children = child_runs(cfg.tracking, cfg.data.dataset_name, parents.iloc[0]["run_id"])
     assert len(children) == 2 and set(children["tags.kind"]) == {"tune-trial"}
-    assert out["best_value"] == pytest.approx(children["metrics.val_score"].max())
-    assert parents.iloc[0]["metrics.best_val_score"] == pytest.approx(out["best_value"])
+    assert out.best_value == pytest.approx(children["metrics.val_score"].max())
+    assert parents.iloc[0]["metrics.best_val_score"] == pytest.approx(out.best_value)
     best = children.loc[children["metrics.val_score"].idxmax()]
-    assert float(best["params.train.lr"]) == pytest.approx(out["best_params"]["train.lr"])
+    assert float(best["params.train.lr"]) == pytest.approx(out.best_params["train.lr"])
     # the YAML runs as it is (it extends the tuned config) and as --set overrides
-    path = Path(out["path"])
+    path = Path(out.path)
     assert path.name == f"{cfg.data.dataset_name}-early.yaml"
     run_cfg = load_config(path)
-    assert run_cfg.head.name == "early" and run_cfg.train.lr == pytest.approx(out["best_params"]["train.lr"])
-    assert load_config(None, out["overrides"]).head.hidden == out["best_params"]["head.hidden"]
+    assert run_cfg.head.name == "early" and run_cfg.train.lr == pytest.approx(out.best_params["train.lr"])
+    assert load_config(None, out.overrides).head.hidden == out.best_params["head.hidden"]
     assert load_tuned(path)["head"]["name"] == "early"
 
 
