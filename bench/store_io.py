@@ -27,8 +27,7 @@ from stores.encoders import build_encoder
 from models.features import take
 from stores.features import filters
 from stores.features.feature_store import FeatureStore, decode_tokens, open_store
-from stores.features.masks import MaskStore
-from runs.train import prepare
+from stores.features.scenarios import ScenarioReader
 from stores.encoders import load_backbones
 
 
@@ -52,13 +51,11 @@ def cached_vs_reencode(ds_name: str, sample: int) -> str:
         run_cfg = cfg.model_copy(update={"head": head_cfg})
         backbones = load_backbones(run_cfg.head, run_cfg.encoder_configs(), store.meta.emb_dim)
         head = build_head(head_cfg, store.spec(), backbones)
-        inputs, mods = tuple(head.inputs), store.modalities
-        ph, masks = store.placeholders(inputs), MaskStore(store)
+        reader = ScenarioReader(store, tuple(head.inputs), seed=0)
         t0 = time.perf_counter()
-        split = store.read_split("train", inputs)
+        reader.split("train")
         read_s = time.perf_counter() - t0
-        train, _ = prepare(split, "train", cfg.train_pattern, 0, masks, ph, mods)
-        val, _ = prepare(store.read_split("val", inputs), "val", cfg.train_pattern, 0, masks, ph, mods)
+        train, val = reader.under("train", cfg.train_pattern), reader.under("val", cfg.train_pattern)
         res = fit(head, train, val, TrainConfig(epochs=1, device="cpu"), seed=0)
         epoch_s = res.seconds
         reencode = sum(enc_s.values()) + epoch_s

@@ -13,13 +13,7 @@ from models.records import Evaluation, Extraction, PipelineResult, Reproduction,
 from tasks.evaluation import evaluate_model
 from tasks.extraction import extract_features, migrate_store, version_store
 from tasks.reporting import report
-from tasks.training import (
-    check_tracking,
-    open_experiment,
-    reproduce_run,
-    train_all,
-    update_champions,
-)
+from tasks.training import check_tracking, open_experiment, reproduce_run, train_all, update_champions
 
 
 @flow(name="extract")

@@ -9,53 +9,31 @@ import numpy as np
 import torch
 
 from models.config import ExperimentConfig
-from models.features import add_noise, apply_presence, take
+from models.features import take
 from models.heads import FeatureBatch, Head, build_head
 from models.metrics import classification_metrics, primary_metric, robustness_auc
-from models.patterns import (
-    MissingPattern,
-    noise_generator,
-    robustness_grid,
-    scenario_slug,
-)
+from models.patterns import MissingPattern, robustness_grid, scenario_slug
 from models.records import RunResult, Scenario
 from models.training import FitResult, fit, predict
 from stores.encoders import load_backbones
-from stores.features.feature_store import (
-    FeatureStore,
-    SplitFeatures,
-    StoreError,
-    open_store,
-)
+from stores.features.feature_store import FeatureStore, StoreError, open_store
 from stores.features.masks import MaskStore
+from stores.features.scenarios import ScenarioReader
 
 # deterministic cuBLAS kernels (train.deterministic) need this before CUDA's first call
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def prepare(split: SplitFeatures, name: str, pattern: MissingPattern, seed: int, masks: MaskStore,
-            placeholder: FeatureBatch, modalities: list[str]) -> tuple[FeatureBatch, np.ndarray]:
-    """The split as seen under ``pattern``: saved presence mask applied, placeholders in, noise added."""
-    present = masks.get(name, split.ids, pattern, seed)
-    batch = apply_presence(split.batch, torch.from_numpy(present), placeholder, modalities)
-    rng = noise_generator(pattern, name, seed)
-    if rng is not None:
-        batch = add_noise(batch, pattern.sigma, rng, pattern.modalities or modalities, pattern.sigma_scale)
-    return batch, present
 
 
 def evaluation_patterns(cfg: ExperimentConfig, modalities: list[str]) -> list[MissingPattern]:
     return robustness_grid(modalities, cfg.eval.test_rates) + list(cfg.eval.extra_patterns)
 
 
-def validation_scenarios(cfg: ExperimentConfig, split: SplitFeatures, masks: MaskStore, placeholder: FeatureBatch,
-                         modalities: list[str]) -> dict[str, FeatureBatch]:
+def validation_scenarios(cfg: ExperimentConfig, reader: ScenarioReader) -> dict[str, FeatureBatch]:
     """The validation split under the training pattern, plus each modality absent when select_on='robust'."""
     patterns = [cfg.train_pattern]
     if cfg.eval.select_on == "robust":
-        patterns += [MissingPattern(kind="absent", modality=m) for m in modalities]
-    return {scenario_slug(p, modalities): prepare(split, "val", p, cfg.seed, masks, placeholder, modalities)[0]
-            for p in patterns}
+        patterns += [MissingPattern(kind="absent", modality=m) for m in reader.modalities]
+    return {scenario_slug(p, reader.modalities): reader.under("val", p) for p in patterns}
 
 
 def check_store(cfg: ExperimentConfig, store: FeatureStore) -> None:
@@ -66,11 +44,11 @@ def check_store(cfg: ExperimentConfig, store: FeatureStore) -> None:
 
 def evaluate_grid(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> list[Scenario]:
     """Test-split metrics of ``head`` under every evaluation pattern (saved masks, seed = cfg.seed)."""
-    inputs, mods, masks = tuple(head.inputs), store.modalities, MaskStore(store)
-    placeholder, split = store.placeholders(inputs), store.read_split("test", inputs)
+    reader = ScenarioReader(store, tuple(head.inputs), cfg.seed)
+    mods = reader.modalities
     scenarios = []
     for pattern in evaluation_patterns(cfg, mods):
-        test, _ = prepare(split, "test", pattern, cfg.seed, masks, placeholder, mods)
+        test = reader.under("test", pattern)
         metrics = classification_metrics(predict(head, test, cfg.train), test.y, head.spec.task)
         scenarios.append(Scenario(pattern, scenario_slug(pattern, mods), metrics))
     return scenarios
@@ -108,14 +86,12 @@ def fit_head(cfg: ExperimentConfig, store: FeatureStore, on_epoch=None) -> tuple
     spec = store.spec()
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, spec, backbones)
-    inputs, mods, masks = tuple(head.inputs), spec.modalities, MaskStore(store)
-    placeholder = store.placeholders(inputs)
-    splits = {s: store.read_split(s, inputs) for s in ("train", "val")}
-    if not splits["train"].ids or not splits["val"].ids:
+    reader = ScenarioReader(store, tuple(head.inputs), cfg.seed)
+    if not reader.split("train").ids or not reader.split("val").ids:
         raise StoreError(f"store {store.name} has no train or val rows; extraction incomplete?")
-    train, _ = prepare(splits["train"], "train", cfg.train_pattern, cfg.seed, masks, placeholder, mods)
-    result = fit(head, used_rows(train, head, mods), validation_scenarios(cfg, splits["val"], masks, placeholder, mods),
-                 cfg.train, cfg.seed, on_epoch)
+    train = reader.under("train", cfg.train_pattern)
+    result = fit(head, used_rows(train, head, reader.modalities), validation_scenarios(cfg, reader), cfg.train,
+                 cfg.seed, on_epoch)
     return head, result
 
 

@@ -41,14 +41,13 @@ def test_training_is_deterministic_and_learns(colour_store, head):
 
 def test_noise_pattern_changes_features_not_presence(colour_store):
     from stores.features.feature_store import FeatureStore
-    from stores.features.masks import MaskStore
-    from runs.train import prepare
+    from stores.features.scenarios import ScenarioReader
     cfg, report = colour_store
     store = FeatureStore(cfg.store.root, report.store)
-    split, ph = store.read_split("test", ("vec",)), store.placeholders(("vec",))
+    reader = ScenarioReader(store, ("vec",), seed=0)
+    split = reader.split("test")
     p = MissingPattern(kind="noise", sigma=1.0)
-    a, present = prepare(split, "test", p, 0, MaskStore(store), ph, store.modalities)
-    b, _ = prepare(split, "test", p, 0, MaskStore(store), ph, store.modalities)
+    a, b = reader.under("test", p), ScenarioReader(store, ("vec",), seed=0).under("test", p)
     assert torch.equal(a.vec["image"], b.vec["image"])  # seeded
     assert not torch.allclose(a.vec["image"], split.batch.vec["image"])
     assert torch.equal(a.present, split.batch.present)

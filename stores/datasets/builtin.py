@@ -12,16 +12,8 @@ import numpy as np
 
 from models.config import DataConfig
 
-from .base import (
-    Dataset,
-    DatasetError,
-    Record,
-    datasets_root,
-    limit_records,
-    read_idx,
-    require_file,
-    split_stratified,
-)
+from .base import (Dataset, DatasetError, Record, datasets_root, limit_records, read_idx, require_file,
+                   split_stratified)
 
 
 def avmnist(cfg: DataConfig) -> Dataset:

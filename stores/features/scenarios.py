@@ -1,0 +1,39 @@
+"""A split as a head sees it under a missing pattern: the saved presence mask applied (``masks``), each missing
+input replaced by its encoder's placeholder features, and noise added where the pattern asks for it."""
+from __future__ import annotations
+
+import torch
+
+from models.features import add_noise, apply_presence
+from models.heads.base import FeatureBatch
+from models.patterns import MissingPattern, noise_generator
+from stores.features.feature_store import FeatureStore, SplitFeatures
+from stores.features.masks import MaskStore
+
+
+class ScenarioReader:
+    """One store's splits under missing patterns, for one seed and the feature kinds (``inputs``) a head reads.
+    Each split is read once (from the decoded split cache where it holds the store's versions)."""
+
+    def __init__(self, store: FeatureStore, inputs: tuple[str, ...], seed: int):
+        self.store, self.inputs, self.seed = store, inputs, seed
+        self.modalities = store.modalities
+        self.masks = MaskStore(store)
+        self.placeholder = store.placeholders(inputs)
+        self._splits: dict[str, SplitFeatures] = {}
+
+    def split(self, name: str) -> SplitFeatures:
+        if name not in self._splits:
+            self._splits[name] = self.store.read_split(name, self.inputs)
+        return self._splits[name]
+
+    def under(self, name: str, pattern: MissingPattern) -> FeatureBatch:
+        """Split ``name`` under ``pattern``: its saved presence mask (made on first use) applied, placeholders
+        in for the missing inputs, the pattern's noise added."""
+        split = self.split(name)
+        present = self.masks.get(name, split.ids, pattern, self.seed)
+        batch = apply_presence(split.batch, torch.from_numpy(present), self.placeholder, self.modalities)
+        rng = noise_generator(pattern, name, self.seed)
+        if rng is not None:
+            batch = add_noise(batch, pattern.sigma, rng, pattern.modalities or self.modalities, pattern.sigma_scale)
+        return batch
