@@ -37,6 +37,15 @@ def runtime_fields(model: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
+def to_overrides(tree: dict, prefix: str = "") -> list[str]:
+    """A config tree as ``--set`` arguments."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out += to_overrides(v, key) if isinstance(v, dict) else [f"{key}={v}"]
+    return out
+
+
 Rate = Annotated[float, Field(ge=0, le=1)]  # a missing rate
 Seed = Annotated[int, Field(ge=0)]  # numpy and torch generators take non-negative seeds
 

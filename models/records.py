@@ -1,15 +1,17 @@
 """Typed records that cross a layer: what a store holds (``StoreMeta``), what an extraction did (``ExtractReport``,
 ``StoreVersion``, ``Extraction``), what a run read (``StoreInfo``), a run's results (``Scenario``, ``RunResult``),
 the row every comparison table reads (``RunRow``), a logged run read back (``LoggedRun``) and what the flows return
-(``SweepResult``, ``PipelineResult``, ``Evaluation``, ``Reproduction``, ``TuneResult``, ``Champion``). Plain dataclasses, no I/O:
-``from_dict`` / ``as_dict`` map them to the JSON the store, MLflow and ``--json`` already use, so files written
-before these types existed still read."""
+(``SweepResult``, ``PipelineResult``, ``Evaluation``, ``Reproduction``, ``TuneResult``, ``Champion``). Plain
+dataclasses, no I/O: ``from_dict`` / ``as_dict`` map them to the JSON the store, MLflow and ``--json`` already use,
+so files written before these types existed still read."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # annotations only: records stay importable without torch-heavy modules
+from .config import to_overrides
+
+if TYPE_CHECKING:  # annotations only
     from .config import ExperimentConfig
     from .heads import Head
     from .patterns import MissingPattern
@@ -218,8 +220,12 @@ class TuneResult:
     best_value: float
     trials: list[TrialRecord]
     tree: dict  # the best trial's settings as a config tree (head + train sections)
-    overrides: list[str]  # the same settings as ``--set`` arguments
     path: str | None = None  # the tuned YAML, once written
+
+    @property
+    def overrides(self) -> list[str]:
+        """The same settings as ``--set`` arguments."""
+        return to_overrides(self.tree)
 
     def summary(self) -> dict[str, Any]:
         """What ``mm tune --json`` prints of one head's study."""

@@ -15,7 +15,7 @@ from models.metrics import primary_metric
 from models.records import TrialRecord, TuneResult
 from models.search_spaces import SEARCH_SPACE
 from runs.train import fit_head
-from stores.config_files import nest, to_overrides, with_tree, write_tuned
+from stores.config_files import nest, with_tree, write_tuned
 from stores.features.feature_store import FeatureStore
 
 FitFn = Callable[..., tuple[Any, Any]]  # (cfg, store, on_epoch) -> (head, FitResult); reads train + val only
@@ -103,8 +103,7 @@ def tune_head(cfg: ExperimentConfig, head: str, store: FeatureStore, fit_fn: Fit
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=cfg.tune.n_trials, timeout=cfg.tune.timeout_s, callbacks=[record])
     best = study.best_trial
-    tree = tuned_tree(base, dict(best.params))
-    return TuneResult(head, dict(best.params), float(best.value), records, tree, to_overrides(tree))
+    return TuneResult(head, dict(best.params), float(best.value), records, tuned_tree(base, dict(best.params)))
 
 
 def run_tuning(cfg: ExperimentConfig, head: str, store: FeatureStore, source_config: str | Path | None = None,

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from models.config import ConfigError, ExperimentConfig
+from models.config import ConfigError, ExperimentConfig, to_overrides
 from stores.datasets.base import datasets_root
 
 
@@ -93,7 +93,7 @@ def deep_merge(into: dict, new: dict) -> None:
             into[k] = v
 
 
-# ---------------------------------------------------------------- config trees: tuned files and overrides
+# ---------------------------------------------------------------- config trees: tuned files
 def nest(flat: dict[str, Any]) -> dict:
     """{"train.lr": 1e-3} -> {"train": {"lr": 1e-3}}."""
     tree: dict = {}
@@ -104,15 +104,6 @@ def nest(flat: dict[str, Any]) -> dict:
             cur = cur.setdefault(k, {})
         cur[leaf] = v
     return tree
-
-
-def to_overrides(tree: dict, prefix: str = "") -> list[str]:
-    """A config tree as ``--set`` arguments."""
-    out = []
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out += to_overrides(v, key) if isinstance(v, dict) else [f"{key}={v}"]
-    return out
 
 
 def with_tree(cfg: ExperimentConfig, tree: dict) -> ExperimentConfig:

@@ -5,7 +5,7 @@ from prefect import task
 
 from models.config import ExperimentConfig
 from models.records import Evaluation, scenario_scalars
-from runs.train import evaluate_grid, summarize
+from runs.train import evaluate
 from stores.features.feature_store import open_store
 from stores.tracking.runs import load_predictor
 
@@ -16,8 +16,5 @@ from .common import retry_transient
 def evaluate_model(cfg: ExperimentConfig, model_uri: str) -> Evaluation:
     """Test-split metrics of ``model_uri`` (e.g. ``models:/avmnist-mmp@champion``) under every evaluation pattern
     of ``cfg``, and their summary (grid mean, complete, area under each modality's curve)."""
-    predictor = load_predictor(model_uri, cfg.tracking)
-    store = open_store(cfg)
-    scenarios = evaluate_grid(cfg, predictor.head, store)
-    summary = summarize(scenarios, store.meta.task, store.modalities, cfg.eval.test_rates)
+    scenarios, summary = evaluate(cfg, load_predictor(model_uri, cfg.tracking).head, open_store(cfg))
     return Evaluation(model_uri, summary, scenario_scalars(scenarios))

@@ -12,11 +12,9 @@ from prefect.cache_policies import NO_CACHE
 from models.config import ExperimentConfig
 from models.metrics import primary_metric
 from models.records import Champion, Reproduction, RunRow
-from runs.train import train_and_evaluate
+from runs.train import reproduce, train_and_evaluate
 from stores import progress
-from stores.config_files import parse_override, set_path, validate
 from stores.features.feature_store import open_store
-from stores.tracking.lineage import logged_run
 from stores.tracking.runs import Tracker, check_reachable, tracking_target
 
 from .common import content_key, retry_transient
@@ -102,18 +100,8 @@ def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str) -> li
 
 @task(name="reproduce-run", cache_policy=NO_CACHE)  # a reproduction always runs again
 def reproduce_run(cfg: ExperimentConfig, run_id: str, overrides: list[str] | None = None) -> Reproduction:
-    """Re-run logged run ``run_id`` (found in ``cfg.tracking``) from its config on the store versions it read;
-    ``overrides`` (e.g. ``store.root`` when the store moved) apply on top, the versions always come from the run.
-    Nothing is logged: the new metrics are compared with the logged ones."""
-    logged = logged_run(cfg.tracking, run_id)
-    tree = logged.config
-    for item in overrides or []:
-        set_path(tree, *parse_override(item))
-    tree.setdefault("store", {})["versions"] = logged.versions
-    new = train_and_evaluate(validate(tree, f" of run {run_id}")).scalar_metrics()
-    rows = [{"metric": k, "original": v, "reproduced": new.get(k), "equal": new.get(k) == v}
-            for k, v in sorted(logged.metrics.items()) if k in new and k != "fit/seconds"]
-    return Reproduction(run_id, logged.versions, all(r["equal"] for r in rows), rows)
+    """``runs.train.reproduce``: a logged run trained again on the store versions it read, metrics compared."""
+    return reproduce(cfg, run_id, overrides)
 
 
 def threads_per_worker(parallel: int) -> int:

@@ -1,6 +1,8 @@
 """Sources into the feature store: batched, resumable extraction on local threads (``local``) or as one streaming
 Ray Data job (``ray``), and migration of stores of the old layout (``migrate``). Imports ``models`` and the
 other ``stores`` packages."""
-from .local import ExtractReport, extract
+from models.records import ExtractReport
+
+from .local import extract
 
 __all__ = ["ExtractReport", "extract"]

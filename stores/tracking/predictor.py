@@ -14,6 +14,7 @@ from models.config import ExperimentConfig
 from models.heads import FeatureBatch, Head, ModalitySpec, build_head
 from models.records import StoreMeta
 from models.training import predict
+from stores.config_files import validate
 from stores.encoders import BadInput, Encoder, build_encoder, load_backbones
 from stores.features.feature_store import decode_tokens
 from stores.features.views import tokens
@@ -30,7 +31,7 @@ class Predictor:
     def from_files(cls, config: Path | str, meta: Path | str, state: Path | str) -> "Predictor":
         """The predictor of a registered model's three artifacts (its config, the store metadata it was trained
         on, its weights), rebuilt by this code: models registered by earlier versions load the same way."""
-        cfg = ExperimentConfig.model_validate(yaml.safe_load(Path(config).read_text()))
+        cfg = validate(yaml.safe_load(Path(config).read_text()), f" {config}")
         store_meta = StoreMeta.from_dict(json.loads(Path(meta).read_text()))
         extras = torch.load(state, map_location="cpu", weights_only=False)
         backbones = load_backbones(cfg.head, cfg.encoder_configs(), store_meta.emb_dim)
