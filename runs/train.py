@@ -13,14 +13,12 @@ from models.features import take
 from models.heads import FeatureBatch, Head, build_head
 from models.metrics import classification_metrics, primary_metric, robustness_auc
 from models.patterns import MissingPattern, robustness_grid, scenario_slug
-from models.records import Reproduction, RunResult, Scenario
+from models.records import RunResult, Scenario
 from models.training import FitResult, fit, predict
-from stores.config_files import parse_override, set_path, validate
 from stores.encoders import load_backbones
 from stores.features.feature_store import FeatureStore, StoreError, open_store
 from stores.features.masks import MaskStore
 from stores.features.scenarios import ScenarioReader
-from stores.tracking.lineage import logged_run
 
 # deterministic cuBLAS kernels (train.deterministic) need this before CUDA's first call
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -114,18 +112,3 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
                                if hasattr(head, "variant") else "")
     return RunResult(cfg, store.info(), result, scenarios, summary, head.cpu(), variant, time.perf_counter() - t0,
                      mask_tables={f"seed{cfg.seed}": MaskStore(store).table(seed=cfg.seed)})
-
-
-def reproduce(cfg: ExperimentConfig, run_id: str, overrides: list[str] | None = None) -> Reproduction:
-    """Re-run logged run ``run_id`` (found in ``cfg.tracking``) from its config on the store versions it read;
-    ``overrides`` (e.g. ``store.root`` when the store moved) apply on top, the versions always come from the run.
-    Nothing is logged: the new metrics are compared with the logged ones."""
-    logged = logged_run(cfg.tracking, run_id)
-    tree = logged.config
-    for item in overrides or []:
-        set_path(tree, *parse_override(item))
-    tree.setdefault("store", {})["versions"] = logged.versions
-    new = train_and_evaluate(validate(tree, f" of run {run_id}")).scalar_metrics()
-    rows = [{"metric": k, "original": v, "reproduced": new.get(k), "equal": new.get(k) == v}
-            for k, v in sorted(logged.metrics.items()) if k in new and k != "fit/seconds"]
-    return Reproduction(run_id, logged.versions, all(r["equal"] for r in rows), rows)

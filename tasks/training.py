@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from models.config import ExperimentConfig
 from models.metrics import primary_metric
 from models.records import Champion, Reproduction, RunRow
-from runs.train import reproduce, train_and_evaluate
+from runs.reproduce import reproduce
+from runs.train import train_and_evaluate
 from stores import progress
 from stores.features.feature_store import open_store
 from stores.tracking.runs import Tracker, check_reachable, tracking_target
@@ -100,7 +101,7 @@ def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str) -> li
 
 @task(name="reproduce-run", cache_policy=NO_CACHE)  # a reproduction always runs again
 def reproduce_run(cfg: ExperimentConfig, run_id: str, overrides: list[str] | None = None) -> Reproduction:
-    """``runs.train.reproduce``: a logged run trained again on the store versions it read, metrics compared."""
+    """``runs.reproduce.reproduce``: a logged run trained again on the store versions it read, metrics compared."""
     return reproduce(cfg, run_id, overrides)
 
 
