@@ -32,7 +32,8 @@ def _sweep_output(args, cfg, swept, extra: dict | None = None) -> None:
     from runs.reporting import aggregate, json_rows
     metric = primary_metric("multilabel" if cfg.data.dataset == "mmimdb" else "multiclass")
     scenarios, rows = aggregate(swept.results, metric)
-    result = {**(extra or {}), "report": swept.report, "champions": [c.as_dict() for c in swept.champions],
+    result = {**(extra or {}), "report": swept.report, "sweep_run_id": swept.run_id,
+              "champions": [c.as_dict() for c in swept.champions],
               "table": json_rows(scenarios, rows), "runs": [r.brief() for r in swept.results]}
 
     def human(res):
@@ -42,7 +43,8 @@ def _sweep_output(args, cfg, swept, extra: dict | None = None) -> None:
         if res["champions"]:
             out.note("champions (alias @champion): " + ", ".join(
                 f"{c['model']} v{c['version']}" for c in res["champions"]))
-        out.note(f"report: {out.path_link(res['report'])}")
+        out.note(f"report: {out.path_link(res['report'])}, and in MLflow the sweep's run {res['sweep_run_id']} "
+                 "(table, plot, its trainings nested)")
     _show(args, result, human)
 
 
@@ -190,13 +192,14 @@ def cmd_serve(args) -> None:
     """Prefect server and MLflow UI on loopback, in the foreground until Ctrl-C."""
     cfg = _cfg(args)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
-    from stores.tracking.runs import artifact_uri, tracking_uri
+    from stores.tracking.runs import artifact_uri, runs_page, tracking_uri
     procs = [subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(args.prefect_port)], env=env),
              subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                                str(args.mlflow_port), "--backend-store-uri", tracking_uri(cfg.tracking),
                                "--default-artifact-root", artifact_uri(cfg.tracking)], env=env)]
-    print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: http://127.0.0.1:{args.mlflow_port}\n"
+    runs = runs_page(cfg.tracking, cfg.data.dataset_name, f"http://127.0.0.1:{args.mlflow_port}")
+    print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: {runs}\n"
           f"point flows at it: export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api")
     try:
         while all(p.poll() is None for p in procs):

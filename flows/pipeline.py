@@ -12,7 +12,7 @@ from models.heads import parse_head_config
 from models.records import Evaluation, Extraction, PipelineResult, Reproduction, RunRow, SweepResult
 from tasks.evaluation import evaluate_model
 from tasks.extraction import extract_features, migrate_store, version_store
-from tasks.reporting import report
+from tasks.reporting import finish_sweep, report, start_sweep
 from tasks.training import check_tracking, open_experiment, reproduce_run, train_all, update_champions
 
 
@@ -57,15 +57,22 @@ def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
 @flow(name="sweep")
 def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> SweepResult:
     """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
-    deterministic and one GPU is not oversubscribed), alias champions, write the report."""
+    deterministic and one GPU is not oversubscribed), alias champions, write the report; in MLflow the sweep's
+    parent run holds the report and its trainings nest under it."""
     log = get_run_logger()
     metric = open_experiment(config)
-    results = train_all(sweep_configs(config), task_threads(config), tags)
-    heads = sorted({c.head.label for c in sweep_configs(config)})
-    champions = update_champions(config, heads, metric)
-    path = report(results, config.data.dataset_name, metric)
+    parent = start_sweep(config, tags)  # the trainings nest under it in the MLflow UI
+    try:
+        results = train_all(sweep_configs(config), task_threads(config), tags, parent)
+        heads = sorted({c.head.label for c in sweep_configs(config)})
+        champions = update_champions(config, heads, metric)
+        path = report(results, config.data.dataset_name, metric)
+    except BaseException:
+        finish_sweep(config, parent, [], None, metric, failed=True)
+        raise
+    finish_sweep(config, parent, results, path, metric)
     log.info("report: %s; champions: %s", path, champions)
-    return SweepResult(results, champions, path)
+    return SweepResult(results, champions, path, parent)
 
 
 def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> SweepResult:

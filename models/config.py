@@ -210,6 +210,8 @@ class RayConfig(Strict):
     encode_cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved per encoder actor (also its torch threads)
     # passed to ray.init, e.g. {env_vars: {MLFLOW_S3_ENDPOINT_URL: ...}} or {working_dir: .} for a remote cluster
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
 class TuneConfig(Strict):
     """``mm tune``: an equal Optuna budget per head, scored on the validation split only."""
 
@@ -223,6 +225,8 @@ class TuneConfig(Strict):
     prune: bool = True  # median pruner on the per-epoch validation score
     start_from_defaults: bool = True  # trial 0 runs the config's own values of the searched knobs
     out_dir: Path = Path("configs/tuned")  # best params as <dataset>-<head>.yaml
+    # set by the tuned files ``mm tune`` writes (their name): a run of one is named ``...-tuned`` in MLflow
+    applied: str | None = None
 
     @field_validator("heads")
     @classmethod

@@ -181,6 +181,11 @@ def robustness_grid(modalities: list[str], rates: list[float]) -> list[MissingPa
     return grid
 
 
+def missing_scenario(m: str, modalities: list[str]) -> str:
+    """The robustness-grid slug of ``m`` 100% missing, the others complete (as ``scenario_slug`` writes it)."""
+    return "/".join(f"{x}-{100 if x == m else 0:03d}" for x in modalities)
+
+
 def scenario_slug(pattern: MissingPattern, modalities: list[str]) -> str:
     """Metric-name-safe scenario id that sorts well in MLflow: missing % per modality, zero-padded."""
     if pattern.kind in ("complete", "per_modality", "absent"):

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from .config import to_overrides
+from .patterns import missing_scenario
+
+COMPARE = "compare/"  # the comparison metrics' group in MLflow
 
 if TYPE_CHECKING:  # annotations only
     from .config import ExperimentConfig
@@ -187,9 +190,29 @@ class RunResult:
                       scenarios=scenario_scalars(self.scenarios), summary=self.summary,
                       head=self.config.head.name, seconds=self.seconds, run_id=run_id)
 
+    def comparison_metrics(self) -> dict[str, float]:
+        """The few numbers heads are compared on, in the ``compare/`` group, the first section of MLflow's chart
+        view (it sorts groups by name and puts metrics without a group last): the primary metric on complete
+        data and its grid mean (``compare/complete_acc``, ``compare/grid_mean_acc``), with each modality 100%
+        missing (``compare/no_<modality>_acc``) and the ECE on complete data (``compare/ece``).
+        ``compare/gap_closed_<m>`` joins them once the sweep has its references (``Tracker.finish_sweep``)."""
+        key = next(k.removeprefix("grid_mean_") for k in self.summary if k.startswith("grid_mean_"))
+        out = {f"{COMPARE}complete_{key}": float(self.summary[f"complete_{key}"]),
+               f"{COMPARE}grid_mean_{key}": float(self.summary[f"grid_mean_{key}"])}
+        by_slug = {s.slug: s.metrics for s in self.scenarios}
+        modalities = [p.rsplit("-", 1)[0] for p in self.scenarios[0].slug.split("/")]  # complete data comes first
+        for m in modalities:
+            if key in (gone := by_slug.get(missing_scenario(m, modalities), {})):
+                out[f"{COMPARE}no_{m}_{key}"] = float(gone[key])
+        if "ece" in self.scenarios[0].metrics:
+            out[f"{COMPARE}ece"] = float(self.scenarios[0].metrics["ece"])
+        return out
+
     def scalar_metrics(self) -> dict[str, float]:
-        """Flat metric dict with names that sort well in the MLflow UI."""
-        out = {f"summary/{k}": float(v) for k, v in self.summary.items()}
+        """Flat metric dict with names that sort well in the MLflow UI: the ``compare/`` group, then the
+        ``fit/``, ``summary/`` and ``test/<metric>/<scenario>`` groups."""
+        out = self.comparison_metrics()
+        out |= {f"summary/{k}": float(v) for k, v in self.summary.items()}
         for s in self.scenarios:
             for k, v in s.metrics.items():
                 if isinstance(v, (int, float)):
@@ -249,11 +272,12 @@ class Champion:
 
 @dataclass
 class SweepResult:
-    """A sweep: every run's row, the champions it aliased and its report."""
+    """A sweep: every run's row, the champions it aliased, its report and its MLflow parent run."""
 
     results: list[RunRow]
     champions: list[Champion]
     report: str
+    run_id: str | None = None
 
 
 @dataclass

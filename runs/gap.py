@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.records import RunRow
+from models.patterns import missing_scenario
+from models.records import COMPARE, RunRow
 
 EARLY = "early"  # zero-fill early fusion's variant name
 # below one point (6-10 test rows here) the ratio is noise: Fashion's 0.2-point gap gave +-300% on one seed
@@ -20,11 +21,6 @@ def gap_closed(head: float, early: float, oracle: float, min_gap: float = MIN_GA
     """None when the oracle beats zero-fill early by less than ``min_gap`` (nothing measurable to close)."""
     denom = oracle - early
     return None if denom < min_gap else (head - early) / denom
-
-
-def missing_scenario(m: str, modalities: list[str]) -> str:
-    """The robustness-grid slug of ``m`` 100% missing, the others complete (see models.patterns.scenario_slug)."""
-    return "/".join(f"{x}-{100 if x == m else 0:03d}" for x in modalities)
 
 
 def oracle_variant(modality: str) -> str:
@@ -66,3 +62,11 @@ def add_gap_closed(results: list[RunRow], metric: str, modalities: list[str]) ->
                     r.summary[f"gap_closed_{m}"] = g
                     keys.append(f"gap_closed_{m}")
     return sorted(set(keys))
+
+
+def gap_metrics(results: list[RunRow], metric: str) -> dict[str, dict[str, float]]:
+    """``compare/gap_closed_<m>`` of each logged run of a sweep, by run id: the metrics only the whole sweep
+    gives (its parent run logs them on the children, in their comparison group)."""
+    keys = add_gap_closed(results, metric, modalities_of(sorted({s for r in results for s in r.scenarios})))
+    out = {r.run_id: {COMPARE + k: r.summary[k] for k in keys if k in r.summary} for r in results if r.run_id}
+    return {run_id: m for run_id, m in out.items() if m}

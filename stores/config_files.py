@@ -119,6 +119,7 @@ def write_tuned(path: Path, tree: dict, source_config: str | Path | None, note: 
     """YAML a run can use directly (``-c``, it ``extends:`` the tuned config) or ``extends:`` itself."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"extends": os.path.relpath(Path(source_config).resolve(), path.parent.resolve())} if source_config else {}
+    tree = {**tree, "tune": {**tree.get("tune", {}), "applied": path.stem}}  # marks its runs "tuned"
     text = "".join(f"# {line}\n" for line in note.splitlines())
     text += f"# as overrides: {' '.join('--set ' + o for o in to_overrides(tree))}\n"
     path.write_text(text + yaml.safe_dump({**body, **tree}, sort_keys=False))

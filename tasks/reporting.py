@@ -1,4 +1,5 @@
-"""Report task: the sweep's comparison table and robustness plot on disk."""
+"""Report tasks: the sweep's comparison table and robustness plot on disk, and the sweep's MLflow parent run
+that shows them in the UI (its trainings nest under it)."""
 from __future__ import annotations
 
 import time
@@ -6,11 +7,39 @@ from pathlib import Path
 
 from prefect import task
 
+from models.config import ExperimentConfig
 from models.records import RunRow
+from runs.gap import gap_metrics
 from runs.reporting import write_report
+from stores.tracking.studies import end_sweep_run, start_sweep_run
+
+from .common import retry_transient
+
+PLOT_LINK = "![robustness](robustness.png)"
 
 
 @task(name="write-report")
 def report(results: list[RunRow], dataset: str, metric: str, out_root: str = "reports") -> str:
     out = Path(out_root) / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return str(write_report(results, out, f"{dataset}: robustness to missing modalities", metric))
+
+
+@task(name="start-sweep-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def start_sweep(cfg: ExperimentConfig, tags: dict[str, str] | None = None) -> str:
+    """The sweep's parent run, named ``sweep-<time>``; returns its run id."""
+    return start_sweep_run(cfg, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags)
+
+
+@task(name="finish-sweep-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
+def finish_sweep(cfg: ExperimentConfig, run_id: str, results: list[RunRow], report_path: str | None, metric: str,
+                 failed: bool = False) -> None:
+    """The report as the parent run's artifacts and description, ``compare/gap_closed_<m>`` on each child; FAILED
+    (with nothing else) when the sweep did not finish."""
+    if failed or report_path is None:
+        end_sweep_run(cfg.tracking, run_id, None, "The sweep failed: see its FAILED child runs and the flow's log.",
+                      {}, failed=True)
+        return
+    text = Path(report_path).read_text().replace(
+        PLOT_LINK, f"{len(results)} runs, nested below. Artifacts: `robustness.png` (every head on one plot), "
+                   "`report.html` (this table), `report.md`.")
+    end_sweep_run(cfg.tracking, run_id, Path(report_path).parent, text, gap_metrics(results, metric))

@@ -32,9 +32,11 @@ def run_label(cfg: ExperimentConfig) -> str:
 
 @task(name="train-head", cache_key_fn=_train_key, persist_result=True, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
-def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str, str] | None = None) -> RunRow:
+def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> RunRow:
     """Train one head (one pattern, one seed), evaluate the grid, log and register in MLflow. The MLflow run
-    is open during training: epochs are logged live, and reported to the console's progress file."""
+    is open during training: epochs are logged live, and reported to the console's progress file.
+    ``parent_run_id``: the sweep's run it nests under."""
     if threads:
         torch.set_num_threads(threads)
     log = get_run_logger()
@@ -42,7 +44,7 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     store = open_store(cfg)  # a missing store fails before an MLflow run is opened
     tracker = Tracker(cfg.tracking, cfg.data.dataset_name)  # an unreachable tracking server fails before training
     show(state="starting", epoch=0, epochs=cfg.train.epochs)
-    with tracker.live_run(cfg, tags) as run:
+    with tracker.live_run(cfg, tags, parent_run_id) as run:
         def on_epoch(row: dict) -> None:
             run.log_epoch(row)
             metric = next((v for k, v in row.items() if k.startswith("val_") and "/" not in k), None)
@@ -58,21 +60,23 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     return result.row(run.run_id)
 
 
-def train_all(configs: list[ExperimentConfig], threads: int | None = None,
-              tags: dict[str, str] | None = None) -> list[RunRow]:
+def train_all(configs: list[ExperimentConfig], threads: int | None = None, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> list[RunRow]:
     """``train_head`` over ``configs`` concurrently (on the flow's task runner). A result the cache answers
     with an MLflow run that is gone (the run deleted, the tracking database reset) is trained again, bypassing
     the cache: every returned ``run_id`` exists in the configured tracking store."""
     if not configs:
         return []
-    results = [f.result() for f in [train_head.submit(c, threads=threads, tags=tags) for c in configs]]
+    results = [f.result() for f in [train_head.submit(c, threads=threads, tags=tags, parent_run_id=parent_run_id)
+                                    for c in configs]]
     tracker = Tracker(configs[0].tracking, configs[0].data.dataset_name)
     stale = [i for i, r in enumerate(results) if not tracker.has_run(r.run_id)]
     if stale:
         get_run_logger().warning("%d cached training results had no MLflow run in %s: training them again",
                                  len(stale), tracking_target(configs[0].tracking, configs[0].data.dataset_name))
         again = train_head.with_options(refresh_cache=True)
-        for i, f in zip(stale, [again.submit(configs[i], threads=threads, tags=tags) for i in stale]):
+        for i, f in zip(stale, [again.submit(configs[i], threads=threads, tags=tags, parent_run_id=parent_run_id)
+                                for i in stale]):
             results[i] = f.result()
     return results
 

@@ -77,11 +77,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_loads_and_a_tuned_file_names_its_head(path):
+def test_every_shipped_config_loads_and_a_tuned_file_names_its_head_and_marks_its_runs(path):
     cfg = load_config(path)  # extra="forbid" and the ranges: a typo in a shipped file fails here
     if path.parent.name == "tuned":  # configs/tuned/<source config>-<head>.yaml extends ../<source config>.yaml
         source = yaml.safe_load(path.read_text())["extends"]
         assert path.stem == f"{Path(source).stem}-{cfg.head.name}"
+        assert cfg.tune.applied == path.stem  # its runs are named ...-tuned in MLflow
 
 
 def test_store_and_view_names_are_those_the_code_before_the_layout_change_gave():

@@ -21,8 +21,11 @@ def test_sweep_on_ray_lands_every_run_in_mlflow(ray_cluster, prefect_harness, tm
     out = run_sweep(cfg)
     assert len(out.results) == 4
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("manifest").experiment_id])
+    every = client.search_runs([client.get_experiment_by_name("manifest").experiment_id])
+    runs = [r for r in every if r.data.tags.get("kind") != "sweep"]
     assert sorted(r.info.run_id for r in runs) == sorted(r.run_id for r in out.results)
+    # the trainings on the Ray workers nest under the sweep's run, opened by the flow
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out.run_id} and len(every) == len(runs) + 1
     assert sorted((r.data.tags["head"], r.data.tags["seed"]) for r in runs) == [
         ("early", "0"), ("early", "1"), ("srmm", "0"), ("srmm", "1")]
     for r in runs:

@@ -1,6 +1,7 @@
 """The one module that talks to MLflow: runs, params, metrics, lineage, artifacts, registry, champion alias."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,9 @@ from models.records import Champion, RunResult, RunRow
 from stores.tracking.predictor import Predictor
 
 CHAMPION = "champion"
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says it holds model training runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+LABELLED = {"name", "modality", "backbone"}  # head fields the head's label already shows
 
 
 # bounded client retries: a server that goes away mid-run fails the run in about a minute, not after hours
@@ -64,6 +68,28 @@ def tracking_target(cfg: TrackingConfig, dataset: str) -> str:
     return f"{uri}#{experiment_name(cfg, dataset)}"
 
 
+def run_name(cfg: ExperimentConfig) -> str:
+    """Readable, and unique within a sweep: the head's label (``oracle-image``, ``moddrop-lora``, ``cmpt``) with
+    any other head field set away from its default (``mmp+mask_p=0.5``), the train pattern, the seed, and
+    ``tuned`` when the config is a tuned file (whose head fields that stands for)."""
+    extra = ""
+    if not cfg.tune.applied:
+        changed = {k: v for k, v in cfg.head.model_dump(exclude_defaults=True).items() if k not in LABELLED}
+        extra = "".join(f"+{k}={v}" for k, v in sorted(changed.items()))
+        if len(extra) > 40:  # a long ablation: a digest keeps the name short and still distinct
+            extra = "+" + hashlib.sha1(extra.encode()).hexdigest()[:8]
+    return f"{cfg.head.label}{extra}-{cfg.train_pattern.key}-s{cfg.seed}" + ("-tuned" if cfg.tune.applied else "")
+
+
+def runs_page(cfg: TrackingConfig, dataset: str, ui: str) -> str:
+    """The MLflow UI page of the experiment's training runs. MLflow 3.17's UI takes the GenAI/model-training
+    switch from the browser (default GenAI, whatever ``mlflow.experimentKind`` says) unless the URL sets
+    ``workflowType``: this link opens on the runs in any browser."""
+    exp = MlflowClient(tracking_uri(cfg)).get_experiment_by_name(experiment_name(cfg, dataset))
+    page = f"#/experiments/{exp.experiment_id}/runs" if exp else "#/experiments"
+    return f"{ui.rstrip('/')}/{page}?workflowType=machine_learning"
+
+
 def artifact_uri(cfg: TrackingConfig) -> str:
     """``artifact_root`` as a URI: object-store URIs (s3://...) as given, folders resolved to file:// URIs."""
     root = str(cfg.artifact_root)
@@ -84,9 +110,13 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is None:
             location = f"{artifact_uri(cfg).rstrip('/')}/{self.experiment_name}"
-            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location,
+                                                               tags=EXPERIMENT_KIND)
         else:
             self.experiment_id = exp.experiment_id
+            for k, v in EXPERIMENT_KIND.items():  # an experiment created before the tag existed
+                if exp.tags.get(k) != v:
+                    self.client.set_experiment_tag(self.experiment_id, k, v)
 
     def has_run(self, run_id: str) -> bool:
         """Whether ``run_id`` is a live (not deleted) run of this experiment."""
@@ -103,12 +133,13 @@ class Tracker:
 
     # ------------------------------------------------------------------ logging
     @contextmanager
-    def live_run(self, cfg: ExperimentConfig, extra_tags: dict[str, str] | None = None) -> Iterator["LiveRun"]:
+    def live_run(self, cfg: ExperimentConfig, extra_tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None) -> Iterator["LiveRun"]:
         """Open the MLflow run BEFORE training (true start time and duration, live epoch curves in the UI);
         ``LiveRun.log_epoch`` logs each epoch as it ends, ``LiveRun.finish`` the results and the model. An
-        exception marks the run FAILED and registers nothing."""
-        name = f"{cfg.head.name}-{cfg.train_pattern.key}-s{cfg.seed}"
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=name) as run:
+        exception marks the run FAILED and registers nothing. ``parent_run_id``: the sweep's run it nests under."""
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name(cfg),
+                              parent_run_id=parent_run_id) as run:
             mlflow.log_params(cfg.flat())
             mlflow.set_tags({"head": cfg.head.name, "train_pattern": cfg.train_pattern.key, "seed": str(cfg.seed),
                              "dataset_name": self.dataset, **(extra_tags or {})})

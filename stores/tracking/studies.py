@@ -1,13 +1,19 @@
-"""Parent runs with child runs (a tuning study and its trials) and runs that hold benchmark tables."""
+"""Parent runs with child runs (a tuning study and its trials, a sweep and its trainings) and runs that hold
+benchmark tables."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import mlflow
 import pandas as pd
+import yaml
 from mlflow.tracking import MlflowClient
 
-from models.config import TrackingConfig
+from models.config import ExperimentConfig, TrackingConfig
+from models.heads import parse_head_config
 from stores.tracking.runs import Tracker, experiment_name, tracking_uri
+
+NOTE = "mlflow.note.content"  # a run's description, shown as Markdown on its overview page
 
 
 def _scalar_params(params: dict) -> list:
@@ -74,3 +80,32 @@ def log_tables_run(cfg: TrackingConfig, experiment: str, name: str, tables: dict
     run_id = start_parent_run(cfg, experiment, name, params, tags)
     end_parent_run(cfg, run_id, metrics, tables)
     return run_id
+
+
+def start_sweep_run(cfg: ExperimentConfig, name: str, tags: dict[str, str] | None = None) -> str:
+    """The parent run of a sweep, open while its trainings (nested under it) run: the grid as params, the
+    whole config tree as an artifact."""
+    sweep, dataset = cfg.sweep, cfg.data.dataset_name
+    params = {"sweep.heads": ", ".join(sorted({parse_head_config(h).label for h in sweep.heads})),
+              "sweep.train_patterns": ", ".join(p.key for p in sweep.train_patterns),
+              "sweep.seeds": ", ".join(map(str, sweep.seeds)), "train.epochs": cfg.train.epochs,
+              "eval.select_on": cfg.eval.select_on}
+    run_id = start_parent_run(cfg.tracking, dataset, name, params,
+                              {"kind": "sweep", "dataset_name": dataset, **(tags or {})})
+    MlflowClient(tracking_uri(cfg.tracking)).log_text(
+        run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    return run_id
+
+
+def end_sweep_run(cfg: TrackingConfig, run_id: str, report_dir: Path | None, description: str,
+                  child_metrics: dict[str, dict[str, float]], failed: bool = False) -> None:
+    """Close a sweep's parent run: its report folder (comparison table as Markdown and HTML, the robustness
+    plot with every head) as artifacts, the table as its description, and the metrics only the whole sweep
+    gives (``compare/gap_closed_<m>``) logged on each child run beside its own comparison metrics."""
+    client = MlflowClient(tracking_uri(cfg))
+    for child, metrics in child_metrics.items():
+        for k, v in metrics.items():
+            client.log_metric(child, k, float(v))
+    if report_dir is not None:
+        client.log_artifacts(run_id, str(report_dir))
+    end_parent_run(cfg, run_id, tags={NOTE: description}, status="FAILED" if failed else "FINISHED")
