@@ -51,7 +51,8 @@ def manifest(base: int, copies: int, out: Path) -> Path:
 
 def config(man: Path, tmp: Path, workers: int = 1, epochs: int = 5):
     return load_config(None, [
-        "data.dataset=manifest", f"data.manifest={man}", "encoders.image.kind=efficientnet_lite0",
+        "data.dataset=manifest", f"data.manifest={man}", f"data.allowed_roots=[{DATA}]",  # its photos' folder
+        "encoders.image.kind=efficientnet_lite0",
         "encoders.text.kind=minilm", f"store.root={tmp}/store", "store.index_min_rows=1000000000",
         f"tracking.uri=sqlite:///{tmp}/mlruns/mlflow.db", f"tracking.artifact_root={tmp}/mlruns/art",
         f"train.epochs={epochs}", "train.device=cpu", "eval.test_rates=[0.0,0.5,1.0]", "sweep.seeds=[0,1]",

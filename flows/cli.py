@@ -9,8 +9,11 @@ import sys
 import time
 
 from flows import console as out
+from flows import prefect_server
 
 out.quiet()  # before any third-party import; runs again in Prefect's worker processes (they import this module)
+if __import__("multiprocessing").parent_process() is not None:  # a Prefect worker: its own server ends with it
+    prefect_server.bind_to_this_process()
 
 
 def _cfg(args):
@@ -58,13 +61,36 @@ def cmd_info(args) -> None:
     from stores.features.admin import overview
     from stores.features.feature_store import open_store
     from stores.features.location import StoreLocation
+    from stores.features.feature_store import StoreError
     cfg = _cfg(args)
     res = overview(StoreLocation.for_config(cfg.store))
     try:
         res["config"] = open_store(cfg).info().as_dict()
-    except Exception as e:  # noqa: BLE001 - the listing is still useful when this config's store is absent
+    except StoreError as e:  # the listing is still useful when this config's store is absent
         res["config"] = f"not extracted: {e}"
+    except (OSError, RuntimeError) as e:  # Lance could not read it: say so, and exit non-zero
+        _show(args, res, out.store_overview)
+        raise StoreDamaged(f"store {cfg.store.root} cannot be read ({str(e).splitlines()[0][:200]}); "
+                           "`mm store verify` names the damaged tables and rows") from None
     _show(args, res, out.store_overview)
+
+
+class StoreDamaged(Exception):
+    """A store whose Lance files cannot be read: exit 4."""
+
+
+def cmd_verify(args) -> None:
+    """Read every row of every table; exit 4 naming the damaged ones."""
+    from stores.features.admin import verify
+    from stores.features.location import StoreLocation
+    res = verify(StoreLocation.for_config(_cfg(args).store))
+    _show(args, res, lambda r: out.records(
+        [{"table": n, "rows": t["rows"], "unreadable": ", ".join(t["unreadable"]) if isinstance(t["unreadable"], list)
+          else t["unreadable"], "error": t["error"] or ""} for n, t in r["tables"].items()],
+        title=f"verify {r['root']}"))
+    if res["damaged"]:
+        raise StoreDamaged(f"{len(res['damaged'])} damaged table(s) under {res['root']}: {', '.join(res['damaged'])}"
+                           "; re-extract into a new store.root, or restore the store with DVC (dvc checkout data.dvc)")
 
 
 def cmd_gc(args) -> None:
@@ -84,6 +110,17 @@ def cmd_migrate(args) -> None:
     _show(args, migrate_flow(_cfg(args)), lambda r: out.key_values(r, title="store migrate"))
 
 
+def class_index(label: str, classes: list[str]) -> int:
+    """``--label``: a class name of the store, or its index; anything else is one ConfigError line."""
+    from models.config import ConfigError
+    if label in classes:
+        return classes.index(label)
+    if label.isdigit() and int(label) < len(classes):
+        return int(label)
+    shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+    raise ConfigError(f"--label {label!r} is neither a class of this store ({shown}) nor an index 0-{len(classes) - 1}")
+
+
 def query_filter(args, classes: list[str]) -> str | None:
     """The Lance filter of ``mm query``'s options, built from typed values (stores/features/filters.py); ``--where`` is
     the user's own SQL and is ANDed in parenthesised."""
@@ -92,7 +129,7 @@ def query_filter(args, classes: list[str]) -> str | None:
     if args.split:
         clauses.append(filters.eq("split", args.split))
     if args.label is not None:
-        clauses.append(filters.eq("label", classes.index(args.label) if args.label in classes else int(args.label)))
+        clauses.append(filters.eq("label", class_index(args.label, classes)))
     clauses += [filters.eq(f"{m}_present", True) for m in args.present or []]
     if args.id:
         clauses.append(filters.ne("id", args.id))
@@ -103,16 +140,26 @@ def cmd_query(args) -> None:
     from stores.encoders import build_encoder
     from stores.features.feature_store import open_store
 
+    from models.config import ConfigError
+    from stores.encoders import BadInput
+
     cfg = _cfg(args)
     store = open_store(cfg)
     mod = args.modality or store.modalities[0]
+    if mod not in store.modalities:
+        raise ConfigError(f"--modality {mod!r}: this store holds {', '.join(store.modalities)}")
     if args.id:
         vec = store.vector_of(args.id, mod)
     else:
         raw = args.text if args.text is not None else args.image or args.audio
         mod = "text" if args.text is not None else "image" if args.image else "audio"
+        if mod not in store.modalities:
+            raise ConfigError(f"--{mod}: this store holds {', '.join(store.modalities)}, not {mod}")
         enc = build_encoder(mod, cfg.encoder_configs()[mod])
-        vec = enc.encode([enc.load(raw)]).vec[0]
+        try:
+            vec = enc.encode([enc.load(raw)]).vec[0]
+        except BadInput as e:
+            raise ConfigError(f"--{mod} {raw!r}: {e}") from None
     classes = store.meta.classes
     hits = store.search(vec, mod, args.k, query_filter(args, classes), exact=args.exact, nprobes=args.nprobes)
     rows = [{"id": r["id"], "split": r["split"], "label": classes[r["label"]] if r["label"] >= 0 else None,
@@ -271,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-rows", type=_positive)
     store = sub.add_parser("store", help="store commands").add_subparsers(dest="store_cmd", required=True)
     add("info", cmd_info, "views, dataset tables, versions, sizes and the configs using them", parent=store)
+    add("verify", cmd_verify, "read every row of every table; exit 4 naming damaged tables and rows", parent=store)
     sp = add("gc", cmd_gc, "remove old Lance versions and unused views (never a registered run's pinned version "
                            "unless --force)", parent=store)
     sp.add_argument("--force", action="store_true", help="also remove versions registered runs read")
@@ -286,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--modality", help="vector column to search (with --id)")
     sp.add_argument("-k", type=_positive, default=5)
     sp.add_argument("--where", help="SQL filter, e.g. \"split = 'test'\"")
-    sp.add_argument("--split")
+    sp.add_argument("--split", choices=["train", "val", "test"])
     sp.add_argument("--label", help="class name or index")
     sp.add_argument("--present", action="append", help="require this modality present (repeatable)")
     sp.add_argument("--exact", action="store_true", help="bypass the ANN index")
@@ -319,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def disk_full(e: BaseException) -> bool:
+    """No space left (ENOSPC) or over the file size limit (EFBIG), as an OSError or as Lance's text of one."""
+    import errno
+    text = str(e)
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG) or "os error 28)" in text or \
+        "os error 27)" in text or "No space left on device" in text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out.quiet(args.debug)
@@ -331,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         if args.cmd in FLOW_COMMANDS:
+            prefect_server.bind_to_this_process()  # its temporary server ends with it, even on SIGKILL
             check_prefect_api(args.connect_timeout)
         args.fn(args)
     except (ConfigError, StoreError, DatasetError, ServiceUnreachable) as e:
@@ -338,6 +395,29 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StoreDamaged as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
+    except (OSError, RuntimeError) as e:
+        from stores.features.location import is_damage
+        if not args.debug and disk_full(e):
+            print(f"error: the disk refused a write ({str(e).splitlines()[0][:160]}); every batch already committed "
+                  "is kept: free space (or raise the file size limit) and rerun the same command to resume",
+                  file=sys.stderr)
+            sys.exit(5)
+        if not args.debug and str(e).startswith("Timed out while attempting to connect to ephemeral Prefect"):
+            print("error: the temporary Prefect server did not answer within "
+                  f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s (a loaded machine, or a "
+                  "disk it cannot write): raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one with "
+                  "`mm serve` and set PREFECT_API_URL", file=sys.stderr)
+            sys.exit(3)
+        if args.debug or not is_damage(e):
+            raise
+        print(f"error: a store file cannot be read ({str(e).splitlines()[0][:160]}); `mm store verify` names the "
+              "damaged tables and rows; re-extract into a new store.root or restore it with DVC", file=sys.stderr)
+        sys.exit(4)
     except httpx.TransportError as e:  # the Prefect API lost mid-run: the traceback adds nothing
         if args.debug:
             raise

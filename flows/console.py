@@ -209,12 +209,11 @@ def neighbours(rows: list[dict], title: str) -> None:
 
 
 def short_head(variant: str) -> str:
-    """A column-sized head name: the variant's paths stay in the report and the run's head_variant tag, except
-    the oracle's modality and a LoRA backbone, which tell two oracle or two baseline columns apart."""
-    name, _, rest = variant.partition("[")
-    parts = dict(p.split(":", 1) for p in rest.rstrip("]").split(",") if ":" in p)
-    name += "-lora" if parts.get("backbone") == "encoder+lora" else ""
-    return f"{name}\n{parts['only']}" if "only" in parts else name
+    """A column-sized head name (``runs.reporting.head_label`` on two lines for an oracle: ``oracle`` over its
+    modality)."""
+    from runs.reporting import head_label
+    label = head_label(variant)
+    return label.replace("oracle-", "oracle\n", 1) if label.startswith("oracle-") else label
 
 
 def comparison(scenarios: list[str], rows: list[dict], title: str) -> None:

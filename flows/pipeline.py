@@ -30,8 +30,12 @@ def migrate_flow(config: ExperimentConfig) -> dict:
 
 @flow(name="train")
 def train_flow(config: ExperimentConfig) -> RunRow:
-    """One head, one training pattern, one seed: train, evaluate the grid, register in MLflow."""
-    return train_all([config])[0]
+    """One head, one training pattern, one seed: train, evaluate the grid, register in MLflow (and alias the
+    dataset's champion when it has none, so ``models:/<data.name>@champion`` serves after any run)."""
+    row = train_all([config])[0]
+    metric = next(k.removeprefix("grid_mean_") for k in row.summary if k.startswith("grid_mean_"))
+    update_champions(config, [], metric, dataset_only_if_missing=True)
+    return row
 
 
 @flow(name="reproduce")

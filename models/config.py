@@ -63,6 +63,9 @@ class DataConfig(Strict):
     data_dir: Path | None = Field(None, json_schema_extra=RUNTIME)
     manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
     classes: list[str] | None = None  # manifest: the label set (fixed class indices); other labels are errors
+    # manifest: folders, besides the manifest's own, that its file paths may point into; a path resolving
+    # anywhere else (``../../etc/passwd``, a symlink out of the data) is stored as missing, never opened
+    allowed_roots: list[Path] = Field(default_factory=list, json_schema_extra=RUNTIME)
     label_field: str = "subCategory"  # fashion: subCategory or masterCategory
     min_per_class: int = Field(10, ge=1)
     test_speakers: list[str] = Field(default_factory=lambda: ["theo", "yweweler"])  # avmnist held-out speakers
@@ -90,6 +93,9 @@ class EncoderConfig(Strict):
     max_length: int = Field(64, ge=1)  # text tokens
     audio_seconds: float = Field(3.0, gt=0)
     image_size: int = Field(224, ge=1)
+    # images over this many pixels are stored as missing ("image too large"), never decoded: a decompression bomb
+    # (a 389 KB PNG of 20000x20000) would take 1.2 GB. PIL's own limit by default
+    max_image_pixels: int = Field(89_478_485, ge=1, json_schema_extra=RUNTIME)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=RUNTIME)
     # compute precision of the frozen forward pass; auto = bf16 autocast on CUDA, float32 on CPU. Like device,
     # a runtime choice: it does not name a new store (features agree to ~1e-2 relative)
@@ -171,6 +177,8 @@ class TrackingConfig(Strict):
     artifact_root: str = "mlruns/artifacts"
     experiment: str | None = None  # default: the dataset name
     register_models: bool = True
+    # the registered model abstains (with the reason) when its top probability is under this; 0: always answers
+    abstain_below: float = Field(0.0, ge=0, lt=1)
     # a tracking server that does not answer /health within this fails the run
     connect_timeout_s: float = Field(20.0, gt=0)
 

@@ -183,6 +183,8 @@ class RunResult:
     variant: str
     seconds: float
     mask_tables: dict = field(default_factory=dict)
+    temperatures: dict[str, float] = field(default_factory=dict)  # per set of present modalities (calibration)
+    calibration: dict[str, float] = field(default_factory=dict)  # ECE before / after, by split and modalities
 
     def row(self, run_id: str | None = None) -> RunRow:
         """The run as the one table builder (``runs.reporting.aggregate``) reads it."""
@@ -209,14 +211,16 @@ class RunResult:
         return out
 
     def scalar_metrics(self) -> dict[str, float]:
-        """Flat metric dict with names that sort well in the MLflow UI: the ``compare/`` group, then the
-        ``fit/``, ``summary/`` and ``test/<metric>/<scenario>`` groups."""
+        """Flat metric dict with names that sort well in the MLflow UI: the ``compare/`` group first (groups sort
+        by name), then ``ece/`` (calibration), ``fit/``, ``summary/``, ``temperature/`` and ``test/...``."""
         out = self.comparison_metrics()
         out |= {f"summary/{k}": float(v) for k, v in self.summary.items()}
         for s in self.scenarios:
             for k, v in s.metrics.items():
                 if isinstance(v, (int, float)):
                     out[f"test/{k}/{s.slug}"] = float(v)
+        out |= self.calibration
+        out |= {f"temperature/{k}": float(v) for k, v in self.temperatures.items()}
         out["fit/best_epoch"] = float(self.fit.best_epoch)
         out["fit/seconds"] = float(self.fit.seconds)
         return out

@@ -11,6 +11,7 @@ import pandas as pd
 
 from models.config import TrackingConfig
 from models.records import RunRow
+from models.patterns import missing_scenario
 from runs.gap import add_gap_closed, modalities_of
 from stores.tracking.runs import run_results
 
@@ -44,6 +45,40 @@ def aggregate(results: list[RunRow], metric: str) -> tuple[list[str], list[dict]
                 row[g] = _mean_sd(vals)
         rows.append(row)
     return scenarios, rows
+
+
+def head_label(variant: str) -> str:
+    """A run's head as run names and plots show it (``oracle-image``, ``moddrop-lora``, ``cmpt``): the variant's
+    paths stay in the full report and the run's ``head_variant`` tag."""
+    name, _, rest = variant.partition("[")
+    parts = dict(p.split(":", 1) for p in rest.rstrip("]").split(",") if ":" in p)
+    name += f"-{parts['only']}" if "only" in parts else ""
+    return name + ("-lora" if parts.get("backbone") == "encoder+lora" else "")
+
+
+def summary_table(results: list[RunRow], metric: str) -> str:
+    """The few comparison numbers per head as Markdown (a sweep's MLflow description): complete data, grid
+    mean, each modality 100% missing and the gap closed there, mean ± sd over seeds in %."""
+    scenarios, rows = aggregate(results, metric)
+    modalities = modalities_of(scenarios)
+    gone = {m: missing_scenario(m, modalities) for m in modalities}
+    cols = ["complete", "grid mean", *(f"no {m}" for m in modalities), *(f"gap closed, no {m}" for m in modalities)]
+    lines = ["| head | train pattern | " + " | ".join(cols) + " | seeds |", "|" + "---|" * (len(cols) + 3)]
+    complete = "/".join(f"{m}-000" for m in modalities)
+    for r in rows:
+        values = [r.get(complete, ""), r.get("grid_mean", "")] + [r.get(gone[m], "") for m in modalities]
+        values += [_ratio(r.get(f"gap_closed_{m}")) for m in modalities]
+        lines.append(f"| {head_label(r['head'])} | {r['train_pattern']} | " + " | ".join(cell(v) for v in values)
+                     + f" | {r['seeds']} |")
+    return "\n".join(lines)
+
+
+def _ratio(v) -> str:
+    """A gap closed (a fraction of the gap, not a score): ``0.85``, ``± sd`` with several seeds."""
+    if not isinstance(v, tuple):
+        return ""
+    mean, sd = v
+    return f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
 
 
 def columns(scenarios: list[str], rows: list[dict] = ()) -> list[str]:
@@ -86,7 +121,7 @@ def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str =
     table = markdown_table(scenarios, rows)
     modalities = sorted({part.split("-")[0] for s in scenarios for part in s.split("/") if "-" in part
                          and part.split("-")[1].isdigit()})
-    fig, axes = plt.subplots(1, max(1, len(modalities)), figsize=(5 * max(1, len(modalities)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(modalities)), figsize=(5 * max(1, len(modalities)), 4.6), squeeze=False)
     for ax, m in zip(axes[0], modalities):
         for r in rows:
             pts = []
@@ -97,10 +132,12 @@ def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str =
                     pts.append((int(parts[m]), r[s][0]))
             if pts:
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r['head']} ({r['train_pattern']})")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=head_label(r["head"]) + (
+                    "" if r["train_pattern"] == "complete" else f" @ {r['train_pattern']}"))
         ax.set(title=f"{m} missing at test", xlabel="missing rate (%)", ylabel=metric)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # one legend for all panels, under them
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 5), 1, 1))
     fig.savefig(out_dir / "robustness.png", dpi=110)
     plt.close(fig)
     md = f"# {title}\n\nTest {metric} (%, mean ± sd when there is more than one seed). Scenario columns give " \

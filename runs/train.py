@@ -11,7 +11,8 @@ import torch
 from models.config import ExperimentConfig
 from models.features import take
 from models.heads import FeatureBatch, Head, build_head
-from models.metrics import classification_metrics, primary_metric, robustness_auc
+from models.calibration import fit_temperature, presence_key
+from models.metrics import classification_metrics, expected_calibration_error, primary_metric, robustness_auc
 from models.patterns import MissingPattern, robustness_grid, scenario_slug
 from models.records import RunResult, Scenario
 from models.training import FitResult, fit, predict
@@ -101,6 +102,29 @@ def evaluate(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> tuple[li
     return scenarios, summarize(scenarios, store.meta.task, store.modalities, cfg.eval.test_rates)
 
 
+def calibrate(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> tuple[dict[str, float], dict[str, float]]:
+    """One temperature per set of present modalities (complete data, each modality absent), fitted on the
+    validation split (``models.calibration``), and the ECE before and after it on validation and test
+    (``ece/<split>_<before|after>/<present modalities>``). Multi-class heads only."""
+    if head.spec.task != "multiclass":
+        return {}, {}
+    reader = ScenarioReader(store, tuple(head.inputs), cfg.seed)
+    mods = reader.modalities
+    temperatures, metrics = {}, {}
+    for pattern in [MissingPattern(), *(MissingPattern(kind="absent", modality=m) for m in mods)]:
+        key = presence_key([m for m in mods if pattern.kind == "complete" or m != pattern.modality])
+        val = used_rows(reader.under("val", pattern), head, mods)
+        if val.size == 0:
+            continue
+        temperatures[key] = t = fit_temperature(predict(head, val, cfg.train), val.y)
+        for split, batch in (("val", val), ("test", used_rows(reader.under("test", pattern), head, mods))):
+            logits, y = predict(head, batch, cfg.train), batch.y.numpy()
+            for when, scale in (("before", 1.0), ("after", t)):
+                prob = torch.softmax(logits / scale, -1).numpy()
+                metrics[f"ece/{split}_{when}/{key}"] = expected_calibration_error(prob, y)
+    return temperatures, metrics
+
+
 def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None, on_epoch=None) -> RunResult:
     """Fit ``cfg.head`` on train (under ``cfg.train_pattern``), select on val, evaluate the test grid."""
     t0 = time.perf_counter()
@@ -108,7 +132,9 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     head, result = fit_head(cfg, store, on_epoch)
     scenarios, summary = evaluate(cfg, head, store)
     summary[f"val_{primary_metric(store.meta.task)}"] = result.best_score
+    temperatures, calibration = calibrate(cfg, head, store)
     variant = cfg.head.name + (f"[{','.join(f'{m}:{v}' for m, v in head.variant.items())}]"
                                if hasattr(head, "variant") else "")
     return RunResult(cfg, store.info(), result, scenarios, summary, head.cpu(), variant, time.perf_counter() - t0,
-                     mask_tables={f"seed{cfg.seed}": MaskStore(store).table(seed=cfg.seed)})
+                     mask_tables={f"seed{cfg.seed}": MaskStore(store).table(seed=cfg.seed)},
+                     temperatures=temperatures, calibration=calibration)

@@ -11,7 +11,7 @@ from pathlib import Path
 from models.config import ConfigError, ExperimentConfig, runtime_fields
 from stores.datasets import DatasetError
 from stores.features.feature_store import FeatureStore, StoreError, store_name
-from stores.features.location import StoreLocation
+from stores.features.location import StoreLocation, is_damage
 from stores.health import ServiceUnreachable
 
 PERMANENT = (ConfigError, DatasetError, StoreError, ServiceUnreachable)
@@ -24,8 +24,8 @@ def retry_transient(task, task_run, state) -> bool:
         state.result()
     except PERMANENT:
         return False
-    except Exception:
-        return True
+    except Exception as e:
+        return not is_damage(e)  # a damaged store file reads the same the second time
     return True
 
 

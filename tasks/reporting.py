@@ -10,13 +10,10 @@ from prefect import task
 from models.config import ExperimentConfig
 from models.records import RunRow
 from runs.gap import gap_metrics
-from runs.reporting import write_report
+from runs.reporting import summary_table, write_report
 from stores.tracking.studies import end_sweep_run, start_sweep_run
 
 from .common import retry_transient
-
-PLOT_LINK = "![robustness](robustness.png)"
-
 
 @task(name="write-report")
 def report(results: list[RunRow], dataset: str, metric: str, out_root: str = "reports") -> str:
@@ -39,7 +36,9 @@ def finish_sweep(cfg: ExperimentConfig, run_id: str, results: list[RunRow], repo
         end_sweep_run(cfg.tracking, run_id, None, "The sweep failed: see its FAILED child runs and the flow's log.",
                       {}, failed=True)
         return
-    text = Path(report_path).read_text().replace(
-        PLOT_LINK, f"{len(results)} runs, nested below. Artifacts: `robustness.png` (every head on one plot), "
-                   "`report.html` (this table), `report.md`.")
-    end_sweep_run(cfg.tracking, run_id, Path(report_path).parent, text, gap_metrics(results, metric))
+    gaps = gap_metrics(results, metric)
+    title = Path(report_path).read_text().splitlines()[0]
+    text = (f"{title}\n\nTest {metric} (%, mean ± sd over seeds), {len(results)} runs nested below. Every scenario: "
+            f"`report.md` / `report.html`; every head on one plot: `robustness.png` (Artifacts).\n\n"
+            f"{summary_table(results, metric)}\n")
+    end_sweep_run(cfg.tracking, run_id, Path(report_path).parent, text, gaps)

@@ -97,10 +97,17 @@ def check_tracking(cfg: ExperimentConfig) -> None:
 
 
 @task(name="update-champions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str) -> list[Champion]:
-    """Alias ``champion`` on each ``<dataset name>-<head>`` model: best ``summary/grid_mean_<metric>``."""
-    tracker = Tracker(cfg.tracking, cfg.data.dataset_name)
-    return [c for h in heads if (c := tracker.update_champion(tracker.model_name(h), f"summary/grid_mean_{metric}"))]
+def update_champions(cfg: ExperimentConfig, heads: list[str], metric: str,
+                     dataset_only_if_missing: bool = False) -> list[Champion]:
+    """Alias ``champion`` on each ``<dataset name>-<head>`` model and on the dataset's own ``<dataset name>``
+    model (every head's versions): best ``summary/grid_mean_<metric>``. ``dataset_only_if_missing``: leave an
+    existing dataset champion (``mm train`` sets one only where there is none)."""
+    if not cfg.tracking.register_models:
+        return []
+    tracker, key = Tracker(cfg.tracking, cfg.data.dataset_name), f"summary/grid_mean_{metric}"
+    champions = [c for h in heads if (c := tracker.update_champion(tracker.model_name(h), key))]
+    overall = tracker.update_champion(cfg.data.dataset_name, key, only_if_missing=dataset_only_if_missing)
+    return champions + ([overall] if overall else [])
 
 
 @task(name="reproduce-run", cache_policy=NO_CACHE)  # a reproduction always runs again

@@ -58,7 +58,7 @@ def test_two_oracles_get_their_own_registered_names_and_columns():
     labels = {load_config(None, ["head.name=oracle", f"head.modality={m}"]).head.label for m in ("image", "audio")}
     assert labels == {"oracle-image", "oracle-audio"} and load_config(None, ["head.name=mmp"]).head.label == "mmp"
     assert short_head("oracle[only:audio]") == "oracle\naudio" and short_head("mmp[tokens:x]") == "mmp"
-    assert short_head("oracle[only:text,backbone:encoder+lora]") == "oracle-lora\ntext"
+    assert short_head("oracle[only:text,backbone:encoder+lora]") == "oracle\ntext-lora"  # head label oracle-text-lora
     assert short_head("moddrop[backbone:encoder+lora,streams:text]") == "moddrop-lora" != short_head("moddrop")
     assert short_head("cmpt[text:encoder+lora,image:trainable_block+learned_cls]") == "cmpt"
 
@@ -105,10 +105,12 @@ def test_store_and_view_names_are_those_the_code_before_the_layout_change_gave()
 def test_runtime_fields_come_from_one_mark_and_change_no_name():
     from models.config import EncoderConfig, runtime_fields
     from stores.features.views import view_name
-    assert runtime_fields(EncoderConfig) == {"batch_size": True, "device": True, "precision": True}
+    assert runtime_fields(EncoderConfig) == {"batch_size": True, "device": True, "precision": True,
+                                             "max_image_pixels": True}
     tree = runtime_fields(ExperimentConfig)
     assert tree["encoders"] == {"__all__": runtime_fields(EncoderConfig)} and tree["tracking"] is True
-    assert tree["data"] == {"data_dir": True} and "versions" not in tree["store"] and "root" in tree["store"]
+    assert tree["data"] == {"data_dir": True, "allowed_roots": True}
+    assert "versions" not in tree["store"] and "root" in tree["store"]
     base = EncoderConfig(kind="minilm")
     assert view_name("text", base) == view_name("text", base.model_copy(update={"batch_size": 3, "precision": "bfloat16"}))
     assert view_name("text", base) != view_name("text", base.model_copy(update={"max_length": 32}))

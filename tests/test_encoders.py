@@ -67,11 +67,19 @@ def test_any_hf_model_path_text_and_image(tiny_hf):
     assert image.blocks() is not None
 
 
-def test_hf_encoder_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="cannot load Hugging Face model"):
+def test_hf_encoder_errors_are_clear(tmp_path, monkeypatch):
+    from stores.encoders import EncoderError
+    with pytest.raises(EncoderError, match=f"encoders.text.model: {tmp_path / 'missing'} does not exist"):
         build_encoder("text", EncoderConfig(kind="hf", model=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match="needs `model`"):
+    with pytest.raises(EncoderError, match="kind 'hf' needs a Hugging Face id or a local path"):
         build_encoder("text", EncoderConfig(kind="hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderError) as e:  # a hub id that is not cached, offline
+        build_encoder("text", EncoderConfig(kind="hf", model="no-such-org/no-such-model"))
+    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE=1" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "junk.pth").write_bytes(b"not a state dict")  # a file of something else
+    with pytest.raises(EncoderError, match="encoders.image.model: cannot load"):
+        build_encoder("image", EncoderConfig(kind="efficientnet_lite0", model=str(tmp_path / "junk.pth")))
 
 
 def test_bad_raw_inputs(tmp_path):

@@ -80,7 +80,15 @@ def test_predict_from_champion_with_a_missing_modality(pipeline_run):
     clip = str(DATASETS / "fsdd" / "recordings" / "7_theo_3.wav")
     out = pred.predict([{"audio": clip, "image": None}, {"audio": None, "image": None}])
     assert out[0]["present"] == ["audio"] and out[0]["label"] in [str(d) for d in range(10)]
-    assert out[1]["present"] == [] and 0 < out[1]["prob"] <= 1
+    assert out[0]["abstain"] is False and 0 < out[0]["prob"] <= 1
+    # nothing usable sent: no guess from placeholders alone (it used to answer with p ~0.8)
+    assert out[1] == {"label": None, "prob": None, "present": [], "abstain": True,
+                      "reason": "no usable modality: all missing"}
+    bad = pred.predict([{"audio": str(DATASETS / "no-such.wav"), "image": None}])[0]  # unreadable: abstains, says why
+    assert bad["abstain"] is True and bad["reason"].startswith("no usable modality (audio: unreadable audio")
+    pred.cfg.tracking.abstain_below = 0.999999  # the threshold set at registration (tracking.abstain_below)
+    unsure = pred.predict([{"audio": clip, "image": None}])[0]
+    assert unsure["abstain"] is True and unsure["reason"].startswith("low confidence") and unsure["label"]
     # the registered pyfunc serves a DataFrame too
     mlflow.set_tracking_uri(cfg.tracking.uri)
     import pandas as pd

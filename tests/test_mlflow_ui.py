@@ -113,7 +113,8 @@ def test_gap_closed_lands_on_each_run_once_the_sweep_has_its_references():
 
 
 def test_sweep_parent_run_shows_the_table_mm_compare_prints(ui_sweep, tmp_path):
-    from runs.reporting import compare_table, to_markdown
+    from runs.reporting import compare_table, summary_table, to_markdown
+    from stores.tracking.runs import run_results
     cfg, swept, client, runs = ui_sweep
     parent = client.get_run(swept.run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("sweep-")
@@ -122,8 +123,12 @@ def test_sweep_parent_run_shows_the_table_mm_compare_prints(ui_sweep, tmp_path):
     assert len(children) == len(HEADS) and all(r.info.status == "FINISHED" for r in children)
     assert {a.path for a in client.list_artifacts(swept.run_id)} >= {"report.md", "report.html", "robustness.png",
                                                                     "config.yaml"}
+    # the description: the comparison numbers per head, from the same runs `mm compare` reads
+    summary = summary_table(run_results(cfg.tracking, cfg.data.dataset_name), "acc")
+    note = parent.data.tags["mlflow.note.content"]
+    assert summary in note and "| oracle-image | complete |" in summary and "no text" in summary.splitlines()[0]
     table = to_markdown(compare_table(cfg.tracking, cfg.data.dataset_name))  # what `mm compare` prints, from MLflow
-    assert table in parent.data.tags["mlflow.note.content"]
+    assert table in open(client.download_artifacts(swept.run_id, "report.md", str(tmp_path))).read()
     html = open(client.download_artifacts(swept.run_id, "report.html", str(tmp_path))).read()
     assert "oracle[only:text]" in html and "grid_mean" in html
 

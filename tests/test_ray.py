@@ -32,4 +32,4 @@ def test_sweep_on_ray_lands_every_run_in_mlflow(ray_cluster, prefect_harness, tm
         assert r.data.params["sweep.runner"] == "ray" and r.data.params["store.root"] == str(tmp_path / "data/store")
         assert r.info.artifact_uri.startswith((tmp_path / "mlruns" / "art").as_uri())
         assert "scenarios.csv" in {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {c.model for c in out.champions} == {"manifest-early", "manifest-srmm"}
+    assert {c.model for c in out.champions} == {"manifest-early", "manifest-srmm", "manifest"}

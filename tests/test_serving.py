@@ -2,8 +2,10 @@
 outside the repo, in an environment that has the project's third-party packages but not the project."""
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +42,18 @@ def test_registered_names_use_the_dataset_name(colours_model):
     assert not client.search_model_versions("name = 'manifest-early'")
 
 
+def test_mm_train_sets_the_dataset_champion_when_there_is_none(colours_model):
+    """``models:/<data.name>@champion`` (the best model of any head) exists after a single ``mm train``, so the
+    README's serve command works after any run; the run records the process that owned it."""
+    from mlflow.tracking import MlflowClient
+    cfg, out = colours_model
+    client = MlflowClient(cfg.tracking.uri)
+    champ = client.get_model_version_by_alias("colours", "champion")
+    assert champ.run_id == out.run_id
+    tags = client.get_run(out.run_id).data.tags
+    assert tags["pid"].isdigit() and tags["host"] and tags["pid_started"]
+
+
 def test_run_is_open_while_training_with_live_epochs(colours_model):
     """The run starts before the first epoch is logged, lasts at least the fit, and has one point per epoch."""
     from mlflow.tracking import MlflowClient
@@ -62,6 +76,14 @@ def test_registered_model_serves_outside_the_repo(colours_model, tmp_path):
         assert subprocess.run([str(python), "-c", "import mlflow, torch, lancedb"], cwd=work, env=env).returncode == 0
         [pred] = invoke([{"image": None, "text": "deep blue ocean"}])
         assert pred["label"] in ["class0", "class1", "class2"] and 0 < pred["prob"] <= 1
+        # inline image bytes are read; a server-side path is not (no MM_SERVE_ROOTS); nothing usable abstains
+        image = Path(cfg.data.manifest).parent / "img6.jpg"
+        inline = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+        sent, probe, empty = invoke([{"image": inline, "text": None}, {"image": "/etc/passwd", "text": None},
+                                     {"image": None, "text": None}])
+        assert sent["present"] == ["image"] and sent["abstain"] is False
+        assert probe["abstain"] is True and "server-side paths are not read here" in probe["reason"]
+        assert empty["abstain"] is True and not isinstance(empty["label"], str)  # null (pandas may write NaN)
 
 
 def test_compare_of_one_seed_shows_no_spread(colours_model, capsys):

@@ -124,9 +124,10 @@ def test_ids_with_quotes_and_an_injected_split_filter(tmp_path, capsys):
     from flows.cli import main
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    main(["query", "--json", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact",
-          "--split", "test' OR '1'='1"])
-    assert json.loads(capsys.readouterr().out)["neighbours"] == []  # a value, not SQL: nothing matches
+    with pytest.raises(SystemExit) as e:  # not a split: refused before any query (the quoting is tested above)
+        main(["query", "--json", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact",
+              "--split", "test' OR '1'='1"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     main(["query", "--json", "-c", str(path), "--id", "o'brien", "--modality", "text", "-k", "20", "--exact",
           "--split", "test"])
     got = json.loads(capsys.readouterr().out)["neighbours"]

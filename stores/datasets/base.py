@@ -28,6 +28,27 @@ class DatasetError(ValueError):
     """A dataset cannot be read as configured (missing files, bad manifest, bad labels)."""
 
 
+@dataclass(frozen=True)
+class Unusable:
+    """An input a dataset adapter already knows it must not read (e.g. a path outside the data roots): stored
+    as missing with ``reason``, never opened."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"unusable: {self.reason}"
+
+
+def describe_ref(v: Any) -> str | None:
+    """A payload reference as short text (the store's ``source`` column, the dataset version): inline bytes by
+    their size and digest, not their contents."""
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        return f"<{len(v)} bytes blake2b:{hashlib.blake2b(v, digest_size=8).hexdigest()}>"
+    return str(v)
+
+
 @dataclass
 class Record:
     id: str
@@ -56,7 +77,7 @@ class Dataset:
         for r in self.records:
             sizes = {m: Path(v).stat().st_size for m, v in r.payload.items()
                      if isinstance(v, str) and m != "text" and Path(v).is_file()}
-            h.update(json.dumps([r.id, r.split, r.label, {m: str(v) for m, v in r.payload.items()}, sizes],
+            h.update(json.dumps([r.id, r.split, r.label, {m: describe_ref(v) for m, v in r.payload.items()}, sizes],
                                 sort_keys=True).encode())
         return h.hexdigest()[:16]
 

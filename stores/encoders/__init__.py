@@ -2,7 +2,8 @@
 ``ct2_whisper`` (Whisper tiny.en in CTranslate2), ``hf`` (any transformers model id or local path, with the exact
 replay of its blocks), on the shared ``base``; ``stream`` decodes inputs on threads while a batch encodes;
 ``registry`` builds one by kind. Imports ``models`` only."""
-from .base import LOAD_WORKERS, BadInput, Encoded, Encoder
+from .base import LOAD_WORKERS, BadInput, Encoded, Encoder, EncoderError
 from .registry import ENCODERS, build_encoder, load_backbones
 
-__all__ = ["LOAD_WORKERS", "BadInput", "Encoded", "Encoder", "ENCODERS", "build_encoder", "load_backbones"]
+__all__ = ["LOAD_WORKERS", "BadInput", "Encoded", "Encoder", "EncoderError", "ENCODERS", "build_encoder",
+           "load_backbones"]

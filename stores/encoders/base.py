@@ -13,17 +13,37 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from models.errors import ConfigError
 from torch import nn
 
 
 
 
 LOAD_WORKERS = min(8, os.cpu_count() or 1)  # threads decoding raw inputs (PIL and wave release the GIL)
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default limit (EncoderConfig.max_image_pixels sets an encoder's)
 MIN_SAMPLE_RATE = 4000  # below this, speech and most sounds are gone: the header is wrong or the file is not audio
 
 
 class BadInput(ValueError):
     """An input that cannot be decoded; extraction records the modality as missing with this reason."""
+
+
+class EncoderError(ConfigError):
+    """An encoder that cannot be built as configured (no model at that path, a hub id not cached while
+    offline, a file of another model): one line naming ``encoders.<modality>.model``, exit 2, never retried."""
+
+
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a Hugging Face id (``org/name``): absolute, relative with ./ or ../, ~, or with
+    more than one separator."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or Path(model).expanduser().exists()
+
+
+def check_model_path(modality: str, model: str | None) -> None:
+    if model and looks_like_path(model) and not Path(model).expanduser().exists():
+        raise EncoderError(f"encoders.{modality}.model: {model} does not exist (a local model file or folder, "
+                           "or a Hugging Face id such as sentence-transformers/all-MiniLM-L6-v2)")
 
 
 @dataclass
@@ -38,25 +58,32 @@ class Encoded:
 
 
 # ------------------------------------------------------------------------------------------------ raw inputs
-def load_image_uint8(ref: Any, size: int) -> torch.Tensor:
+def load_image_uint8(ref: Any, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """[size, size, 3] uint8 RGB from a path, bytes or an array (grey images become RGB): decoded and resized
-    on the host, scaled to float on the encoder's device (a quarter of the bytes to stack and copy)."""
+    on the host, scaled to float on the encoder's device (a quarter of the bytes to stack and copy). An image
+    whose header declares more than ``max_pixels`` is refused before its pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = None  # the limit is ``max_pixels``, checked below from the header
     try:
         if isinstance(ref, np.ndarray):
             img = Image.fromarray(ref)
         else:
             img = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+            if img.width * img.height > max_pixels:
+                raise BadInput(f"image too large: {img.width}x{img.height} pixels, over the {max_pixels} of "
+                               "encoders.<modality>.max_image_pixels")
             img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadInput):
+            raise
         raise BadInput(f"unreadable image: {e}") from None
     return torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC)))  # writable copy
 
 
-def load_image(ref: Any, size: int) -> torch.Tensor:
+def load_image(ref: Any, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """[3, size, size] float in [0, 1] (see ``load_image_uint8``)."""
-    return load_image_uint8(ref, size).permute(2, 0, 1).float() / 255.0
+    return load_image_uint8(ref, size, max_pixels).permute(2, 0, 1).float() / 255.0
 
 
 def stage_uint8(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -76,11 +103,12 @@ def to_host(x: torch.Tensor) -> np.ndarray:
 
 
 def load_audio(ref: Any, target_sr: int = 16000) -> np.ndarray:
-    """Mono float32 at ``target_sr`` from a PCM wav path (any rate, resampled) or an array at target_sr."""
+    """Mono float32 at ``target_sr`` from a PCM wav (a path or its bytes; any rate, resampled) or an array at
+    target_sr."""
     if isinstance(ref, np.ndarray):
         return ref.astype(np.float32)
     try:
-        with wave.open(str(ref), "rb") as w:
+        with wave.open(io.BytesIO(ref) if isinstance(ref, bytes) else str(ref), "rb") as w:
             sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
             raw = w.readframes(n)
     except (wave.Error, EOFError, OSError) as e:

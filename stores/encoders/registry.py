@@ -9,10 +9,15 @@ from models.config import EncoderConfig
 from models.errors import ConfigError
 from models.heads import HeadConfig
 
-from .base import Encoder
+from .base import Encoder, EncoderError, check_model_path
 from .ct2_whisper import WhisperCT2Encoder
 from .effnet_lite import EfficientNetLite0Encoder
 from .hf import HFEncoder
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": WhisperCT2Encoder,
@@ -20,9 +25,17 @@ ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": Whisp
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> Encoder:
+    """The configured encoder; a model that cannot be found or loaded is one ``EncoderError`` line."""
     if cfg.kind in ("hf", "minilm") and modality not in ("text", "image", "audio"):
-        raise ValueError(f"Hugging Face encoders handle text/image/audio, not {modality!r}")
-    return ENCODERS[cfg.kind](cfg, modality)
+        raise EncoderError(f"encoders.{modality}: Hugging Face encoders handle text/image/audio, not {modality!r}")
+    check_model_path(modality, cfg.model)
+    try:
+        return ENCODERS[cfg.kind](cfg, modality)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file of another model raises anything from torch.load or transformers
+        raise EncoderError(f"encoders.{modality}.model: cannot load {cfg.model or cfg.kind!r} ({cfg.kind}): "
+                           f"{first_line(e)}") from None
 
 
 
@@ -39,8 +52,9 @@ def load_backbones(head: HeadConfig, encoders: dict[str, EncoderConfig], emb_mod
     for m in emb_modalities:
         if only not in (None, m):
             continue
+        encoder = build_encoder(m, encoders[m])  # a model that cannot load is an error either way
         try:
-            b = build_encoder(m, encoders[m]).blocks()
+            b = encoder.blocks()
         except ValueError as e:  # a family without a verified replay: auto falls back, "encoder" says why
             if head.encoder_blocks == "required":
                 raise ConfigError(f"head.backbone={head.backbone!r} for {m}: {e}") from None

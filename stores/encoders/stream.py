@@ -8,19 +8,26 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
+from stores.datasets.base import Unusable
 from stores.encoders.base import LOAD_WORKERS, BadInput, Encoder
 
 ABSENT_REASON = "absent in source"  # the missing-modality reason of an input the source lacks
 
 
 def load_or_reason(encoder: Encoder, ref: Any) -> tuple[Any, str | None]:
-    """(decoded input, None), or (None, why it is unusable) for an absent or undecodable ``ref``."""
+    """(decoded input, None), or (None, why it is unusable) for an absent, refused or undecodable ``ref``. Any
+    exception a decoder raises is one item's fault (a decoder bug, a file that vanished, an odd format): the
+    item is missing with the exception as its reason, and the run goes on."""
     if ref is None:
         return None, ABSENT_REASON
+    if isinstance(ref, Unusable):
+        return None, ref.reason
     try:
         return encoder.load(ref), None
     except BadInput as e:
         return None, str(e)
+    except Exception as e:  # noqa: BLE001 - per item, by design (see above)
+        return None, f"undecodable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def encode_stream(encoder: Encoder, refs: Iterable[Any], batch_size: int, workers: int = LOAD_WORKERS,

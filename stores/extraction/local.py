@@ -19,8 +19,10 @@ from tqdm import tqdm
 from models.config import ExperimentConfig
 from models.records import ExtractReport
 from stores.datasets import Dataset, Record, load_dataset
+from stores.datasets.base import describe_ref
 from stores.encoders.stream import encode_stream
 from stores.encoders import LOAD_WORKERS, Encoder, build_encoder
+from stores.encoders.base import check_model_path
 from stores.features.feature_store import FeatureStore, StoreError
 from stores.features.views import ABSENT, View, content_key, now, write_json
 
@@ -51,8 +53,7 @@ def entity_rows(ds: Dataset, old: dict[str, dict]) -> list[dict]:
     def row(r: Record) -> dict:
         out = {"id": r.id, "split": r.split, "label": -1 if isinstance(r.label, list) else r.label,
                "labels": r.label if isinstance(r.label, list) else [r.label],
-               "source": json.dumps({m: str(v) if v is not None else None for m, v in r.payload.items()
-                                     if not isinstance(v, np.ndarray)})}
+               "source": json.dumps({m: describe_ref(v) for m, v in r.payload.items() if not isinstance(v, np.ndarray)})}
         prev = old.get(r.id, {})
         for m in ds.modalities:
             ref = r.payload.get(m)
@@ -92,6 +93,8 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
     enc_cfgs = cfg.encoder_configs()
     if missing := [m for m in ds.modalities if m not in enc_cfgs]:
         raise StoreError(f"no encoder configured for modalities {missing} of dataset {ds.name}")
+    for m in ds.modalities:  # before the store is touched: a wrong model path leaves nothing behind
+        check_model_path(m, enc_cfgs[m].model)
     store = FeatureStore.for_config(cfg, ds.modalities)
     mods = ds.modalities
     with store.writer_lock(cfg.store.lock_timeout_s):

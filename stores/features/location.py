@@ -42,6 +42,13 @@ ONE_WRITER_MACHINE = ("one writer machine per store: on a {scheme}:// root the w
                       "({path}), so it keeps out other processes on this machine only")
 
 
+def is_damage(e: BaseException) -> bool:
+    """Whether ``e`` is Lance failing to read a local data file (truncated, corrupted): not worth a retry."""
+    text = str(e)
+    return isinstance(e, (OSError, RuntimeError)) and text.startswith("lance error: LanceError(IO)") and \
+        "LocalFileSystem" in text
+
+
 class StoreError(RuntimeError):
     """The store is missing, locked, corrupt or does not match the config."""
 

@@ -20,10 +20,18 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
     """predict(DataFrame with one column per modality: a path (image/audio) or text, None when missing)."""
 
     def load_context(self, context) -> None:
+        """The head and, at start rather than at the first request, its encoders. Server-side paths are read
+        only under the folders in ``MM_SERVE_ROOTS`` (``:``-separated, none by default): clients send inline
+        data (base64 bytes, text, audio samples)."""
+        import os
+
         from stores.tracking.predictor import Predictor
 
         a = context.artifacts
-        self.predictor = Predictor.from_files(a["config"], a["meta"], a["state"])
+        roots = [Path(p) for p in os.environ.get("MM_SERVE_ROOTS", "").split(os.pathsep) if p]
+        self.predictor = Predictor.from_files(a["config"], a["meta"], a["state"], roots=roots)
+        for m in self.predictor.meta.modalities:
+            self.predictor.encoder(m)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         samples = model_input.astype(object).where(model_input.notna(), None).to_dict("records")
@@ -81,9 +89,13 @@ def log_head_model(result):
         (tmp / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json")))
         meta = StoreLocation.for_config(result.config.store).file(f"{result.store.name}.json")
         (tmp / "meta.json").write_text(meta.read_text())
-        torch.save({"state_dict": result.head.state_dict(), "spec": asdict(result.head.spec)}, tmp / "state.pt")
+        torch.save({"state_dict": result.head.state_dict(), "spec": asdict(result.head.spec),
+                    "temperatures": result.temperatures}, tmp / "state.pt")
         signature = ModelSignature(inputs=Schema([ColSpec("string", m, required=False) for m in mods]),
-                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "prob")]))
+                                   outputs=Schema([ColSpec("string", "label", required=False),
+                                                   ColSpec("double", "prob", required=False),
+                                                   ColSpec("boolean", "abstain"),
+                                                   ColSpec("string", "reason", required=False)]))
         return mlflow.pyfunc.log_model(name="model", python_model=__file__,
                                 code_paths=[str(Path(p).parent) for p in (models.__file__, stores.__file__)],
                                 artifacts={"config": str(tmp / "config.yaml"), "meta": str(tmp / "meta.json"),

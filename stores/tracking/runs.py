@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +99,35 @@ def artifact_uri(cfg: TrackingConfig) -> str:
     return Path(root).resolve().as_uri()
 
 
+def owner_tags() -> dict[str, str]:
+    """Which process a run belongs to: host, pid and the process's start time (a reused pid is another process)."""
+    import psutil
+    return {"host": socket.gethostname(), "pid": str(os.getpid()),
+            "pid_started": f"{psutil.Process().create_time():.3f}"}
+
+
+def _alive(tags: dict[str, str]) -> bool:
+    import psutil
+    try:
+        return f"{psutil.Process(int(tags['pid'])).create_time():.3f}" == tags.get("pid_started")
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def mark_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Runs still RUNNING whose process on this host is gone (killed, out of memory, the machine rebooted) end
+    as KILLED, with a tag saying so: a run that looks alive is alive. Runs of other hosts are left alone."""
+    host, dead = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("host") == host and "pid" in tags and not _alive(tags):
+            client.set_tag(run.info.run_id, "killed_reason", f"process {tags['pid']} on {host} ended without "
+                                                              "closing the run (killed?); marked by a later command")
+            client.set_terminated(run.info.run_id, "KILLED")
+            dead.append(run.info.run_id)
+    return dead
+
+
 class Tracker:
     """One experiment (named ``tracking.experiment``, else the dataset name) in the configured backend."""
 
@@ -117,6 +147,7 @@ class Tracker:
             for k, v in EXPERIMENT_KIND.items():  # an experiment created before the tag existed
                 if exp.tags.get(k) != v:
                     self.client.set_experiment_tag(self.experiment_id, k, v)
+        self.killed = mark_dead_runs(self.client, self.experiment_id)
 
     def has_run(self, run_id: str) -> bool:
         """Whether ``run_id`` is a live (not deleted) run of this experiment."""
@@ -142,7 +173,7 @@ class Tracker:
                               parent_run_id=parent_run_id) as run:
             mlflow.log_params(cfg.flat())
             mlflow.set_tags({"head": cfg.head.name, "train_pattern": cfg.train_pattern.key, "seed": str(cfg.seed),
-                             "dataset_name": self.dataset, **(extra_tags or {})})
+                             "dataset_name": self.dataset, **owner_tags(), **(extra_tags or {})})
             yield LiveRun(self, run.info.run_id)
 
     def log_run(self, result: RunResult, extra_tags: dict[str, str] | None = None) -> str:
@@ -207,8 +238,17 @@ class Tracker:
         return int(self.client.create_model_version(name, info.model_uri, run_id=run_id,
                                                     model_id=info.model_id).version)
 
-    def update_champion(self, model_name: str, metric: str = "summary/grid_mean_acc") -> Champion | None:
-        """Alias ``champion`` to the registered version whose run has the best ``metric``."""
+    def update_champion(self, model_name: str, metric: str = "summary/grid_mean_acc",
+                        only_if_missing: bool = False) -> Champion | None:
+        """Alias ``champion`` to the registered version whose run has the best ``metric``; with
+        ``only_if_missing``, only where the model has no champion yet (``mm train``: a sweep's choice stays)."""
+        if only_if_missing:
+            from mlflow.exceptions import MlflowException
+            try:
+                self.client.get_model_version_by_alias(model_name, CHAMPION)
+                return None
+            except MlflowException:
+                pass
         versions = self.client.search_model_versions(f"name = '{model_name}'")
         scored = []
         for v in versions:
@@ -254,6 +294,7 @@ class LiveRun:
         info = log_head_model(result)
         if tracker.cfg.register_models:
             tracker.register(tracker.model_name(result.config.head.label), info, self.run_id)
+            tracker.register(tracker.dataset, info, self.run_id)  # models:/<data.name>@champion: any head
 
 
 def load_predictor(model_uri: str, tracking: TrackingConfig) -> Predictor:
@@ -270,6 +311,9 @@ def run_results(tracking: TrackingConfig, experiment: str, metric: str = "acc") 
     """Finished runs of ``experiment`` as the rows the training task returns (variant, train pattern, seed,
     scenarios with ``metric`` only, summary): the input of the one table builder, ``runs.reporting.aggregate``."""
     mlflow.set_tracking_uri(tracking_uri(tracking))
+    client = MlflowClient(tracking_uri(tracking))
+    if exp := client.get_experiment_by_name(experiment):
+        mark_dead_runs(client, exp.experiment_id)
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
     out = []
     prefix = f"metrics.test/{metric}/"

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from models.config import ExperimentConfig, TrackingConfig
 from models.heads import parse_head_config
-from stores.tracking.runs import Tracker, experiment_name, tracking_uri
+from stores.tracking.runs import Tracker, experiment_name, owner_tags, tracking_uri
 
 NOTE = "mlflow.note.content"  # a run's description, shown as Markdown on its overview page
 
@@ -26,7 +26,7 @@ def start_parent_run(cfg: TrackingConfig, experiment: str, name: str, params: di
     """Open a parent run (e.g. one tuning study) in ``experiment``; returns its id. Children attach with
     ``log_child_run``; close it with ``end_parent_run``."""
     tracker = Tracker(cfg, experiment)
-    run = tracker.client.create_run(tracker.experiment_id, run_name=name, tags=tags or {})
+    run = tracker.client.create_run(tracker.experiment_id, run_name=name, tags={**owner_tags(), **(tags or {})})
     if params:
         tracker.client.log_batch(run.info.run_id, params=_scalar_params(params))
     return run.info.run_id

@@ -1,0 +1,154 @@
+"""Serving a registered model (issue 23): a bounded burst on loopback against ``mlflow models serve``.
+
+    python bench/serving.py [--rows 256] [--workers 1 2] [--requests 160] [--clients 8]
+
+Trains one ``early`` head on ``--rows`` real Fashion pairs (EfficientNet-Lite0 + MiniLM, 3 epochs), registers it,
+then for each ``--workers`` value serves it with ``mlflow models serve --env-manager local -w N`` on 127.0.0.1 and
+measures: the time until the server answers its first request (the encoders load at start), single-client
+latency (p50 over 20 requests), ``--clients`` concurrent clients (p50, p99, requests/s over ``--requests``), and
+the status of each bad payload. Each request is one sample: an inline JPEG (base64) and a product title.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import struct
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD = {  # name -> (records, what a user should get)
+    "all modalities null": [{"image": None, "text": None}],
+    "server-side path /etc/passwd": [{"image": "/etc/passwd", "text": None}],
+    "not base64": [{"image": "base64:%%%", "text": None}],
+    "a decompression bomb (inline)": None,  # filled in main: a 20000x20000 PNG
+    "unknown column": [{"picture": "x", "text": "shirt"}],
+}
+
+
+def bomb_png_bytes(side: int = 20000) -> bytes:
+    """A 1-bit PNG declaring side x side pixels whose zlib stream is a few hundred KB (decoded: side^2 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    comp, row = zlib.compressobj(9), b"\0" * (1 + side // 8)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def body(records: list[dict]) -> bytes:
+    return json.dumps({"dataframe_records": records}).encode()
+
+
+def train(rows: int, tmp: Path) -> tuple[str, str]:
+    """An ``early`` head on ``rows`` Fashion pairs, registered; returns (model URI, tracking URI)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.scaling import DATA, manifest  # (it sets Prefect's cache off for this process: fine here)
+    from flows.pipeline import extract_flow, train_flow
+    from stores.config_files import load_config
+    man = manifest(rows, 1, tmp / "raw")
+    cfg = load_config(None, [
+        "data.dataset=manifest", f"data.manifest={man}", f"data.allowed_roots=[{DATA}]", "data.name=servebench",
+        "encoders.image.kind=efficientnet_lite0", "encoders.text.kind=minilm", f"store.root={tmp}/store",
+        f"tracking.uri=sqlite:///{tmp}/mlruns/mlflow.db", f"tracking.artifact_root={tmp}/mlruns/art",
+        "head.name=early", "train.epochs=3", "train.device=cpu", "eval.test_rates=[0.0,1.0]"])
+    extract_flow(cfg, version=False)
+    train_flow(cfg)
+    return "models:/servebench@champion", cfg.tracking.uri
+
+
+def serve(model: str, tracking: str, workers: int, port: int, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    return subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)], env=env, cwd=tmp,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def burst(url: str, payload: bytes, n: int, clients: int) -> tuple[list[float], float, list[int]]:
+    """``n`` requests from ``clients`` threads: latencies (s), wall time, status codes."""
+    def one(_):
+        with httpx.Client(timeout=120) as c:
+            t = time.perf_counter()
+            r = c.post(url, content=payload, headers={"Content-Type": "application/json"})
+            return time.perf_counter() - t, r.status_code
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        got = list(pool.map(one, range(n)))
+    return [g[0] for g in got], time.perf_counter() - t0, [g[1] for g in got]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--port", type=int, default=5091)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="servebench-"))
+    model, tracking = train(args.rows, tmp)
+    photo = next((DATA_DIR / "fashion" / "images").glob("*.jpg"))
+    good = body([{"image": "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode(),
+                  "text": "Men Navy Blue Solid Casual Shirt"}])
+    BAD["a decompression bomb (inline)"] = [{"image": "base64:" + base64.b64encode(bomb_png_bytes()).decode(),
+                                             "text": None}]
+    lines = [f"rows {args.rows}, {os.cpu_count()} CPU cores; one sample a request (inline JPEG + title)", "",
+             "| workers | ready after start (s) | first request (s) | 1 client p50 (ms) | "
+             f"{args.clients} clients p50 (ms) | p99 (ms) | req/s | errors |", "|---|---|---|---|---|---|---|---|"]
+    statuses: dict[str, str] = {}
+    for w in args.workers:
+        url = f"http://127.0.0.1:{args.port}"
+        t0 = time.perf_counter()
+        proc = serve(model, tracking, w, args.port, tmp)
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.perf_counter() - t0 > 600:
+                    raise SystemExit(f"the model server did not start (rc {proc.poll()})")
+                time.sleep(0.5)
+            ready = time.perf_counter() - t0
+            first, _, _ = burst(f"{url}/invocations", good, 1, 1)
+            single, _, _ = burst(f"{url}/invocations", good, 20, 1)
+            lat, wall, codes = burst(f"{url}/invocations", good, args.requests, args.clients)
+            errors = sum(c != 200 for c in codes)
+            lines.append(f"| {w} | {ready:.1f} | {first[0]:.2f} | {statistics.median(single) * 1000:.0f} | "
+                         f"{pct(lat, 50) * 1000:.0f} | {pct(lat, 99) * 1000:.0f} | {args.requests / wall:.1f} | "
+                         f"{errors} |")
+            for name, records in BAD.items():
+                r = httpx.post(f"{url}/invocations", content=body(records), timeout=120,
+                               headers={"Content-Type": "application/json"})
+                text = r.text.replace("\n", " ")
+                statuses[name] = f"{r.status_code}: {text[:140]}{'...' if len(text) > 140 else ''} ({len(r.text)} B)"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    lines += ["", "| bad payload | status: response (size) |", "|---|---|"]
+    lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in statuses.items()]
+    print("\n".join(lines))
+
+
+DATA_DIR = Path(os.environ.get("MM_DATASETS_DIR", ROOT.parent / "shared" / "datasets"))
+
+
+if __name__ == "__main__":
+    main()
