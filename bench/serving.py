@@ -69,7 +69,8 @@ def train(rows: int, tmp: Path) -> tuple[str, str]:
 
 
 def serve(model: str, tracking: str, workers: int, port: int, tmp: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,  # the scoring server runs `uvicorn` from the PATH
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)], env=env, cwd=tmp,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,8 +17,12 @@ if __import__("multiprocessing").parent_process() is not None:  # a Prefect work
 
 
 def _cfg(args):
-    from stores.config_files import load_config
-    return load_config(args.config, args.set)
+    """The validated config of ``-c`` and ``--set``, loaded once (``main`` loads it before any heavy import, so
+    a rejected value costs the config's own import, not Prefect's, MLflow's or the store's)."""
+    if getattr(args, "_config", None) is None:
+        from stores.config_files import load_config
+        args._config = load_config(args.config, args.set)
+    return args._config
 
 
 def _show(args, result, human) -> None:
@@ -378,9 +382,17 @@ def disk_full(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out.quiet(args.debug)
+    from models.config import ConfigError
+    if hasattr(args, "config") and hasattr(args, "set"):  # a bad value is refused before the heavy imports below
+        try:
+            _cfg(args)
+        except ConfigError as e:
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     import httpx
 
-    from models.config import ConfigError
     from stores.datasets import DatasetError
     from stores.features.feature_store import StoreError
     from stores.health import ServiceUnreachable

@@ -27,4 +27,4 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, steps: int = 100) -> 
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
