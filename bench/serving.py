@@ -28,7 +28,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BAD = {  # name -> (records, what a user should get)
+BAD = {  # name -> the records sent
     "all modalities null": [{"image": None, "text": None}],
     "server-side path /etc/passwd": [{"image": "/etc/passwd", "text": None}],
     "not base64": [{"image": "base64:%%%", "text": None}],
@@ -104,7 +104,8 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="servebench-"))
     model, tracking = train(args.rows, tmp)
-    photo = next((DATA_DIR / "fashion" / "images").glob("*.jpg"))
+    from bench.scaling import DATA  # importable once train() put the checkout on the path
+    photo = next((DATA / "fashion" / "images").glob("*.jpg"))
     good = body([{"image": "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode(),
                   "text": "Men Navy Blue Solid Casual Shirt"}])
     BAD["a decompression bomb (inline)"] = [{"image": "base64:" + base64.b64encode(bomb_png_bytes()).decode(),
@@ -146,9 +147,6 @@ def main() -> None:
     lines += ["", "| bad payload | status: response (size) |", "|---|---|"]
     lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in statuses.items()]
     print("\n".join(lines))
-
-
-DATA_DIR = Path(os.environ.get("MM_DATASETS_DIR", ROOT.parent / "shared" / "datasets"))
 
 
 if __name__ == "__main__":

@@ -62,10 +62,10 @@ def cmd_extract(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from models.errors import first_line
     from stores.features.admin import overview
-    from stores.features.feature_store import open_store
+    from stores.features.feature_store import StoreError, open_store
     from stores.features.location import StoreLocation
-    from stores.features.feature_store import StoreError
     cfg = _cfg(args)
     res = overview(StoreLocation.for_config(cfg.store))
     try:
@@ -74,7 +74,7 @@ def cmd_info(args) -> None:
         res["config"] = f"not extracted: {e}"
     except (OSError, RuntimeError) as e:  # Lance could not read it: say so, and exit non-zero
         _show(args, res, out.store_overview)
-        raise StoreDamaged(f"store {cfg.store.root} cannot be read ({str(e).splitlines()[0][:200]}); "
+        raise StoreDamaged(f"store {cfg.store.root} cannot be read ({first_line(e, 200)}); "
                            "`mm store verify` names the damaged tables and rows") from None
     _show(args, res, out.store_overview)
 
@@ -413,9 +413,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(4)
     except (OSError, RuntimeError) as e:
+        from models.errors import first_line
         from stores.features.location import is_damage
         if not args.debug and disk_full(e):
-            print(f"error: the disk refused a write ({str(e).splitlines()[0][:160]}); every batch already committed "
+            print(f"error: the disk refused a write ({first_line(e, 160)}); every batch already committed "
                   "is kept: free space (or raise the file size limit) and rerun the same command to resume",
                   file=sys.stderr)
             sys.exit(5)
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(3)
         if args.debug or not is_damage(e):
             raise
-        print(f"error: a store file cannot be read ({str(e).splitlines()[0][:160]}); `mm store verify` names the "
+        print(f"error: a store file cannot be read ({first_line(e, 160)}); `mm store verify` names the "
               "damaged tables and rows; re-extract into a new store.root or restore it with DVC", file=sys.stderr)
         sys.exit(4)
     except httpx.TransportError as e:  # the Prefect API lost mid-run: the traceback adds nothing

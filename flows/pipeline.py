@@ -9,7 +9,8 @@ from prefect import flow, get_run_logger
 from flows.runners import sweep_task_runner, task_threads
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
-from models.records import Evaluation, Extraction, PipelineResult, Reproduction, RunRow, SweepResult
+from models.records import (Evaluation, Extraction, PipelineResult, Reproduction, RunRow, SweepResult,
+                            summary_metric)
 from tasks.evaluation import evaluate_model
 from tasks.extraction import extract_features, migrate_store, version_store
 from tasks.reporting import finish_sweep, report, start_sweep
@@ -33,8 +34,7 @@ def train_flow(config: ExperimentConfig) -> RunRow:
     """One head, one training pattern, one seed: train, evaluate the grid, register in MLflow (and alias the
     dataset's champion when it has none, so ``models:/<data.name>@champion`` serves after any run)."""
     row = train_all([config])[0]
-    metric = next(k.removeprefix("grid_mean_") for k in row.summary if k.startswith("grid_mean_"))
-    update_champions(config, [], metric, dataset_only_if_missing=True)
+    update_champions(config, [], summary_metric(row.summary), dataset_only_if_missing=True)
     return row
 
 

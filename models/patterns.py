@@ -182,8 +182,17 @@ def robustness_grid(modalities: list[str], rates: list[float]) -> list[MissingPa
 
 
 def missing_scenario(m: str, modalities: list[str]) -> str:
-    """The robustness-grid slug of ``m`` 100% missing, the others complete (as ``scenario_slug`` writes it)."""
-    return "/".join(f"{x}-{100 if x == m else 0:03d}" for x in modalities)
+    """The robustness-grid slug of ``m`` 100% missing, the others complete."""
+    return scenario_slug(MissingPattern(kind="absent", modality=m), modalities)
+
+
+def modalities_of(scenarios: list[str]) -> list[str]:
+    """The modalities, in order, named by robustness-grid slugs such as ``image-000/text-100``."""
+    for s in scenarios:
+        parts = [p.rsplit("-", 1) for p in s.split("/")]
+        if all(len(p) == 2 and p[1].isdigit() for p in parts):
+            return [p[0] for p in parts]
+    return []
 
 
 def scenario_slug(pattern: MissingPattern, modalities: list[str]) -> str:

@@ -10,9 +10,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from .config import to_overrides
-from .patterns import missing_scenario
+from .patterns import missing_scenario, modalities_of
 
 COMPARE = "compare/"  # the comparison metrics' group in MLflow
+
+
+def summary_metric(summary: dict[str, float]) -> str:
+    """The primary metric a run was summarised on, from its ``grid_mean_<metric>`` key (``acc``, ``auroc``)."""
+    return next(k.removeprefix("grid_mean_") for k in summary if k.startswith("grid_mean_"))
 
 if TYPE_CHECKING:  # annotations only
     from .config import ExperimentConfig
@@ -197,12 +202,13 @@ class RunResult:
         view (it sorts groups by name and puts metrics without a group last): the primary metric on complete
         data and its grid mean (``compare/complete_acc``, ``compare/grid_mean_acc``), with each modality 100%
         missing (``compare/no_<modality>_acc``) and the ECE on complete data (``compare/ece``).
-        ``compare/gap_closed_<m>`` joins them once the sweep has its references (``Tracker.finish_sweep``)."""
-        key = next(k.removeprefix("grid_mean_") for k in self.summary if k.startswith("grid_mean_"))
+        ``compare/gap_closed_<m>`` joins them once the sweep has its references
+        (``stores.tracking.studies.end_sweep_run``)."""
+        key = summary_metric(self.summary)
         out = {f"{COMPARE}complete_{key}": float(self.summary[f"complete_{key}"]),
                f"{COMPARE}grid_mean_{key}": float(self.summary[f"grid_mean_{key}"])}
         by_slug = {s.slug: s.metrics for s in self.scenarios}
-        modalities = [p.rsplit("-", 1)[0] for p in self.scenarios[0].slug.split("/")]  # complete data comes first
+        modalities = modalities_of([self.scenarios[0].slug])  # complete data comes first
         for m in modalities:
             if key in (gone := by_slug.get(missing_scenario(m, modalities), {})):
                 out[f"{COMPARE}no_{m}_{key}"] = float(gone[key])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.patterns import missing_scenario
+from models.patterns import missing_scenario, modalities_of
 from models.records import COMPARE, RunRow
 
 EARLY = "early"  # zero-fill early fusion's variant name
@@ -25,15 +25,6 @@ def gap_closed(head: float, early: float, oracle: float, min_gap: float = MIN_GA
 
 def oracle_variant(modality: str) -> str:
     return f"oracle[only:{modality}]"
-
-
-def modalities_of(scenarios: list[str]) -> list[str]:
-    """The modalities, in order, named by robustness-grid slugs such as ``image-000/text-100``."""
-    for s in scenarios:
-        parts = [p.rsplit("-", 1) for p in s.split("/")]
-        if all(len(p) == 2 and p[1].isdigit() for p in parts):
-            return [p[0] for p in parts]
-    return []
 
 
 def add_gap_closed(results: list[RunRow], metric: str, modalities: list[str]) -> list[str]:

@@ -11,8 +11,8 @@ import pandas as pd
 
 from models.config import TrackingConfig
 from models.records import RunRow
-from models.patterns import missing_scenario
-from runs.gap import add_gap_closed, modalities_of
+from models.patterns import MissingPattern, missing_scenario, modalities_of, scenario_slug
+from runs.gap import add_gap_closed
 from stores.tracking.runs import run_results
 
 
@@ -64,7 +64,7 @@ def summary_table(results: list[RunRow], metric: str) -> str:
     gone = {m: missing_scenario(m, modalities) for m in modalities}
     cols = ["complete", "grid mean", *(f"no {m}" for m in modalities), *(f"gap closed, no {m}" for m in modalities)]
     lines = ["| head | train pattern | " + " | ".join(cols) + " | seeds |", "|" + "---|" * (len(cols) + 3)]
-    complete = "/".join(f"{m}-000" for m in modalities)
+    complete = scenario_slug(MissingPattern(), modalities)
     for r in rows:
         values = [r.get(complete, ""), r.get("grid_mean", "")] + [r.get(gone[m], "") for m in modalities]
         values += [_ratio(r.get(f"gap_closed_{m}")) for m in modalities]

@@ -15,10 +15,14 @@ from stores.tracking.studies import end_sweep_run, start_sweep_run
 
 from .common import retry_transient
 
+def report_title(dataset: str) -> str:
+    return f"{dataset}: robustness to missing modalities"
+
+
 @task(name="write-report")
 def report(results: list[RunRow], dataset: str, metric: str, out_root: str = "reports") -> str:
     out = Path(out_root) / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return str(write_report(results, out, f"{dataset}: robustness to missing modalities", metric))
+    return str(write_report(results, out, report_title(dataset), metric))
 
 
 @task(name="start-sweep-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient)
@@ -36,9 +40,7 @@ def finish_sweep(cfg: ExperimentConfig, run_id: str, results: list[RunRow], repo
         end_sweep_run(cfg.tracking, run_id, None, "The sweep failed: see its FAILED child runs and the flow's log.",
                       {}, failed=True)
         return
-    gaps = gap_metrics(results, metric)
-    title = Path(report_path).read_text().splitlines()[0]
-    text = (f"{title}\n\nTest {metric} (%, mean ± sd over seeds), {len(results)} runs nested below. Every scenario: "
-            f"`report.md` / `report.html`; every head on one plot: `robustness.png` (Artifacts).\n\n"
-            f"{summary_table(results, metric)}\n")
-    end_sweep_run(cfg.tracking, run_id, Path(report_path).parent, text, gaps)
+    text = (f"# {report_title(cfg.data.dataset_name)}\n\nTest {metric} (%, mean ± sd over seeds), {len(results)} runs "
+            "nested below. Every scenario: `report.md` / `report.html`; every head on one plot: `robustness.png` "
+            f"(Artifacts).\n\n{summary_table(results, metric)}\n")
+    end_sweep_run(cfg.tracking, run_id, Path(report_path).parent, text, gap_metrics(results, metric))

@@ -59,6 +59,12 @@ def label_name(v: Any) -> str:
     return text
 
 
+def label_names(v: Any, multilabel: bool) -> list[str]:
+    """A label cell's class names: one, or for multi-label a list or ``a|b``; none for a missing label."""
+    cells = v if isinstance(v, list) else label_name(v).split("|") if multilabel else [v]
+    return [n for c in cells if (n := label_name(c))]
+
+
 def check_label_kinds(labels: list[list[str]], rows: list[dict], path: Path) -> None:
     """Refuse a label column that mixes numbers and names (``1``, ``2``, ``cat``): one of the two is probably
     a mistake, and a model would silently learn both as classes. ``data.classes`` states such a set on purpose."""
@@ -116,11 +122,8 @@ def manifest(cfg: DataConfig) -> Dataset:
     if missing:
         raise DatasetError(f"manifest {path} lacks columns {sorted(missing)}")
     mods = [m for m in MODALITY_COLUMNS if m in rows[0]]
-    as_list = lambda v: v if isinstance(v, list) else [s for s in str(v).split("|") if s]  # noqa: E731
     multilabel = any(isinstance(r["label"], list) or "|" in str(r["label"]) for r in rows)
-    labels = [[] if not label_name(r["label"]) and not isinstance(r["label"], list) else
-              [n for c in (as_list(r["label"]) if multilabel else [r["label"]]) if (n := label_name(c))]
-              for r in rows]
+    labels = [label_names(r["label"], multilabel) for r in rows]
     if not cfg.classes:
         check_label_kinds(labels, rows, path)
     classes = list(cfg.classes) if cfg.classes else sorted({c for ls in labels for c in ls})

@@ -12,6 +12,7 @@ from torch import nn
 
 from models.config import EncoderConfig
 from models.device import resolve_device
+from models.errors import first_line
 
 from .base import (Encoded, Encoder, EncoderError, autocast, folder_revision, load_audio, load_image, load_text,
                    masked_mean, package_revision, split_tokens)
@@ -126,7 +127,7 @@ class HFEncoder(Encoder):
             offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
             why = ("not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: download it "
                    "once with network access, or give a local folder" if offline and not Path(model_id).exists()
-                   else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+                   else f"{type(e).__name__}: {first_line(e)}")
             raise EncoderError(f"encoders.{modality}.model: cannot load {model_id!r}: {why}") from None
         self.model = model_tower(model, modality).eval().requires_grad_(False).to(self.device)
         self.hidden_size = getattr(getattr(hf_cfg, f"{modality if modality != 'image' else 'vision'}_config", hf_cfg),

@@ -6,18 +6,13 @@ from typing import Iterable
 from torch import nn
 
 from models.config import EncoderConfig
-from models.errors import ConfigError
+from models.errors import ConfigError, first_line
 from models.heads import HeadConfig
 
 from .base import Encoder, EncoderError, check_model_path
 from .ct2_whisper import WhisperCT2Encoder
 from .effnet_lite import EfficientNetLite0Encoder
 from .hf import HFEncoder
-
-
-def first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": WhisperCT2Encoder,

@@ -8,6 +8,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
+from models.errors import first_line
 from stores.datasets.base import Unusable
 from stores.encoders.base import LOAD_WORKERS, BadInput, Encoder
 
@@ -27,7 +28,7 @@ def load_or_reason(encoder: Encoder, ref: Any) -> tuple[Any, str | None]:
     except BadInput as e:
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - per item, by design (see above)
-        return None, f"undecodable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None, f"undecodable: {type(e).__name__}: {first_line(e, 200)}"
 
 
 def encode_stream(encoder: Encoder, refs: Iterable[Any], batch_size: int, workers: int = LOAD_WORKERS,

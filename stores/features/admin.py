@@ -8,6 +8,7 @@ import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from models.errors import first_line
 from stores.features.location import StoreLocation
 
 PIN_TAG = "pinned-v"  # Lance tag on each version a registered run read: Lance itself refuses to clean it up
@@ -67,7 +68,7 @@ def verify(root: Path | str | StoreLocation) -> dict:
             tbl = db.open_table(name)
             n = tbl.count_rows()
         except Exception as e:  # noqa: BLE001 - whatever Lance raises, the table is what is reported
-            tables[name] = {"rows": None, "unreadable": "all", "error": _first_line(e)}
+            tables[name] = {"rows": None, "unreadable": "all", "error": first_line(e)}
             damaged.append(name)
             continue
         bad, error = [], None
@@ -76,7 +77,7 @@ def verify(root: Path | str | StoreLocation) -> dict:
             try:
                 tbl.take_offsets(list(range(start, stop))).to_arrow()
             except Exception as e:  # noqa: BLE001
-                error = error or _first_line(e)
+                error = error or first_line(e)
                 if bad and bad[-1][1] == start:
                     bad[-1][1] = stop
                 else:
@@ -85,10 +86,6 @@ def verify(root: Path | str | StoreLocation) -> dict:
         if bad:
             damaged.append(name)
     return {"root": str(loc), "tables": tables, "damaged": damaged}
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _pins(pinned_runs: list[dict]) -> dict[str, set[int]]:

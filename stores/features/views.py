@@ -28,25 +28,19 @@ def view_name(modality: str, cfg: EncoderConfig) -> str:
     return f"{VIEW_PREFIX}{modality}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
 
 
-def _digest_file(path: str | Path, h) -> bool:
-    """Feed a file's bytes to ``h``; False when it cannot be read (its loader then says why, per item)."""
-    try:
-        with open(path, "rb") as f:
-            hashlib.file_digest(f, lambda: h)
-        return True
-    except OSError:
-        return False
-
-
 def content_key(modality: str, raw: Any) -> str:
-    """Hash of the input itself: a file's bytes, a text, an array's dtype/shape/bytes. A path that is not a file
-    hashes as its name, so a later file at that path gets a new key."""
+    """Hash of the input itself: a file's bytes, a text, an array's dtype/shape/bytes. A path that is not a
+    readable file hashes as its name (its loader says why, per item), so a later file at that path gets a new key."""
+    if modality != "text" and isinstance(raw, (str, Path)) and Path(raw).is_file():
+        try:
+            with open(raw, "rb") as f:
+                return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        except OSError:
+            pass
     h = hashlib.blake2b(digest_size=16)
     if isinstance(raw, np.ndarray):
         h.update(f"array|{raw.dtype}|{raw.shape}|".encode())
         h.update(np.ascontiguousarray(raw).tobytes())
-    elif modality != "text" and isinstance(raw, (str, Path)) and Path(raw).is_file() and _digest_file(raw, h):
-        pass
     elif isinstance(raw, bytes):
         h.update(b"bytes|" + raw)
     else:
