@@ -96,8 +96,8 @@ def main() -> None:
             cfg_w = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"max_parallel": w})})
             t0 = time.perf_counter()
             out = run_sweep(cfg_w)
-            train_s = sum(r["seconds"] for r in out["results"]) / len(out["results"])
-            sweep.append((c, rep.rows, w, len(out["results"]), time.perf_counter() - t0, train_s))
+            train_s = sum(r.seconds for r in out.results) / len(out.results)
+            sweep.append((c, rep.rows, w, len(out.results), time.perf_counter() - t0, train_s))
             print(f"sweep {c}x, {w} workers: {sweep[-1][4]:.1f} s", flush=True)
     base_t = ext[0][2]
     lines = [f"### Scaling: {args.base} real Fashion pairs x copies ({os.cpu_count()} CPU cores)\n",
@@ -127,7 +127,7 @@ def timed_sweep(cfg) -> tuple[float, int]:
 
     t0 = time.perf_counter()
     out = run_sweep(cfg)
-    return time.perf_counter() - t0, len(out["results"])
+    return time.perf_counter() - t0, len(out.results)
 
 
 def timed_extraction(args, tmp: Path, engine: str, actors: int = 1) -> tuple[int, float]:
