@@ -1,10 +1,10 @@
 """Serving a registered model (issue 23): a bounded burst on loopback against ``mlflow models serve``.
 
-    python bench/serving.py [--rows 256] [--workers 1 2] [--requests 160] [--clients 8]
+    python bench/serving.py [--rows 256] [--workers 1 2] [--max-batch 1 32] [--requests 160] [--clients 8]
 
 Trains one ``early`` head on ``--rows`` real Fashion pairs (EfficientNet-Lite0 + MiniLM, 3 epochs), registers it,
-then for each ``--workers`` value serves it with ``mlflow models serve --env-manager local -w N`` on 127.0.0.1 and
-measures: the time until the server answers its first request (the encoders load at start), single-client
+then for each ``--workers`` and ``--max-batch`` value (``MM_SERVE_MAX_BATCH``: 1 answers each request alone, as
+before micro-batching) serves it with ``mlflow models serve --env-manager local -w N`` on 127.0.0.1 and measures: the time until the server answers its first request (the encoders load at start), single-client
 latency (p50 over 20 requests), ``--clients`` concurrent clients (p50, p99, requests/s over ``--requests``), and
 the status of each bad payload. Each request is one sample: an inline JPEG (base64) and a product title.
 """
@@ -68,12 +68,12 @@ def train(rows: int, tmp: Path) -> tuple[str, str]:
     return "models:/servebench@champion", cfg.tracking.uri
 
 
-def serve(model: str, tracking: str, workers: int, port: int, tmp: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,  # the scoring server runs `uvicorn` from the PATH
+def serve(model: str, tracking: str, workers: int, max_batch: int, port: int, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MM_SERVE_MAX_BATCH": str(max_batch),  # the scoring server runs `uvicorn` from the PATH
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)], env=env, cwd=tmp,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def burst(url: str, payload: bytes, n: int, clients: int) -> tuple[list[float], float, list[int]]:
@@ -98,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--port", type=int, default=5091)
@@ -111,13 +112,13 @@ def main() -> None:
     BAD["a decompression bomb (inline)"] = [{"image": "base64:" + base64.b64encode(bomb_png_bytes()).decode(),
                                              "text": None}]
     lines = [f"rows {args.rows}, {os.cpu_count()} CPU cores; one sample a request (inline JPEG + title)", "",
-             "| workers | ready after start (s) | first request (s) | 1 client p50 (ms) | "
-             f"{args.clients} clients p50 (ms) | p99 (ms) | req/s | errors |", "|---|---|---|---|---|---|---|---|"]
+             "| workers | max batch | ready after start (s) | first request (s) | 1 client p50 (ms) | "
+             f"{args.clients} clients p50 (ms) | p99 (ms) | req/s | errors |", "|---|---|---|---|---|---|---|---|---|"]
     statuses: dict[str, str] = {}
-    for w in args.workers:
+    for w, b in [(w, b) for w in args.workers for b in args.max_batch]:
         url = f"http://127.0.0.1:{args.port}"
         t0 = time.perf_counter()
-        proc = serve(model, tracking, w, args.port, tmp)
+        proc = serve(model, tracking, w, b, args.port, tmp)
         try:
             while True:
                 try:
@@ -133,7 +134,7 @@ def main() -> None:
             single, _, _ = burst(f"{url}/invocations", good, 20, 1)
             lat, wall, codes = burst(f"{url}/invocations", good, args.requests, args.clients)
             errors = sum(c != 200 for c in codes)
-            lines.append(f"| {w} | {ready:.1f} | {first[0]:.2f} | {statistics.median(single) * 1000:.0f} | "
+            lines.append(f"| {w} | {b} | {ready:.1f} | {first[0]:.2f} | {statistics.median(single) * 1000:.0f} | "
                          f"{pct(lat, 50) * 1000:.0f} | {pct(lat, 99) * 1000:.0f} | {args.requests / wall:.1f} | "
                          f"{errors} |")
             for name, records in BAD.items():
@@ -141,9 +142,11 @@ def main() -> None:
                                headers={"Content-Type": "application/json"})
                 text = r.text.replace("\n", " ")
                 statuses[name] = f"{r.status_code}: {text[:140]}{'...' if len(text) > 140 else ''} ({len(r.text)} B)"
-        finally:
-            proc.terminate()
+        finally:  # the whole group: `mlflow models serve` runs uvicorn in a child that would keep the port
+            os.killpg(proc.pid, 15)
             proc.wait(30)
+            while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).returncode == 0:
+                time.sleep(0.2)
     lines += ["", "| bad payload | status: response (size) |", "|---|---|"]
     lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in statuses.items()]
     print("\n".join(lines))

@@ -12,7 +12,6 @@ when ``--text-model`` (or the installed package) is there.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch

@@ -1,4 +1,5 @@
-"""``mm``: extract, query, store info, train, tune, evaluate, sweep, pipeline, compare, predict, serve, deploy."""
+"""``mm``: extract, query, store info, train, tune, evaluate, sweep, pipeline, protocol, compare, predict, serve,
+deploy."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def _sweep_output(args, cfg, swept, extra: dict | None = None) -> None:
 
 
 def cmd_extract(args) -> None:
-    from flows.pipeline import extract_flow
+    from flows.extraction import extract_flow
     _show(args, extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows).as_dict(),
           lambda r: out.key_values(r, title="extraction"))
 
@@ -110,7 +111,7 @@ def cmd_gc(args) -> None:
 
 
 def cmd_migrate(args) -> None:
-    from flows.pipeline import migrate_flow
+    from flows.extraction import migrate_flow
     _show(args, migrate_flow(_cfg(args)), lambda r: out.key_values(r, title="store migrate"))
 
 
@@ -222,6 +223,25 @@ def cmd_pipeline(args) -> None:
     _sweep_output(args, cfg, res.sweep, {"extract": res.extract.as_dict()})
 
 
+def cmd_protocol(args) -> None:
+    """A paper's protocol preset: its runs as one sweep, its tables, the paper's published rows beside them."""
+    from flows.protocol import protocol_flow
+    cfg = _cfg(args)
+    with out.training_progress(not args.json):
+        res = protocol_flow(cfg, args.preset, args.heads, args.seeds, args.epochs, not args.no_paper_rows)
+
+    def human(r):
+        con = out.console()  # soft_wrap: a Markdown table's rows stay one line each
+        con.print(f"{r['preset']}: {r['source']}; {r['dataset']}, test {r['metric']} (%), mean ± sd over seeds")
+        for line in r["notes"]:
+            con.print(f"  - {line}")
+        for s in r["sections"]:
+            con.print(f"\n### {s['title']}\n\n{s['table']}", soft_wrap=True)
+        out.note(r["note"])
+        out.note(f"report: {out.path_link(r['report'])}, and in MLflow the sweep's run {r['sweep_run_id']}")
+    _show(args, res, human)
+
+
 def cmd_compare(args) -> None:
     from runs.reporting import aggregate, json_rows
     from stores.tracking.runs import experiment_name, run_results
@@ -250,8 +270,10 @@ def cmd_serve(args) -> None:
                                str(args.mlflow_port), "--backend-store-uri", tracking_uri(cfg.tracking),
                                "--default-artifact-root", artifact_uri(cfg.tracking)], env=env)]
     runs = runs_page(cfg.tracking, cfg.data.dataset_name, f"http://127.0.0.1:{args.mlflow_port}")
+    api = f"http://127.0.0.1:{args.prefect_port}/api"
     print(f"Prefect UI: http://127.0.0.1:{args.prefect_port}  MLflow UI: {runs}\n"
-          f"point flows at it: export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api")
+          + ("other mm commands on this machine now run their flows here" if api == prefect_server.LOCAL_URL else
+             f"point flows at it: export PREFECT_API_URL={api}"))
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)
@@ -268,7 +290,8 @@ def cmd_deploy(args) -> None:
     serve_deployments([load_config(c, args.set) for c in args.configs])
 
 
-FLOW_COMMANDS = {"extract", "migrate", "train", "reproduce", "evaluate", "sweep", "pipeline", "deploy", "tune"}
+FLOW_COMMANDS = {"extract", "migrate", "train", "reproduce", "evaluate", "sweep", "pipeline", "deploy", "tune",
+                 "protocol"}
 
 
 def check_prefect_api(timeout_s: float) -> None:
@@ -354,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions")
     sp = add("pipeline", cmd_pipeline, "extract -> DVC -> sweep -> report")
     sp.add_argument("--no-dvc", action="store_true")
+    from models.protocol_presets import PRESETS
+    sp = add("protocol", cmd_protocol, "run a paper's protocol preset (map-v1: 001 Tables 1 and 6; srmm-table6-v1: "
+                                       "004 Table VI; mmp-table3-v1: 000 Table III); published rows beside ours "
+                                       "on food101 / mmimdb")
+    sp.add_argument("preset", choices=list(PRESETS))
+    sp.add_argument("--seeds", nargs="+", type=int, help="default: the preset's")
+    sp.add_argument("--epochs", type=_positive, help="default: the preset's (else the config's)")
+    sp.add_argument("--heads", nargs="+", help="default: the preset's (oracle: one per modality)")
+    sp.add_argument("--no-paper-rows", action="store_true", help="leave out the paper-constants rows")
     sp = add("compare", cmd_compare, "paper-style table of MLflow runs (mean +- sd over seeds, grid mean)")
     sp.add_argument("--metric", default="acc")
     sp = add("predict", cmd_predict, "classify one sample with any modalities missing")
@@ -398,10 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     from stores.health import ServiceUnreachable
 
     try:
-        if args.cmd in FLOW_COMMANDS:
-            prefect_server.bind_to_this_process()  # its temporary server ends with it, even on SIGKILL
-            check_prefect_api(args.connect_timeout)
-        args.fn(args)
+        if args.cmd in FLOW_COMMANDS:  # `mm serve`'s server when it runs, else a temporary one ending with this
+            with prefect_server.flow_api():
+                check_prefect_api(args.connect_timeout)
+                args.fn(args)
+        else:
+            args.fn(args)
     except (ConfigError, StoreError, DatasetError, ServiceUnreachable) as e:
         if args.debug:
             raise

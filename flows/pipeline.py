@@ -1,4 +1,5 @@
-"""The Prefect flows: extract, migrate, train, reproduce, evaluate, sweep and pipeline (extract -> sweep -> report).
+"""The Prefect flows: train, reproduce, evaluate, sweep and pipeline (extract -> sweep -> report); extract and
+migrate live in ``flows.extraction``, which imports neither MLflow, Ray nor the training code.
 Every unit of work is a task (``tasks/``); flows compose them and never call the run logic directly."""
 from __future__ import annotations
 
@@ -6,27 +7,14 @@ import itertools
 
 from prefect import flow, get_run_logger
 
+from flows.extraction import extract_flow, migrate_flow  # noqa: F401  (migrate_flow: re-exported)
 from flows.runners import sweep_task_runner, task_threads
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
-from models.records import (Evaluation, Extraction, PipelineResult, Reproduction, RunRow, SweepResult,
-                            summary_metric)
+from models.records import Evaluation, PipelineResult, Reproduction, RunRow, SweepResult, summary_metric
 from tasks.evaluation import evaluate_model
-from tasks.extraction import extract_features, migrate_store, version_store
 from tasks.reporting import finish_sweep, report, start_sweep
 from tasks.training import check_tracking, open_experiment, reproduce_run, train_all, update_champions
-
-
-@flow(name="extract")
-def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int | None = None) -> Extraction:
-    """Extract features into the LanceDB store (resumable), then version it with DVC."""
-    return Extraction(extract_features(config, max_rows=max_rows), version_store(config) if version else None)
-
-
-@flow(name="migrate")
-def migrate_flow(config: ExperimentConfig) -> dict:
-    """Convert an old-layout store into feature views (no re-encoding) and extract what is missing."""
-    return migrate_store(config)
 
 
 @flow(name="train")
@@ -59,16 +47,18 @@ def sweep_configs(config: ExperimentConfig) -> list[ExperimentConfig]:
 
 
 @flow(name="sweep")
-def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> SweepResult:
-    """Train the grid concurrently (at most ``sweep.max_parallel`` at once: one process each, so seeds stay
-    deterministic and one GPU is not oversubscribed), alias champions, write the report; in MLflow the sweep's
-    parent run holds the report and its trainings nest under it."""
+def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None,
+               configs: list[ExperimentConfig] | None = None) -> SweepResult:
+    """Train the grid (or ``configs``: e.g. a protocol preset's runs) concurrently (at most ``sweep.max_parallel``
+    at once: one process each, so seeds stay deterministic and one GPU is not oversubscribed), alias champions,
+    write the report; in MLflow the sweep's parent run holds the report and its trainings nest under it."""
     log = get_run_logger()
     metric = open_experiment(config)
     parent = start_sweep(config, tags)  # the trainings nest under it in the MLflow UI
     try:
-        results = train_all(sweep_configs(config), task_threads(config), tags, parent)
-        heads = sorted({c.head.label for c in sweep_configs(config)})
+        configs = sweep_configs(config) if configs is None else configs
+        results = train_all(configs, task_threads(config), tags, parent)
+        heads = sorted({c.head.label for c in configs})
         champions = update_champions(config, heads, metric)
         path = report(results, config.data.dataset_name, metric)
     except BaseException:
@@ -79,11 +69,15 @@ def sweep_flow(config: ExperimentConfig, tags: dict[str, str] | None = None) -> 
     return SweepResult(results, champions, path, parent)
 
 
-def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None) -> SweepResult:
+def run_sweep(config: ExperimentConfig, tags: dict[str, str] | None = None,
+              configs: list[ExperimentConfig] | None = None) -> SweepResult:
     """``sweep_flow`` on ``sweep.runner``: a process pool of ``sweep.max_parallel`` workers, or Ray tasks with
-    the ``ray`` section's resources (paths made absolute, so workers find the store and MLflow)."""
+    the ``ray`` section's resources (paths made absolute, so workers find the store and MLflow); ``configs``:
+    the runs to train instead of the config's sweep grid."""
     config, runner = sweep_task_runner(config)
-    return sweep_flow.with_options(task_runner=runner)(config, tags)
+    if configs is not None:
+        configs = [sweep_task_runner(c)[0] for c in configs]  # the same paths as the sweep's own config
+    return sweep_flow.with_options(task_runner=runner)(config, tags, configs)
 
 
 @flow(name="pipeline")

@@ -1,4 +1,8 @@
-"""The temporary Prefect server a command starts dies with that command, even when it is SIGKILLed.
+"""Which Prefect server a command runs its flows on, and a temporary one that dies with its command.
+
+With ``PREFECT_API_URL`` unset, a command uses the Prefect server ``mm serve`` runs on this machine when one
+answers (``MM_PREFECT_LOCAL_URL``, default ``http://127.0.0.1:4200/api``): its runs then show in that UI, and the
+command skips the ~10 s start of a temporary server. Otherwise it starts a temporary one, which ends with it:
 
 Prefect's ephemeral server is a ``uvicorn`` child started by ``prefect.server.api.server.SubprocessASGIServer``
 and stopped by an ``atexit`` hook, which a SIGKILL (or the out-of-memory killer) never runs: the server is left
@@ -15,9 +19,13 @@ import subprocess
 import sys
 import threading
 import types
+import urllib.request
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LOCAL_URL = "http://127.0.0.1:4200/api"  # where `mm serve` starts Prefect's server by default
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -51,6 +59,39 @@ def bind_to_this_process() -> None:
     shim.__dict__.update(subprocess.__dict__)
     shim.Popen = _ServerPopen
     server.subprocess = shim
+
+
+def answers(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether a Prefect API answers its health check at ``url`` (quickly: nothing there is the usual case)."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def flow_api() -> Iterator[str | None]:
+    """Run a command's flows on ``PREFECT_API_URL``, else on the local server when it answers (set for this
+    process and its workers), else on a temporary server bound to this process. Yields the URL (None:
+    temporary)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    local = os.environ.get("MM_PREFECT_LOCAL_URL", LOCAL_URL)
+    if not answers(local):
+        bind_to_this_process()
+        yield None
+        return
+    os.environ["PREFECT_API_URL"] = local  # worker processes inherit it
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: local}):
+            yield local
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine waits

@@ -13,9 +13,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAs
                       field_validator, model_validator)
 
 from .errors import ConfigError  # noqa: F401  (re-exported: every layer catches it from here)
-from .heads import HEADS, HeadConfig, parse_head_config
+from .head_configs import HEAD_CONFIGS, HeadConfig, parse_head_config
 from .patterns import MissingPattern
-from .training import TrainConfig
 
 RUNTIME = {"runtime": True}  # json_schema_extra of a runtime field (see the module docstring)
 
@@ -57,11 +56,21 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     dataset: Literal["avmnist", "fashion", "manifest", "food101", "mmimdb"] = "avmnist"
     # names the store's dataset table, the MLflow experiment and the registered models; default: the manifest
-    # file's stem for dataset=manifest, else the dataset name
+    # file's stem (a folder's or a glob's folder name) for dataset=manifest, else the dataset name
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     # None: $MM_DATASETS_DIR, else ../shared/datasets beside the checkout (stores.datasets.datasets_root)
     data_dir: Path | None = Field(None, json_schema_extra=RUNTIME)
-    manifest: Path | None = None  # for dataset=manifest: CSV / JSONL / Parquet with id, split, label, <modality>
+    # for dataset=manifest: a file, a folder or a glob of shards, local or a URI (s3://bucket/prefix/*.parquet):
+    # CSV / JSONL / Parquet with id, split, label, <modality>, WebDataset .tar shards, or a Hugging Face
+    # save_to_disk folder (README "Your own data at scale")
+    manifest: Path | str | None = None
+    # manifest: the shards' format; auto = by suffix (.parquet .jsonl .json .csv .tar .arrow), a folder holding
+    # state.json or dataset_dict.json is hf
+    format: Literal["auto", "parquet", "jsonl", "csv", "webdataset", "hf"] = "auto"
+    # manifest: the source's column for each field, e.g. {image: img, text: caption}; unnamed fields keep their
+    # own names. Without an id column a row's id is <split>-<its index in the split>; without a split column,
+    # the shard's path names it (a train/ val/ validation/ test/ folder or a train-*.parquet file)
+    columns: dict[Literal["id", "split", "label", "image", "text", "audio"], str] = Field(default_factory=dict)
     classes: list[str] | None = None  # manifest: the label set (fixed class indices); other labels are errors
     # manifest: folders, besides the manifest's own, that its file paths may point into; a path resolving
     # anywhere else (``../../etc/passwd``, a symlink out of the data) is stored as missing, never opened
@@ -74,13 +83,38 @@ class DataConfig(Strict):
     limit: int | None = Field(None, ge=1)  # first N records per split-shuffle, for smoke runs
     seed: int = Field(0, ge=0)
 
+    @field_validator("manifest", mode="before")
+    @classmethod
+    def _local_path(cls, v: Any) -> Any:
+        """A URI stays text; anything else is a local path (a glob too)."""
+        return Path(v) if isinstance(v, str) and "://" not in v else v
+
+    @field_validator("columns")
+    @classmethod
+    def _named(cls, v: dict[str, str]) -> dict[str, str]:
+        if blank := [k for k, c in v.items() if not c.strip()]:
+            raise ValueError(f"data.columns.{blank[0]} is empty: name the source's column, or leave the field out")
+        return v
+
+    @property
+    def source_name(self) -> str:
+        """The manifest's stem (``items.csv`` -> items), a folder's name (``shards/``, ``s3://b/shards``) or a
+        glob's folder (``s3://b/shards/*.parquet`` -> shards); read from the text alone."""
+        parts = [p for p in re.split(r"[/\\]+", str(self.manifest).split("://", 1)[-1]) if p] or ["manifest"]
+        glob = next((i for i, p in enumerate(parts) if re.search(r"[*?\[]", p)), None)
+        if glob is not None:
+            return parts[glob - 1] if glob else "manifest"
+        last = Path(parts[-1].removesuffix(".gz"))
+        return last.stem if last.suffix in (".csv", ".jsonl", ".json", ".parquet", ".tar", ".tgz", ".arrow") \
+            else last.name
+
     @property
     def dataset_name(self) -> str:
-        """The user-facing dataset name: ``name``, else the manifest's stem, else the adapter name."""
+        """The user-facing dataset name: ``name``, else the manifest's ``source_name``, else the adapter name."""
         if self.name:
             return self.name
         if self.dataset == "manifest" and self.manifest is not None:
-            return Path(self.manifest).stem
+            return self.source_name
         return self.dataset
 
 
@@ -150,6 +184,11 @@ class StoreConfig(Strict):
     # tasks + ray.encode_actors encoder actors on the cluster of the ray section); the same commits either way
     extract_engine: Literal["local", "ray"] = "local"
     index_min_rows: int = Field(1024, ge=1)  # build an IVF-PQ index on pooled vectors at this many rows
+    # retrain the index (new IVF centroids and PQ codebooks) once the table has grown by this factor since they
+    # were trained; until then an extraction adds its new rows to the existing index (Lance's optimize_indices)
+    index_retrain_growth: float = Field(2.0, ge=1)
+    # an extraction compacts each table it wrote whose latest version holds more data files (fragments) than this
+    max_fragments: int = Field(8, ge=1)
     lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
     # default DVC remote: a folder (relative to dvc_repo, or absolute) or a URI such as s3://bucket/path
@@ -169,6 +208,9 @@ class EvalConfig(Strict):
     # checkpoint choice on the validation split: under the training pattern only, or averaged with each
     # modality absent too ("robust"), so complete-data saturation does not stop training early
     select_on: Literal["train_pattern", "robust"] = "robust"
+    # the run follows one of the papers' protocols (bench/protocols.py): its selection is then held to theirs
+    # (select_on train_pattern, 001 A4) and "robust" is named a deviation (models.paper)
+    paper_protocol: bool = False
 
 
 class TrackingConfig(Strict):
@@ -198,6 +240,24 @@ class SweepConfig(Strict):
         for h in v:
             parse_head_config(h)
         return v
+
+
+class TrainConfig(Strict):
+    """The optimiser, schedule and stopping of one training run (``models.training.fit``)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    poly_power: float = Field(1.0, gt=0)
+    patience: int = Field(6, ge=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
+    eval_batch_size: int = Field(512, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+    deterministic: bool = True
 
 
 class ScheduleConfig(Strict):
@@ -240,8 +300,8 @@ class TuneConfig(Strict):
     @classmethod
     def _known(cls, v: list[str] | None) -> list[str] | None:
         for h in v or []:
-            if h not in HEADS:
-                raise ValueError(f"unknown head {h!r}; registered heads: {sorted(HEADS)}")
+            if h not in HEAD_CONFIGS:
+                raise ValueError(f"unknown head {h!r}; registered heads: {sorted(HEAD_CONFIGS)}")
         return v
 
 
@@ -253,7 +313,7 @@ class ExperimentConfig(Strict):
     # validation is the head's own strict config class
     head: Annotated[SerializeAsAny[HeadConfig], WithJsonSchema({
         "type": "object", "required": ["name"], "additionalProperties": True,
-        "properties": {"name": {"type": "string", "enum": sorted(HEADS)}}})] = Field(
+        "properties": {"name": {"type": "string", "enum": sorted(HEAD_CONFIGS)}}})] = Field(
         default_factory=lambda: parse_head_config({"name": "mmp"}))
     train_pattern: MissingPattern = Field(default_factory=MissingPattern)
     train: TrainConfig = Field(default_factory=TrainConfig)

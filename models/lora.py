@@ -4,20 +4,13 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, Field
 from torch import nn
+
+from .head_configs import LoRASettings  # noqa: F401  (re-exported)
 
 # Suffixes of attention projections in common Hugging Face architectures (BERT/ViT/AST, CLIP/Whisper/wav2vec2).
 DEFAULT_TARGETS = ("query", "key", "value", "attention.output.dense", "q_proj", "k_proj", "v_proj", "out_proj",
                    "o_proj")
-
-
-class LoRASettings(BaseModel):
-    """A head's adapter settings on a frozen encoder (001 §3.5 / A3: rank 1, alpha 1, dropout 0.1)."""
-
-    lora_rank: int = Field(1, ge=1)
-    lora_alpha: float = Field(1.0, gt=0)
-    lora_dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class LoRALinear(nn.Module):

@@ -190,6 +190,7 @@ class RunResult:
     mask_tables: dict = field(default_factory=dict)
     temperatures: dict[str, float] = field(default_factory=dict)  # per set of present modalities (calibration)
     calibration: dict[str, float] = field(default_factory=dict)  # ECE before / after, by split and modalities
+    deviations: list[str] = field(default_factory=list)  # from the papers' values (``runs.train.run_variant``)
 
     def row(self, run_id: str | None = None) -> RunRow:
         """The run as the one table builder (``runs.reporting.aggregate``) reads it."""

@@ -5,34 +5,16 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
+from .config import TrainConfig
 from .device import resolve_device
-from .features import take
+from .features import MaskedSplit, Split, batch_rows
 from .heads.base import FeatureBatch, Head
 from .metrics import classification_metrics, primary_metric
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_frac: float = Field(0.05, ge=0, le=1)
-    schedule: Literal["cosine", "poly"] = "cosine"
-    poly_power: float = Field(1.0, gt=0)
-    patience: int = Field(6, ge=1)
-    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
-    eval_batch_size: int = Field(512, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = True
-    deterministic: bool = True
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -46,16 +28,12 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def batches(data: FeatureBatch, size: int, generator: torch.Generator | None = None) -> Iterator[FeatureBatch]:
-    """Shuffled batches with a ``generator``; in order without one (views of ``data``, nothing copied)."""
-    n = data.size
-    if generator is None:
-        for start in range(0, n, size):
-            yield data.map(lambda t, s=start: t[s : s + size])
-        return
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, size):
-        yield take(data, order[start : start + size])
+def batches(data: Split, size: int, generator: torch.Generator | None = None) -> Iterator[FeatureBatch]:
+    """Shuffled batches with a ``generator``; in order without one (``batch_rows``: a FeatureBatch's are views of
+    it, a MaskedSplit's are built from its rows, its pattern applied to the batch alone)."""
+    order = None if generator is None else torch.randperm(data.size, generator=generator)
+    for start in range(0, data.size, size):
+        yield batch_rows(data, slice(start, start + size) if order is None else order[start : start + size])
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -79,17 +57,23 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
 
 
-def stage(data: FeatureBatch, device: torch.device, budget: float = 0.25) -> FeatureBatch:
+def stage(data: Split, device: torch.device, budget: float = 0.25, moved: dict | None = None) -> Split:
     """The whole split on the GPU when it fits in ``budget`` of free memory (batches are then sliced there
-    instead of copied over each step); unchanged otherwise and on CPU."""
+    instead of copied over each step); unchanged otherwise and on CPU. ``moved`` (id of a FeatureBatch -> its
+    copy on the device, or None when it did not fit) lets masked splits of one split share one copy."""
     if device.type != "cuda":
         return data
-    need = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in data.tensors().values())
-    return data.to(device) if need < budget * torch.cuda.mem_get_info(device)[0] else data
+    base, moved = (data.data if isinstance(data, MaskedSplit) else data), {} if moved is None else moved
+    if id(base) not in moved:
+        need = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in base.tensors().values())
+        moved[id(base)] = base.to(device) if need < budget * torch.cuda.mem_get_info(device)[0] else None
+    if moved[id(base)] is None:
+        return data
+    return data.on(moved[id(base)]) if isinstance(data, MaskedSplit) else moved[id(base)]
 
 
 @torch.no_grad()
-def predict(head: Head, data: FeatureBatch, cfg: TrainConfig) -> torch.Tensor:
+def predict(head: Head, data: Split, cfg: TrainConfig) -> torch.Tensor:
     """Logits for every row of ``data`` (float32, CPU), in order."""
     device = resolve_device(cfg.device, "train.device")
     head.to(device).eval()
@@ -109,14 +93,16 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def fit(head: Head, train: FeatureBatch, val: FeatureBatch | dict[str, FeatureBatch], cfg: TrainConfig, seed: int,
+def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfig, seed: int,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``head`` in place; keep the weights of the epoch with the best validation score: the primary
-    metric averaged over the validation scenarios in ``val`` (validation split only)."""
+    metric averaged over the validation scenarios in ``val`` (validation split only; masked splits of one split
+    are evaluated batch by batch from its one copy)."""
     seed_everything(seed, cfg.deterministic)
     device = resolve_device(cfg.device, "train.device")
-    train = stage(train, device)
-    vals = {k: stage(v, device) for k, v in (val if isinstance(val, dict) else {"val": val}).items()}
+    moved: dict = {}
+    train = stage(train, device, moved=moved)
+    vals = {k: stage(v, device, moved=moved) for k, v in (val if isinstance(val, dict) else {"val": val}).items()}
     head.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

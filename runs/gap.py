@@ -27,6 +27,14 @@ def oracle_variant(modality: str) -> str:
     return f"oracle[only:{modality}]"
 
 
+def without_deviations(variant: str) -> str:
+    """``variant`` less its ``deviation:`` part: what a reference run departs from the papers in (a paper
+    protocol's ``select=robust``) does not change which reference it is."""
+    name, _, rest = variant.partition("[")
+    parts = [p for p in rest.rstrip("]").split(",") if p and not p.startswith("deviation:")]
+    return name + (f"[{','.join(parts)}]" if parts else "")
+
+
 def add_gap_closed(results: list[RunRow], metric: str, modalities: list[str]) -> list[str]:
     """Set ``summary["gap_closed_<m>"]`` on every run of ``results`` whose
     references exist among them: mean over runs of zero-fill ``early`` and of the oracle of the remaining modality
@@ -34,7 +42,7 @@ def add_gap_closed(results: list[RunRow], metric: str, modalities: list[str]) ->
     Returns the keys set."""
     def mean_at(variant: str, scenario: str) -> float | None:
         vals = [r.scenarios[scenario][metric] for r in results
-                if r.variant == variant and metric in r.scenarios.get(scenario, {})]
+                if without_deviations(r.variant) == variant and metric in r.scenarios.get(scenario, {})]
         return float(np.mean(vals)) if vals else None
 
     keys = []

@@ -12,6 +12,7 @@ from models.config import ExperimentConfig
 from models.features import take
 from models.heads import FeatureBatch, Head, build_head
 from models.calibration import fit_temperature, presence_key
+from models.paper import deviations
 from models.metrics import classification_metrics, expected_calibration_error, primary_metric, robustness_auc
 from models.patterns import MissingPattern, robustness_grid, scenario_slug
 from models.records import RunResult, Scenario
@@ -133,8 +134,19 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     scenarios, summary = evaluate(cfg, head, store)
     summary[f"val_{primary_metric(store.meta.task)}"] = result.best_score
     temperatures, calibration = calibrate(cfg, head, store)
-    variant = cfg.head.name + (f"[{','.join(f'{m}:{v}' for m, v in head.variant.items())}]"
-                               if hasattr(head, "variant") else "")
+    variant, named = run_variant(cfg, head, store.modalities)
     return RunResult(cfg, store.info(), result, scenarios, summary, head.cpu(), variant, time.perf_counter() - t0,
                      mask_tables={f"seed{cfg.seed}": MaskStore(store).table(seed=cfg.seed)},
-                     temperatures=temperatures, calibration=calibration)
+                     temperatures=temperatures, calibration=calibration, deviations=named)
+
+
+def run_variant(cfg: ExperimentConfig, head: Head, modalities: list[str]) -> tuple[str, list[str]]:
+    """The run's label, ``<head>[<part>:<value>,...,deviation:<a>+<b>...]``, and its deviations: those the head
+    makes by construction (``head.variant["deviation"]``) then every config value that differs from the
+    paper's (``models.paper.deviations``: head, training recipe, a paper protocol's selection)."""
+    parts = dict(getattr(head, "variant", {}))
+    named = [d for d in parts.pop("deviation", "").split("+") if d]
+    named += deviations(cfg.head, cfg.train, cfg.eval, modalities)
+    if named:
+        parts["deviation"] = "+".join(named)
+    return cfg.head.name + (f"[{','.join(f'{k}:{v}' for k, v in parts.items())}]" if parts else ""), named

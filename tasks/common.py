@@ -31,9 +31,10 @@ def retry_transient(task, task_run, state) -> bool:
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 # the code that decides a trained result: the heads, the training loop, the missing patterns, masks and the splits
-# under them, the feature transforms, the metrics and the run's own train/evaluate logic (not config loaders, tracking or the CLI)
+# under them, the feature transforms, the metrics, the run's own train/evaluate logic and the papers' constants its
+# label is named against (not config loaders, tracking or the CLI)
 DECIDING_CODE = ("models/heads", "models/training.py", "models/patterns.py", "models/features.py", "models/metrics.py",
-                 "models/lora.py", "models/device.py", "runs/train.py", "stores/features/masks.py",
+                 "models/lora.py", "models/device.py", "models/paper.py", "runs/train.py", "stores/features/masks.py",
                  "stores/features/scenarios.py")
 
 

@@ -336,3 +336,63 @@ def test_temperatures_fitted_per_missing_pattern_lower_validation_ece(colour_sto
     t = fit_temperature(logits, y)
     nll = lambda s: torch.nn.functional.cross_entropy(logits / s, y).item()  # noqa: E731
     assert t > 1.5 and nll(t) < nll(1.0)
+
+
+def test_a_full_disk_stops_extraction_in_one_line_with_exit_5_and_a_rerun_completes(prefect_harness, tmp_path):
+    """A write the filesystem refuses (here the file size limit, EFBIG, which fails a write as a full disk's
+    ENOSPC does) ends ``mm extract`` with one line and exit 5, and the same command then completes the store."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from conftest import make_manifest
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=12), store__write_every=4)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # the Prefect API is the session's (its database is not under the limit); SIGXFSZ ignored: the write fails
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [sys.executable, "-m", "flows.cli", "extract", "-c", str(path), "--no-dvc"]
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # a fragment of 4 image rows is ~115 KB
+
+    root = Path(__file__).resolve().parents[1]
+    full = subprocess.run(command, env=env, cwd=root, preexec_fn=small_files_only, capture_output=True, text=True,
+                          timeout=300)
+    last = full.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert full.returncode == 5, full.stderr[-2000:]
+    assert last.split("error: ", 1)[1].startswith("the disk refused a write (lance error") and \
+        "rerun the same command to resume" in last
+    again = subprocess.run(command + ["--json"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = json.loads(again.stdout)
+    assert report["rows"] == 12 and report["missing_counts"]["image"] == {"unreadable image": 2,
+                                                                          "absent in source": 1}
+
+
+def test_with_no_api_url_a_command_runs_on_the_local_server_when_one_answers(colour_cfg_file, prefect_harness,
+                                                                             tmp_path):
+    """`mm serve`'s Prefect server (here the session's, named by MM_PREFECT_LOCAL_URL) gets the runs of commands
+    started without PREFECT_API_URL, instead of a temporary server that no UI shows."""
+    import asyncio
+    import subprocess
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    async def extract_runs() -> int:
+        async with get_client() as client:
+            return sum([(await client.read_flow(r.flow_id)).name == "extract" for r in await client.read_flow_runs()])
+    before = asyncio.run(extract_runs())
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(MM_PREFECT_LOCAL_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "prefect"))
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "extract", "-c", str(colour_cfg_file), "--no-dvc"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert asyncio.run(extract_runs()) == before + 1, "the extract flow ran somewhere else"

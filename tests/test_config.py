@@ -128,3 +128,18 @@ def test_one_device_resolver_refuses_cuda_without_cuda():
         build_encoder("image", EncoderConfig(kind="efficientnet_lite0", device="cuda"))
     with pytest.raises(ConfigError, match="train.device='cuda'"):
         resolve_device("cuda", "train.device")
+
+
+def test_a_rejected_value_is_refused_before_torch_or_any_service_is_imported():
+    """``mm train`` with a bad value answers from the config's own import (pydantic, numpy): no torch, Prefect,
+    MLflow or LanceDB, so a rejection takes about a second, not the 4-25 s of those imports."""
+    import subprocess
+    import sys
+    probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(['train', '-c', 'configs/fashion.yaml', "
+             "'--set', 'train.epochs=-1'])\nexcept SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted(m for m in ('torch', 'prefect', 'mlflow', 'lancedb', 'transformers') if m in sys.modules)\n"
+             "print('RESULT', code, ','.join(heavy) or '-')\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert "train.epochs" in done.stderr and "greater than or equal to 1" in done.stderr
+    assert done.stdout.split()[-2:] == ["2", "-"], done.stdout

@@ -233,3 +233,24 @@ def test_cmpt_runs_whisper_ct2_blocks_with_lora(whisper_ct2):
     assert all(v.grad.abs().sum() > 0 for k, v in lora.items() if k.endswith("lora_b"))
     assert all(torch.equal(v, stream.get_parameter(k)) for k, v in base.items())  # frozen encoder weights
     assert not any("lora_" in k for k, _ in enc.torch_encoder.named_parameters())  # the shared copy is untouched
+
+
+def test_the_fingerprint_without_loading_is_the_loaded_encoders(tiny_hf):
+    """``encoder_fingerprint`` (what an extraction with nothing to encode checks its views against) names
+    exactly what the loaded encoder names, for every kind."""
+    from stores.encoders import encoder_fingerprint
+    configs = [("image", EncoderConfig(kind="efficientnet_lite0")), ("text", EncoderConfig(kind="minilm")),
+               ("audio", EncoderConfig(kind="whisper_ct2", embedding_tokens=True)),
+               ("text", EncoderConfig(kind="hf", model=str(tiny_hf["text"]), max_length=12)),
+               ("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=32))]
+    for m, cfg in configs:
+        assert encoder_fingerprint(m, cfg) == build_encoder(m, cfg).fingerprint, (m, cfg.kind)
+
+
+def test_an_extraction_with_nothing_to_encode_loads_no_encoder(colour_store, monkeypatch):
+    from stores.extraction import extract, local
+    built = []
+    monkeypatch.setattr(local, "build_encoder", lambda m, cfg: built.append(m) or build_encoder(m, cfg))
+    cfg, _ = colour_store
+    report = extract(cfg, progress=False)
+    assert report.added == 0 and built == []

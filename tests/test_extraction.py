@@ -21,15 +21,22 @@ def ids_of(store: FeatureStore) -> list[str]:
     return sorted(store.table.search().select(["id"]).limit(10_000).to_arrow()["id"].to_pylist())
 
 
-def test_incremental_run_resumes_without_duplicates(tmp_path, colour_store):
-    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw"))
-    first = extract(cfg, progress=False, max_rows=10)  # "crash" after 10 rows (2 commits of 8 -> 8 + 2)
+def test_incremental_run_resumes_without_duplicates_compacted_with_pinned_versions_kept(tmp_path, colour_store):
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw"), store__write_every=2)
+    first = extract(cfg, progress=False, max_rows=10)  # "crash" after 10 rows (5 commits of 2)
     assert first.added == 10 and first.rows == 10
-    second = extract(cfg, progress=False)
+    pinned = FeatureStore(cfg.store.root, first.store).pin(first.versions).read_split("train", ("vec",))
+    second = extract(cfg, progress=False)  # 13 more commits per table, then compacted
     assert second.skipped == 10 and second.added == 26 and second.rows == 36
     store = FeatureStore(cfg.store.root, second.store)
     ids = ids_of(store)
     assert len(ids) == len(set(ids)) == 36
+    for name in [store.dataset, *store.view_names.values(), store.name]:
+        fragments = store.db.open_table(name).stats()["fragment_stats"]["num_fragments"]
+        assert fragments <= cfg.store.max_fragments, (name, fragments)
+    # what a run read before is still there, row for row (compaction writes a new version, deletes none)
+    again = FeatureStore(cfg.store.root, first.store).pin(first.versions).read_split("train", ("vec",))
+    assert again.ids == pinned.ids and np.array_equal(again.batch.vec["image"], pinned.batch.vec["image"])
     assert extract(cfg, progress=False).added == 0
     # same features as the uninterrupted extraction of the same data
     ref_cfg, ref = colour_store

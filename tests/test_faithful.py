@@ -5,6 +5,7 @@ import torch
 
 from models.features import add_noise
 from models.heads import FeatureBatch, ModalitySpec, build_head, parse_head_config
+from models.paper import deviations
 from models.patterns import MissingPattern, presence_mask, scenario_slug
 
 # ------------------------------------------------------------------------------------------------ SRMM §V-C
@@ -27,7 +28,7 @@ def test_srmm_default_is_paper_s1_with_paper_branch_sizes():
     head = srmm()
     assert head.cfg.strategy == "S-1" and head.variant["switch"] == "S-1"
     assert head.fc2.out_features == head.cfg.hidden == head.cls.in_features  # FC sizes {in, L, L, C} (§IV-B)
-    assert "embed_scale=16" in head.variant["deviation"]
+    assert "embed_scale=16" in deviations(head.cfg) and "deviation" not in head.variant  # named by models.paper
     assert srmm(embed_scale=1.0).variant == {"switch": "S-1"}
 
 
@@ -98,6 +99,71 @@ def test_mmp_alignment_is_averaged_over_masked_modalities():
     out = head(batch)  # mask_p=1: every row keeps one modality, so all three are masked somewhere
     expected = np.mean([c * c / 2 for c in target.values()])
     assert out.aux_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mmp_masks_once_per_batch_when_asked_as_000_iii_a_does():
+    """000 §III-A: each modality available or masked at each iteration (``mask_per="batch"``): one draw for the
+    whole batch, never every modality; a row the draw would empty keeps what it has."""
+    from models.heads.base import batch_keep_mask
+    torch.manual_seed(0)
+    present = torch.ones(32, 2, dtype=torch.bool)
+    present[::4, 0] = False  # rows with no image
+    draws = [batch_keep_mask(present, 0.5) for _ in range(400)]
+    for keep in draws:
+        complete = keep[present.all(1)]
+        assert (complete == complete[0]).all() and keep.any(1).all() and not (keep & ~present).any()
+    masked = np.array([(~d[1]).tolist() for d in draws]).mean(0)  # a complete row: masked 3/8 each
+    assert np.allclose(masked, 0.375, atol=0.07)
+    head = build_head(parse_head_config({"name": "mmp", "mask_per": "batch", "d_model": 8, "n_heads": 2}),
+                      ModalitySpec(["a", "b"], {m: 4 for m in "ab"}, {m: 4 for m in "ab"}, {m: 3 for m in "ab"},
+                                   n_classes=2)).train()
+    out = head(FeatureBatch(torch.ones(8, 2, dtype=torch.bool), torch.zeros(8, dtype=torch.long),
+                            tok={m: torch.randn(8, 3, 4) for m in "ab"},
+                            tok_mask={m: torch.ones(8, 3, dtype=torch.bool) for m in "ab"}))
+    assert torch.isfinite(out.logits).all()
+
+
+# ------------------------------------------------------------------------------------------------ paper values
+@pytest.mark.parametrize("tuned,names", [
+    ("fashion_colour-cmpt", {"lam=0.847", "lr=0.00152", "weight_decay=0.00242", "schedule=cosine",
+                             "warmup=1ep_linear", "batch_size=128", "epochs=20", "early_stop=7", "grad_clip=1"}),
+    ("fashion-mmp", {"mask_p=0.646", "mask_per=sample", "align_weight=2.65"}),
+    ("avmnist-srmm", {"hidden=256", "dropout=0.572", "embed_scale=16.5", "optimizer=adamw", "lr=0.000472",
+                      "weight_decay=0.00507"}),
+    ("fashion-early", set())])  # no paper states a baseline's values
+def test_tuned_configs_name_every_value_that_differs_from_the_paper(tuned, names):
+    from pathlib import Path
+    from stores.config_files import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tuned" / f"{tuned}.yaml")
+    assert set(deviations(cfg.head, cfg.train, cfg.eval, list(cfg.encoder_configs()))) == names
+
+
+def test_the_default_recipe_is_named_against_001_a3_and_004_iv_b():
+    from models.config import TrainConfig
+    from models.paper import paper_head
+    assert deviations(paper_head("cmpt"), TrainConfig()) == [
+        "weight_decay=0.01", "schedule=cosine", "warmup=1.5ep_linear", "batch_size=128", "epochs=30",
+        "early_stop=6", "grad_clip=1"]
+    a3 = TrainConfig(weight_decay=0.02, schedule="poly", poly_power=0.9, warmup_frac=0.5, batch_size=8, epochs=10,
+                     patience=10, grad_clip=0)
+    assert deviations(paper_head("cmpt"), a3) == ["warmup=5ep_linear"]  # 001 warms up at a constant 0.1x
+    assert deviations(paper_head("cmpt"), a3, modalities=["audio", "image"]) == [  # A3's audio-video column
+        "lr=0.001", "warmup=5ep_linear", "batch_size=8", "epochs=10"]
+    assert deviations(paper_head("srmm"), TrainConfig(lr=0.01, weight_decay=0)) == ["optimizer=adamw"]
+
+
+@pytest.mark.parametrize("mods", [["image", "text"], ["audio", "image"]])
+@pytest.mark.parametrize("name", ["cmpt", "late", "mmp", "srmm"])
+def test_paper_constant_configs_have_no_head_deviation(name, mods):
+    from models.paper import PAPER, paper_head
+    head = paper_head(name, mods)
+    assert deviations(head, modalities=mods) == [] and set(PAPER[name]["head"]) <= set(type(head).model_fields)
+    assert all(c.source[:3] in ("000", "001", "004") for c in PAPER[name]["head"].values())
+    if name == "srmm":
+        assert head.hidden == (2048 if "audio" in mods else 768) and head.embed_scale == 1 and head.fusion == "prob"
+        assert deviations(head.model_copy(update={"emb_dim": head.hidden}), modalities=mods) == []  # {in, L, L, C}
+        assert deviations(head.model_copy(update={"emb_dim": 64}), modalities=mods) == ["emb_dim=64"]
+    assert paper_head("early") is None and deviations(parse_head_config({"name": "moddrop", "p": 0.7})) == []
 
 
 # ------------------------------------------------------------------------------------------------ patterns

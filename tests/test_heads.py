@@ -69,7 +69,7 @@ def test_training_step_gradients_only_on_trainable(name):
         lora = [m for m in head.modules() if isinstance(m, LoRALinear)]
         assert len(lora) == 2 * 4  # q, k, v, o in each of the 2 blocks
         assert head.variant == {"image": "trainable_block+learned_cls", "text": "encoder+lora",
-                                "deviation": "width_map+fusion_proj"}
+                                "deviation": "trainable_block=image+width_map+fusion_proj"}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -136,3 +136,39 @@ def test_pool_tokens_is_mask_aware():
     assert m[1].tolist() == [True, False, False, False] and y[1, 0, 0] == 1.0
     same, same_m = pool_tokens(x, mask, 16)
     assert same is x and same_m is mask
+
+
+def test_late_fusion_averages_the_present_modalities_only():
+    """004 §III-B fuses what is present: a row missing a modality gets the present branch's logits alone; zero-fill
+    averaging over every branch is the named variant ``late_average="all"``."""
+    head, b = make("late").eval(), batch(10, MIXED)
+    with torch.no_grad():
+        vecs = head.filled(b, b.present)
+        per = {m: head.branches[m](vecs[m]) for m in SPEC.modalities}
+        out = head(b).logits
+        for i, m in enumerate(SPEC.modalities):
+            alone = MIXED[:, i] & ~MIXED[:, 1 - i]
+            assert torch.allclose(out[alone], per[m][alone], atol=1e-6)
+        both = MIXED.all(1) | ~MIXED.any(1)  # a row with nothing present averages every placeholder's branch
+        assert torch.allclose(out[both], (per["image"][both] + per["text"][both]) / 2, atol=1e-6)
+        zero_fill = make("late", late_average="all").eval()
+        assert torch.allclose(zero_fill(b).logits, (per["image"] + per["text"]) / 2, atol=1e-6)
+
+
+def test_srmm_fuses_the_mean_softmax_of_the_present_modalities():
+    """004 §III-B averages the softmax outputs: the logits are the log of the mean probability over present
+    modalities; averaging logits is the named variant ``fusion="logit"``."""
+    from models.heads.base import usable
+    head, b = make("srmm").eval(), batch(10, MIXED)
+    w = usable(MIXED).T.unsqueeze(-1).float()
+    with torch.no_grad():
+        logits = head.all_logits(b)
+        want = (torch.softmax(logits, -1) * w).sum(0) / w.sum(0)
+        out = head(b).logits
+        assert torch.allclose(out, want.log(), atol=1e-5)
+        assert torch.allclose(out.exp().sum(-1), torch.ones(10), atol=1e-5)  # cross-entropy reads it as is
+        assert torch.equal(out.argmax(-1), want.argmax(-1))
+        only_image = MIXED[:, 0] & ~MIXED[:, 1]
+        assert torch.allclose(out[only_image], torch.log_softmax(logits[0][only_image], -1), atol=1e-5)
+        by_logit = make("srmm", fusion="logit").eval()
+        assert torch.allclose(by_logit(b).logits, (logits * w).sum(0) / w.sum(0), atol=1e-5)

@@ -134,7 +134,7 @@ def test_no_private_name_crosses_a_module():
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("module", ["flows.pipeline", "flows.tuning", "flows.deploy"])
+@pytest.mark.parametrize("module", ["flows.pipeline", "flows.tuning", "flows.deploy", "flows.protocol"])
 def test_flows_reach_the_run_logic_only_through_tasks(module):
     found = [f"{target} (line {line})" for line, target, _ in _imports(module)
              if _layer(target) in ("stores", "runs")]

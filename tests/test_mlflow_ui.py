@@ -67,6 +67,15 @@ def test_run_names_tell_every_run_of_a_sweep_apart(ui_sweep):
                             "oracle-text-complete-s0", "mmp+mask_p=0.4-complete-s0"])
 
 
+def test_every_run_carries_its_deviations_from_the_papers_as_a_tag(ui_sweep):
+    _, swept, _, runs = ui_sweep
+    tags = {r.info.run_name: r.data.tags for r in runs if r.data.tags.get("mlflow.parentRunId") == swept.run_id}
+    mmp = tags["mmp+mask_p=0.4-complete-s0"]
+    assert mmp["deviation"].split("+")[:2] == ["mask_p=0.4", "mask_per=sample"]  # 000 §III-A: 0.5, per iteration
+    assert "deviation:" + mmp["deviation"] in mmp["head_variant"]
+    assert tags["early-complete-s0"]["deviation"] == "none"  # no paper states a baseline's values
+
+
 def test_run_names_show_a_lora_backbone_a_pattern_and_a_tuned_file():
     from pathlib import Path
     from stores.tracking.runs import run_name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,13 @@ def test_registered_model_serves_outside_the_repo(colours_model, tmp_path):
         assert sent["present"] == ["image"] and sent["abstain"] is False
         assert probe["abstain"] is True and "server-side paths are not read here" in probe["reason"]
         assert empty["abstain"] is True and not isinstance(empty["label"], str)  # null (pandas may write NaN)
+        # concurrent requests are answered in micro-batches: each gets its own answers, as when sent alone
+        requests = [[{"image": None, "text": t}] for t in ("deep blue ocean", "red fire", "green grass")] * 4
+        requests += [[{"image": inline, "text": "red fire"}, {"image": None, "text": "green grass"}]] * 2
+        alone = [invoke(r) for r in requests[:3] + requests[-1:]]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(invoke, requests))
+        assert together == alone[:3] * 4 + alone[-1:] * 2
 
 
 def test_compare_of_one_seed_shows_no_spread(colours_model, capsys):
@@ -97,3 +105,47 @@ def test_compare_of_one_seed_shows_no_spread(colours_model, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["experiment"] == "colours" and res["table"][0]["seeds"] == 1
     assert res["table"][0]["grid_mean"]["sd"] is None
+
+
+def test_micro_batcher_batches_concurrent_requests_and_keeps_errors_apart():
+    """Requests that arrive while a batch runs form the next batch, each caller gets its own answers in order,
+    and a failing request fails alone."""
+    import threading
+    import time
+
+    from stores.tracking.batching import MicroBatcher
+    calls: list[list[str]] = []
+    first = threading.Event()
+
+    def fn(samples):
+        calls.append([s["x"] for s in samples])
+        if any(s["x"] == "bad" for s in samples):
+            raise ValueError("bad sample")
+        if len(calls) == 1:
+            first.wait(5)  # hold the first batch until the others are queued
+        return [s["x"].upper() for s in samples]
+
+    batcher = MicroBatcher(fn, max_batch=32)
+    with ThreadPoolExecutor(9) as pool:
+        lead = pool.submit(batcher.submit, [{"x": "lead"}])
+        while not calls:
+            time.sleep(0.01)
+        rest = [pool.submit(batcher.submit, [{"x": f"r{i}"}, {"x": f"s{i}"}]) for i in range(7)]
+        bad = pool.submit(batcher.submit, [{"x": "bad"}])
+        while batcher.pending.qsize() < 8:
+            time.sleep(0.01)
+        first.set()
+        assert lead.result(10) == ["LEAD"]
+        assert [f.result(10) for f in rest] == [[f"R{i}", f"S{i}"] for i in range(7)]
+        with pytest.raises(ValueError, match="bad sample"):
+            bad.result(10)
+    # one batch for the lead, one for the eight queued requests (which failed), then each of those alone
+    assert calls[0] == ["lead"] and len(calls[1]) == 15 and len(calls) == 2 + 8
+    assert MicroBatcher(fn).submit([]) == []
+    # idle, the worker thread ends (nothing keeps a loaded model alive); the next request starts another
+    quick = MicroBatcher(fn, idle_s=0.05)
+    assert quick.submit([{"x": "a"}]) == ["A"]
+    worker = quick.worker
+    worker.join(5)
+    assert not worker.is_alive() and quick.worker is None
+    assert quick.submit([{"x": "b"}]) == ["B"]

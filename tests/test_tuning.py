@@ -189,19 +189,19 @@ def test_protocol_pattern_builders_give_the_exact_availability_levels():
 
     def avail(pattern):
         return presence_mask(pattern, mods, n, "test", 0).mean(0).round(3).tolist()
-    (train_c, tests_c), = p.protocol_patterns("c", mods, "image")
+    (train_c, tests_c), = p.protocol_patterns("c", mods, ["image"])
     assert train_c.kind == "complete"
     assert [avail(t) for t in tests_c] == [[a, 1.0] for a in [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]]
-    (train_d, tests_d), = p.protocol_patterns("d", mods, "image")
+    (train_d, tests_d), = p.protocol_patterns("d", mods)
     assert [avail(t) for t in tests_d] == [[1.0, 1.0], [1.0, 0.3], [1.0, 0.0], [0.65, 0.65], [0.3, 1.0], [0.0, 1.0]]
     assert all(presence_mask(t, mods, n, "test", 0).any(1).all() for t in tests_d)  # no row loses both
-    a = p.protocol_patterns("a", mods, "image")
+    a = p.protocol_patterns("a", mods)
     assert [(tr.key, [t.key for t in ts]) for tr, ts in a] == [
         (f"map[{t}=70]", [f"map[{t}=70]"]) for t in ["image", "text", "both"]]
     assert [avail(tr) for tr, _ in a] == [[0.3, 1.0], [1.0, 0.3], [0.65, 0.65]]
-    b = p.protocol_patterns("b", mods, "image")
+    b = p.protocol_patterns("b", mods)
     assert len(b) == 3 and all(len(ts) == 3 for _, ts in b)
-    plan = p.training_plan(["a", "b", "c", "d"], mods, "image")  # a/b and c/d share their trainings
+    plan = p.training_plan(["a", "b", "c", "d"], mods)  # a/b and c/d share their trainings
     assert sorted(plan) == ["complete", "map[both=70]", "map[image=70]", "map[text=70]"]
     assert len(plan["complete"][1]) == 7 + 6 - 3  # (100,100), (30,100), (0,100) are in both c and d
 
@@ -238,3 +238,81 @@ def test_protocol_verdict_keeps_a_lora_baseline_apart_from_the_baseline_the_bar_
     assert "| +8.0 ± " in rows["cmpt[text:encoder+lora]"] and "| yes | 3 |" in rows["cmpt[text:encoder+lora]"]
     lora = rows["moddrop[backbone:encoder+lora,streams:text]"]
     assert lora.endswith("|  | 3 |")  # listed, no verdict of its own
+
+
+def test_protocol_runs_select_on_the_train_pattern_and_name_robust_selection_a_deviation(tmp_path):
+    from models.paper import deviations
+    p = _protocols()
+    base = load_config(None, [f"tune.out_dir={tmp_path}"])
+    train, head = p.map_pattern("image"), {"name": "moddrop"}
+    paper = p.run_config(base, head, train, [], 0, False, None)
+    assert paper.eval.select_on == "train_pattern" and paper.eval.paper_protocol  # 001 A4: MAP's selection
+    assert deviations(paper.head, paper.train, paper.eval) == []
+    robust = p.run_config(base, head, train, [], 0, False, None, "robust")
+    assert robust.eval.select_on == "robust" and deviations(robust.head, robust.train, robust.eval) == ["select=robust"]
+    assert p.run_key(head, train, 0, None, False) != p.run_key(head, train, 0, None, False, "robust")
+    assert deviations(base.head, base.train, base.eval) == deviations(base.head, base.train)  # not a protocol run
+
+
+def test_run_label_names_the_heads_deviations_then_the_configs():
+    from models.heads import ModalitySpec, build_head
+    from runs.train import run_variant
+    cfg = load_config(None, ["head.name=srmm", "eval.paper_protocol=true"])
+    spec = ModalitySpec(["audio", "image"], {"audio": 8, "image": 16}, {}, {}, n_classes=3)
+    label, named = run_variant(cfg, build_head(cfg.head, spec), ["audio", "image"])
+    assert named == ["per_modality_proj", "hidden=512", "embed_scale=16", "optimizer=adamw", "lr=0.001",
+                     "weight_decay=0.01", "select=robust"]
+    assert label == "srmm[switch:S-1,deviation:" + "+".join(named) + "]"
+    early = load_config(None, ["head.name=early"])
+    assert run_variant(early, build_head(early.head, spec), ["audio", "image"]) == ("early", [])
+
+
+def test_protocol_c_removes_what_004_removes_and_the_other_direction_is_a_labelled_extra():
+    p = _protocols()
+    assert p.c_modality(["image", "text"]) == "text" and p.c_modality(["audio", "image"]) == "audio"
+    assert p.c_modalities(["image", "text"], "other") == ["image"]
+    assert p.c_modalities(["audio", "image"], "both") == ["audio", "image"]
+    for mods, removed in ((["image", "text"], 1), (["audio", "image"], 0)):
+        (train, tests), = p.protocol_patterns("c", mods)
+        avail = [presence_mask(t, mods, 1000, "test", 0).mean(0).round(3).tolist() for t in tests]
+        assert train.kind == "complete" and [a[removed] for a in avail] == [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]
+        assert all(a[1 - removed] == 1.0 for a in avail)
+    assert p.c_title("text", ["image", "text"]).startswith("c) ") and "EXTRA" not in p.c_title("text", ["image", "text"])
+    assert p.c_title("image", ["image", "text"]).startswith("c-other) ") and "EXTRA" in p.c_title("image", ["image", "text"])
+
+
+def test_protocol_heads_get_a_paper_constants_row_where_their_config_differs(tmp_path):
+    p = _protocols()
+    base = load_config(None, [f"tune.out_dir={tmp_path}"])  # avmnist: audio + image
+    names = ["early", "late", "srmm", "mmp", "cmpt"]
+    specs = p.with_paper_rows(base, [{"name": n} for n in names], False)
+    # cmpt's and late's defaults are their papers' head values, and they train on the same recipe: no second row
+    assert specs == [{"name": "early"}, {"name": "late"}, {"name": "srmm"}, {"name": "srmm", "paper": True},
+                     {"name": "mmp"}, {"name": "mmp", "paper": True}, {"name": "cmpt"}]
+    srmm = p.run_config(base, {"name": "srmm", "paper": True}, MissingPattern(), [], 0, True, None)
+    assert srmm.head.hidden == 2048 and srmm.head.embed_scale == 1.0  # 004 §IV-B audio-visual layer_dim
+    assert p.spec_label({"name": "srmm", "paper": True}) == "srmm-paper"
+    assert p.key_head({"name": "mmp", "paper": True}, ["audio", "image"])["mask_per"] == "batch"
+    write_tuned(tuned_path(base, "cmpt"), {"head": {"name": "cmpt", "lam": 0.85}}, None, "test")
+    tuned = p.with_paper_rows(base, [{"name": "cmpt"}], True)
+    assert tuned == [{"name": "cmpt"}, {"name": "cmpt", "paper": True}]  # beside the tuned row
+    assert not p.tuned_applies(base, tuned[1], True)
+    rows = [{"variant": v, "train_pattern": "complete", "key": json.dumps([h, "complete", s, None, False, "paper"]),
+             "summary": {"complete_acc": c + s / 100, "grid_mean_acc": g}} for s in (0, 1)
+            for h, v, c, g in [({"name": "moddrop"}, "moddrop", 0.8, 0.7), ({"name": "early"}, "early", 0.8, 0.6),
+                               ({"name": "late"}, "late", 0.8, 0.6), ({"name": "srmm"}, "srmm[a]", 0.8, 0.72),
+                               (p.key_head({"name": "srmm", "paper": True}, []), "srmm[b]", 0.7, 0.6)]]
+    text, flat = p.verdict_table(rows)
+    assert "| paper constants: srmm[b] |" in text and flat["verdict/srmm-paper/grid_mean"] == pytest.approx(60.0)
+    verdict = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-2] for line in text.splitlines()[4:]}
+    assert verdict["paper constants: srmm[b]"] == "no" and verdict["srmm[a]"] == "yes"  # held to the same bar
+
+
+def test_gap_references_keep_their_role_whatever_deviations_they_carry():
+    from models.records import RunRow
+    grid = {"image-000/text-000": {"acc": 0.9}, "image-100/text-000": {"acc": 0.5}, "image-000/text-100": {"acc": 0.3}}
+    runs = [RunRow("early[deviation:select=robust]", "complete", 0, grid, {}),
+            RunRow("oracle[only:text,deviation:select=robust]", "complete", 0, {"image-100/text-000": {"acc": 0.7}}, {}),
+            RunRow("mmp[deviation:select=robust]", "complete", 0, {"image-100/text-000": {"acc": 0.6}}, {})]
+    assert add_gap_closed(runs, "acc", ["image", "text"]) == ["gap_closed_image"]
+    assert runs[2].summary["gap_closed_image"] == pytest.approx(0.5)

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from ..head_configs import HEAD_CONFIGS, HeadConfig, parse_head_config  # noqa: F401  (re-exported)
 
 Inputs = Literal["vec", "tok", "emb"]
 
@@ -83,24 +84,6 @@ class HeadOutput:
     target_index: torch.Tensor | None = None
 
 
-class HeadConfig(BaseModel):
-    """Base of every head's config; ``name`` selects the head in the registry."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-
-    @property
-    def label(self) -> str:
-        """Short name of this configured head: registered model names, progress bars, console columns."""
-        return self.name
-
-    @property
-    def encoder_blocks(self) -> Literal["none", "optional", "required"]:
-        """Whether this head runs the frozen encoders' transformer blocks (the store loads them only then):
-        "optional" takes them where the store has them, "required" refuses a modality without them."""
-        return "none"
-
-
 class Head(nn.Module):
     """Base class. Subclasses declare the cached inputs they read and implement ``forward``."""
 
@@ -133,19 +116,12 @@ def register_head(config_cls: type[HeadConfig]) -> Callable[[type[Head]], type[H
         name = config_cls.model_fields["name"].default
         if name in HEADS:
             raise ValueError(f"head {name!r} registered twice")
+        if HEAD_CONFIGS.get(name) is not config_cls:  # a config class registers itself (models.head_configs)
+            raise ValueError(f"{config_cls.__qualname__} is not the registered config of head {name!r}")
         HEADS[name] = HeadEntry(config_cls, cls)
         return cls
 
     return deco
-
-
-def parse_head_config(raw: dict | HeadConfig) -> HeadConfig:
-    if isinstance(raw, HeadConfig):
-        return raw
-    name = raw.get("name")
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; registered heads: {sorted(HEADS)}")
-    return HEADS[name].config_cls.model_validate(raw)
 
 
 def build_head(cfg: HeadConfig, spec: ModalitySpec, backbones: dict[str, nn.Module] | None = None) -> Head:
@@ -167,9 +143,23 @@ def sample_keep_mask(present: torch.Tensor, p: float, generator: torch.Generator
     return keep
 
 
+def batch_keep_mask(present: torch.Tensor, p: float) -> torch.Tensor:
+    """One draw for the whole batch (000 §III-A: each modality available or masked at each iteration): each
+    modality dropped with probability p, never all; rows the draw would leave with nothing keep what they have."""
+    keep = present & sample_keep_mask(torch.ones_like(present[:1]), p)
+    return torch.where(keep.any(1, keepdim=True), keep, present)
+
+
 def usable(present: torch.Tensor) -> torch.Tensor:
     """Presence used for fusion: rows with nothing present fall back to every modality's placeholder."""
     return present | ~present.any(1, keepdim=True)
+
+
+def present_mean(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` [M, B, C] over the modalities present in each row (``present`` [B, M]; ``usable``: a row
+    with none averages them all)."""
+    w = usable(present).T.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(0) / w.sum(0)
 
 
 def trim_padding(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,41 +1,14 @@
 """CMPT, Cross-Modal Proxy Tokens: each modality's stream also predicts the other modalities' CLS features."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from ..lora import LoRASettings
-from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, pool_tokens, register_head,
+from ..head_configs import CMPTConfig
+from .base import (FeatureBatch, Head, HeadOutput, ModalitySpec, pool_tokens, register_head,
                    trim_padding, usable)
 from .streams import class_token_output, lora_stream
-
-
-class CMPTConfig(HeadConfig, LoRASettings):
-    """CMPT (paper 001 §3; hyper-parameters from A3 Table 5). ``backbone``: "encoder" runs the encoder's own
-    transformer blocks (frozen, LoRA rank ``lora_rank`` = 1, alpha 1, dropout 0.1 on q, k, v and the attention
-    output, §3.5/A3) over the cached embedding-layer tokens (Eq. 1-3; Hugging Face transformers encoders, and
-    CTranslate2 Whisper through its weights read into a transformers encoder); "trainable_block" is this
-    project's VARIANT for encoders with no transformer blocks (EfficientNet-Lite0): cached output tokens through
-    a small trainable transformer block with a learned CLS;
-    "auto" picks "encoder" wherever the store provides blocks."""
-
-    name: Literal["cmpt"] = "cmpt"
-    backbone: Literal["auto", "encoder", "trainable_block"] = "auto"
-    lam: float = Field(0.2, ge=0)  # Eq. 7
-    d_model: int = Field(256, ge=1)  # trainable-block width, and the fusion width when stream widths differ
-    max_tokens: int = Field(32, ge=1)  # trainable-block streams pool cached tokens (mask-aware) to this many
-    block_layers: int = Field(1, ge=1)
-    n_heads: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    attn_dropout: float = Field(0.0, ge=0, lt=1)
-
-    @property
-    def encoder_blocks(self) -> str:
-        return {"auto": "optional", "encoder": "required", "trainable_block": "none"}[self.backbone]
 
 
 class TrainableBlock(nn.Module):
@@ -72,8 +45,11 @@ class CMPT(Head):
     of the cached ``emb`` tokens and adds no CLS parameter; "encoder+lora+eos_cls" (CLIP text: no class token,
     CLIP pools its end-of-text token) uses the last real token; "encoder+lora+meanpool_cls" (Whisper encoder,
     wav2vec2: no class token) uses the mask-aware mean of the stream's output tokens, as those families' own
-    classification heads do; "trainable_block+learned_cls" adds a learned CLS. Named deviations where stream
-    widths differ (the paper's encoders share d): "width_map" (a linear map of a proxy into its target's width
+    classification heads do; "trainable_block+learned_cls" adds a learned CLS. Named deviations:
+    "trainable_block=<modalities>" for streams of that variant (no pretrained class token, no LoRA on a frozen
+    encoder, and Eq. 4's target CLS_i comes from a fully trainable stream with no stop-gradient, so the MSE can
+    fall by shrinking both sides; 001 §3 runs every stream through its pretrained encoder), and, where stream
+    widths differ (the paper's encoders share d), "width_map" (a linear map of a proxy into its target's width
     before Eq. 4) and "fusion_proj" (per-modality linear maps to ``d_model`` before the additive fusion)."""
 
     needs_backbones = True
@@ -107,7 +83,9 @@ class CMPT(Head):
         self.fusion_proj = nn.ModuleDict({m: nn.Linear(width[m], d) for m in mods if width[m] != d})
         self.classifier = nn.Linear(d, spec.n_classes)
         self.variant: dict[str, str] = {m: self.CLS_VARIANT[self.cls_source[m]] for m in mods}
-        deviations = [name for name, mod in (("width_map", self.width_map), ("fusion_proj", self.fusion_proj)) if mod]
+        trainable = "/".join(m for m in mods if self.cls_source[m] == "learned")
+        deviations = [f"trainable_block={trainable}"] * bool(trainable) + \
+            [name for name, mod in (("width_map", self.width_map), ("fusion_proj", self.fusion_proj)) if mod]
         if deviations:
             self.variant["deviation"] = "+".join(deviations)
 

@@ -2,37 +2,13 @@
 the frozen pooled vectors or, as this project's "encoder+lora" extension, on LoRA-tuned encoder streams."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from ..lora import LoRASettings
-from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head, sample_keep_mask
+from ..head_configs import EarlyFusionConfig, FusionConfig, LateFusionConfig, ModalityDropoutConfig
+from .base import (FeatureBatch, Head, HeadOutput, ModalitySpec, mlp, present_mean, register_head,
+                   sample_keep_mask)
 from .streams import lora_stream, stream_class_token
-
-
-class _FusionConfig(HeadConfig, LoRASettings):
-    """``backbone``: "pooled_vector" (the papers' baselines) reads each modality's frozen pooled vector;
-    "encoder+lora" (this project's extension, label ``<name>-lora``) replaces it, for every modality whose
-    encoder has transformer blocks, by the class-token output of those blocks with LoRA, CMPT's stream exactly
-    (same rank, alpha, dropout, class token): the baseline fine-tuned as much as CMPT is, so that a comparison
-    with CMPT measures its proxy tokens and not its fine-tuning, as 001 §4.6.1's ablation (ii) does (modality
-    dropout on the same LoRA-tuned encoders). Modalities without blocks keep the pooled vector."""
-
-    hidden: int = Field(256, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    fill: Literal["placeholder", "zeros"] = "zeros"
-    backbone: Literal["pooled_vector", "encoder+lora"] = "pooled_vector"
-
-    @property
-    def label(self) -> str:
-        return self.name + ("-lora" if self.backbone == "encoder+lora" else "")
-
-    @property
-    def encoder_blocks(self) -> str:
-        return "optional" if self.backbone == "encoder+lora" else "none"
 
 
 class _FillMixin(Head):
@@ -41,7 +17,7 @@ class _FillMixin(Head):
 
     needs_backbones = True
 
-    def __init__(self, cfg: _FusionConfig, spec: ModalitySpec, backbones: dict[str, nn.Module] | None = None):
+    def __init__(self, cfg: FusionConfig, spec: ModalitySpec, backbones: dict[str, nn.Module] | None = None):
         super().__init__(cfg, spec)
         self.streams, self.cls_source = nn.ModuleDict(), {}
         if cfg.backbone == "encoder+lora":
@@ -79,10 +55,6 @@ class _FillMixin(Head):
         return out
 
 
-class EarlyFusionConfig(_FusionConfig):
-    name: Literal["early"] = "early"
-
-
 @register_head(EarlyFusionConfig)
 class EarlyFusion(_FillMixin):
     """Concatenate pooled vectors (missing ones filled) and classify with an MLP."""
@@ -102,11 +74,6 @@ class EarlyFusion(_FillMixin):
         return HeadOutput(self.net(x), self.zero(x))
 
 
-class ModalityDropoutConfig(_FusionConfig):
-    name: Literal["moddrop"] = "moddrop"
-    p: float = Field(0.5, ge=0, le=1)
-
-
 @register_head(ModalityDropoutConfig)
 class ModalityDropout(EarlyFusion):
     """Early fusion trained with modality dropout: each present modality is zeroed with prob p (never all)."""
@@ -115,13 +82,11 @@ class ModalityDropout(EarlyFusion):
         return sample_keep_mask(batch.present, self.cfg.p)
 
 
-class LateFusionConfig(_FusionConfig):
-    name: Literal["late"] = "late"
-
-
 @register_head(LateFusionConfig)
 class LateFusion(_FillMixin):
-    """One classifier per modality on its (filled) pooled vector; logits averaged over all modalities."""
+    """One classifier per modality on its pooled vector; logits averaged over the present modalities
+    (``late_average="present"``, as SRMM fuses, 004 §III-B), or over all of them with a missing one's branch fed
+    its fill (``"all"``, the zero-fill variant)."""
 
     def __init__(self, cfg: LateFusionConfig, spec: ModalitySpec, backbones: dict[str, nn.Module] | None = None):
         super().__init__(cfg, spec, backbones)
@@ -132,5 +97,6 @@ class LateFusion(_FillMixin):
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         vecs = self.filled(batch, batch.present)
-        logits = torch.stack([self.branches[m](vecs[m]) for m in self.spec.modalities]).mean(0)
-        return HeadOutput(logits, self.zero(logits))
+        logits = torch.stack([self.branches[m](vecs[m]) for m in self.spec.modalities])
+        fused = logits.mean(0) if self.cfg.late_average == "all" else present_mean(logits, batch.present)
+        return HeadOutput(fused, self.zero(fused))

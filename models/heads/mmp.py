@@ -1,29 +1,13 @@
 """MMP, Masked Modality Projection: learn to project available modalities' tokens into missing ones."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from .base import (FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, pool_tokens,
+from ..head_configs import MMPConfig
+from .base import (FeatureBatch, Head, HeadOutput, ModalitySpec, batch_keep_mask, mlp, pool_tokens,
                    register_head, sample_keep_mask, usable)
-
-
-class MMPConfig(HeadConfig):
-    name: Literal["mmp"] = "mmp"
-    d_model: int = Field(128, ge=1)
-    n_agg: int = Field(8, ge=1)
-    mask_p: float = Field(0.5, ge=0, le=1)
-    n_heads: int = Field(4, ge=1)
-    max_tokens: int = Field(32, ge=1)  # token sequences are average-pooled (mask-aware) to at most this many
-    fusion_layers: int = Field(2, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    attn_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on attention maps: costly on CPU, off by default
-    align_weight: float = Field(1.0, ge=0)
-    smooth_l1_beta: float = Field(1.0, gt=0)
 
 
 def _attn(d: int, heads: int, dropout: float) -> nn.MultiheadAttention:
@@ -32,12 +16,13 @@ def _attn(d: int, heads: int, dropout: float) -> nn.MultiheadAttention:
 
 @register_head(MMPConfig)
 class MMP(Head):
-    """MMP (paper 000 §III). Training masks each present modality with prob ``mask_p`` = 0.5 (§III-A), per
-    sample, never all of a sample's modalities. For a masked modality i and each available j: j's ``n_agg`` = 8
-    aggregated tokens cross-attend to j's tokens (Eq. 2); i's aggregated tokens cross-attend to those (Eq. 3);
-    j's tokens cross-attend to the result (Eq. 4); a linear map over the token axis gives i's token count and an
-    MLP over the concatenation across j yields i's tokens in i's own feature space (Eq. 5, §III-C; unavailable
-    j contribute zeros so the MLP input keeps one size). The projection is aligned to the real tokens with
+    """MMP (paper 000 §III). Training masks each present modality with prob ``mask_p`` = 0.5 (§III-A), never all
+    of a sample's modalities: one draw per sample (``mask_per="sample"``, a named deviation) or, as §III-A does
+    ("at each iteration"), one draw for the whole batch (``mask_per="batch"``). For a masked modality i and
+    each available j: j's ``n_agg`` = 8 aggregated tokens cross-attend to j's tokens (Eq. 2); i's aggregated
+    tokens cross-attend to those (Eq. 3); j's tokens cross-attend to the result (Eq. 4); a linear map over the
+    token axis gives i's token count and an MLP over the concatenation across j yields i's tokens in i's own
+    feature space (Eq. 5, §III-C; unavailable j contribute zeros so the MLP input keeps one size). The projection is aligned to the real tokens with
     Smooth-L1 averaged over the masked modalities (Eq. 6) and added to the task loss (Eq. 7, ``align_weight``
     = 1). Projected tokens replace missing ones, in training and at inference.
 
@@ -92,7 +77,8 @@ class MMP(Head):
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         mods, present = self.spec.modalities, batch.present
-        keep = sample_keep_mask(present, self.cfg.mask_p) if self.training else present
+        draw = sample_keep_mask if self.cfg.mask_per == "sample" else batch_keep_mask
+        keep = draw(present, self.cfg.mask_p) if self.training else present
         avail = usable(keep)
         pooled = {m: pool_tokens(batch.tok[m], batch.tok_mask[m], self.cfg.max_tokens) for m in mods}
         tok = {m: pooled[m][0] for m in mods}

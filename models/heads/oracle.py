@@ -1,36 +1,12 @@
 """Unimodal oracle: trained and tested on one modality only, the ceiling when the other modalities are missing."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from ..lora import LoRASettings
-from .base import FeatureBatch, Head, HeadConfig, HeadOutput, ModalitySpec, mlp, register_head
+from ..head_configs import OracleConfig
+from .base import FeatureBatch, Head, HeadOutput, ModalitySpec, mlp, register_head
 from .streams import lora_stream, stream_class_token
-
-
-class OracleConfig(HeadConfig, LoRASettings):
-    """``backbone``: "pooled_vector" reads the modality's frozen pooled vector, the input of every baseline;
-    "encoder+lora" fine-tunes the modality's encoder blocks with LoRA exactly as CMPT's stream does (same rank,
-    alpha, dropout, class token), the ceiling to hold CMPT against, since its streams are fine-tuned too."""
-
-    name: Literal["oracle"] = "oracle"
-    modality: str | None = None  # the one modality it sees; None: the store's first modality
-    backbone: Literal["pooled_vector", "encoder+lora"] = "pooled_vector"
-    hidden: int = Field(256, ge=1)  # hidden and dropout: the pooled-vector MLP's (the LoRA path is linear)
-    dropout: float = Field(0.1, ge=0, lt=1)
-
-    @property
-    def label(self) -> str:
-        base = f"oracle-{self.modality}" if self.modality else "oracle"
-        return base + ("-lora" if self.backbone == "encoder+lora" else "")
-
-    @property
-    def encoder_blocks(self) -> str:
-        return "required" if self.backbone == "encoder+lora" else "none"
 
 
 @register_head(OracleConfig)

@@ -1,87 +1,22 @@
-"""Users' own data: a CSV / JSONL / Parquet manifest with id, split, label and one column per modality."""
+"""Users' own data: a manifest (CSV / JSONL / Parquet with id, split, label and one column per modality) or
+shards of one (``sources.py``: folders, globs, buckets, WebDataset, Hugging Face folders) as a ``Dataset``."""
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from models.config import DataConfig
 
-from .base import Dataset, DatasetError, Record, Unusable, limit_records, require_file
-
-MODALITY_COLUMNS = ("image", "text", "audio")
-NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-
-
-def _text_of(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DatasetError(f"manifest {path} line {line} is not UTF-8 ({e.reason} at byte {e.start}); "
-                           "re-save it as UTF-8") from None
+from .base import Dataset, DatasetError, Record, Unusable, limit_records
+from .labels import check_label_kinds
+from .sources import Source, is_multilabel
 
 
-def _read_table(path: Path) -> list[dict]:
-    if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(_text_of(path), newline="")))
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(_text_of(path).splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"manifest {path} line {n} is not valid JSON: {e.msg}") from None
-        return rows
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    raise DatasetError(f"manifest {path} must be .csv, .jsonl or .parquet")
-
-
-def label_name(v: Any) -> str:
-    """A label as its class name: numbers and numeric-looking strings written one way (``1``, ``"1"``, ``1.0``
-    and ``" 1 "`` are class "1"; pandas writes an int column with gaps as floats), others stripped. Empty for
-    a missing label (None, NaN, blank)."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    text = str(v).strip()
-    if NUMBER.fullmatch(text):
-        number = float(text)
-        return str(int(number)) if number.is_integer() else repr(number)
-    return text
-
-
-def label_names(v: Any, multilabel: bool) -> list[str]:
-    """A label cell's class names: one, or for multi-label a list or ``a|b``; none for a missing label."""
-    cells = v if isinstance(v, list) else label_name(v).split("|") if multilabel else [v]
-    return [n for c in cells if (n := label_name(c))]
-
-
-def check_label_kinds(labels: list[list[str]], rows: list[dict], path: Path) -> None:
-    """Refuse a label column that mixes numbers and names (``1``, ``2``, ``cat``): one of the two is probably
-    a mistake, and a model would silently learn both as classes. ``data.classes`` states such a set on purpose."""
-    numeric = [i for i, ls in enumerate(labels) if ls and all(NUMBER.fullmatch(c) for c in ls)]
-    is_numeric = set(numeric)
-    named = [i for i, ls in enumerate(labels) if ls and i not in is_numeric]
-    if numeric and named:
-        few = min(numeric, named, key=len)
-        kind = "names" if few is named else "numbers"
-        shown = ", ".join(f"{i} (id={rows[i]['id']}, label {rows[i]['label']!r})" for i in few[:3])
-        raise DatasetError(f"manifest {path} mixes numeric labels and names: {len(few)} rows have {kind}, e.g. "
-                           f"rows {shown}; fix them, or list the classes on purpose in data.classes")
-
-
-def data_roots(manifest_path: Path, allowed: list[Path]) -> list[Path]:
-    """The folders a manifest's file paths may resolve into: its own folder and ``data.allowed_roots``."""
-    return [Path(os.path.realpath(manifest_path.parent))] + [Path(os.path.realpath(p)) for p in allowed]
+def data_roots(folder: Path | str, allowed: list[Path]) -> list[Path]:
+    """The folders a manifest's file paths may resolve into: its own (the source's root folder) and
+    ``data.allowed_roots``."""
+    return [Path(os.path.realpath(folder))] + [Path(os.path.realpath(p)) for p in allowed]
 
 
 def inside(path: Path, roots: list[Path]) -> str | Unusable:
@@ -94,55 +29,50 @@ def inside(path: Path, roots: list[Path]) -> str | Unusable:
     return Unusable(f"outside the data roots: {path} (allowed: the manifest's folder and data.allowed_roots)")
 
 
-def file_ref(v: Any, path: Path, roots: list[Path], m: str, n: int) -> str | bytes | Unusable | None:
-    """An image/audio cell: a path relative to the manifest (kept inside the data roots), the file's bytes
-    (a Parquet binary column), or the ``{bytes, path}`` struct Hugging Face ``datasets`` writes."""
-    if isinstance(v, dict) and ("bytes" in v or "path" in v):
-        v = v.get("bytes") or v.get("path")
-        if v is None:
-            return None
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v)
-    if isinstance(v, str):
-        return inside(path.parent / v, roots)
-    raise DatasetError(f"manifest {path} row {n}: column {m!r} holds {type(v).__name__} values; supported are a "
-                       "path relative to the manifest, the file's bytes, or a {bytes, path} struct")
+def file_ref(cell: dict[str, Any] | None, roots: list[Path]) -> str | bytes | Unusable | None:
+    """An image/audio cell of ``sources``' ``{bytes, path}``: the bytes, else the path (kept inside the data
+    roots; a path in a remote shard is stored as missing, the bytes belong in the shard)."""
+    v = cell and (cell["bytes"] or cell["path"])
+    if not v or isinstance(v, bytes):
+        return v or None
+    if "://" in v:
+        return Unusable(f"a file path in a remote source: {v} (put the file's bytes in the shard)")
+    return inside(Path(v), roots)
 
 
 def manifest(cfg: DataConfig) -> Dataset:
-    """CSV/JSONL/Parquet with columns id, split (train/val/test), label ('a|b' or a list for multi-label) and any
-    of image/audio (paths, relative to the manifest) and text. Empty cells mean the modality is missing."""
-    if cfg.manifest is None:
-        raise DatasetError("dataset=manifest needs data.manifest (a .csv, .jsonl or .parquet path)")
-    path = require_file(Path(cfg.manifest), "manifest")
-    rows = _read_table(path)
-    if not rows:
-        raise DatasetError(f"manifest {path} is empty")
-    missing = {"id", "split", "label"} - set(rows[0])
-    if missing:
-        raise DatasetError(f"manifest {path} lacks columns {sorted(missing)}")
-    mods = [m for m in MODALITY_COLUMNS if m in rows[0]]
-    multilabel = any(isinstance(r["label"], list) or "|" in str(r["label"]) for r in rows)
-    labels = [label_names(r["label"], multilabel) for r in rows]
+    """Rows with id, split (train/val/test), label ('a|b' or a list for multi-label) and any of image/audio
+    (paths relative to the manifest, bytes, or {bytes, path}) and text. Empty cells mean the modality is missing."""
+    source = Source(cfg)
+    mods = source.modalities
+    roots = data_roots(source.root, cfg.allowed_roots) if not source.remote else []
+    ids: list[str] = []
+    splits: list[str] = []
+    labels: list[list[str]] = []
+    payloads: list[dict[str, Any]] = []
+    multilabel = False
+    for batch in source.batches():  # the lead's streaming extraction will consume these batches directly
+        multilabel |= is_multilabel(batch)
+        ids += batch["id"].to_pylist()
+        splits += batch["split"].to_pylist()
+        labels += batch["label"].to_pylist()
+        cells = {m: batch[m].to_pylist() for m in mods}
+        payloads += [{m: cells[m][i] if m == "text" else file_ref(cells[m][i], roots) for m in mods}
+                     for i in range(batch.num_rows)]
+    if not ids:
+        raise DatasetError(f"manifest {source.url} is empty")
     if not cfg.classes:
-        check_label_kinds(labels, rows, path)
+        check_label_kinds(labels, ids, source.url)
     classes = list(cfg.classes) if cfg.classes else sorted({c for ls in labels for c in ls})
-    roots = data_roots(path, cfg.allowed_roots)
     index = {c: i for i, c in enumerate(classes)}
     records = []
-    for n, r in enumerate(rows):
-        if r["split"] not in ("train", "val", "test"):
-            raise DatasetError(f"manifest row {n} (id={r['id']}): split {r['split']!r} not in train/val/test")
-        if not labels[n]:
-            raise DatasetError(f"manifest row {n} (id={r['id']}): empty label")
-        if unknown := [c for c in labels[n] if c not in index]:
-            raise DatasetError(f"manifest row {n} (id={r['id']}): label {unknown[0]!r} is not in data.classes "
+    for n, (rid, split, names, payload) in enumerate(zip(ids, splits, labels, payloads)):
+        if unknown := [c for c in names if c not in index]:
+            raise DatasetError(f"manifest row {n} (id={rid}): label {unknown[0]!r} is not in data.classes "
                                f"{classes[:10]}{' ...' if len(classes) > 10 else ''}")
-        payload = {m: None if r.get(m) in (None, "") else r[m] if m == "text" else file_ref(r[m], path, roots, m, n)
-                   for m in mods}
-        label = [index[c] for c in labels[n]] if multilabel else index[labels[n][0]]
-        records.append(Record(str(r["id"]), r["split"], label, payload))
-    return Dataset(path.stem, mods, classes, limit_records(records, cfg), task="multilabel" if multilabel else
+        label = [index[c] for c in names] if multilabel else index[names[0]]
+        records.append(Record(rid, split, label, payload))
+    return Dataset(cfg.source_name, mods, classes, limit_records(records, cfg), task="multilabel" if multilabel else
                    ("binary" if len(classes) == 2 else "multiclass"))
 
 

@@ -3,7 +3,7 @@
 replay of its blocks), on the shared ``base``; ``stream`` decodes inputs on threads while a batch encodes;
 ``registry`` builds one by kind. Imports ``models`` only."""
 from .base import LOAD_WORKERS, BadInput, Encoded, Encoder, EncoderError
-from .registry import ENCODERS, build_encoder, load_backbones
+from .registry import ENCODERS, build_encoder, encoder_fingerprint, load_backbones
 
 __all__ = ["LOAD_WORKERS", "BadInput", "Encoded", "Encoder", "EncoderError", "ENCODERS", "build_encoder",
-           "load_backbones"]
+           "encoder_fingerprint", "load_backbones"]

@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata as md
 import io
 import os
+import re
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,9 @@ def load_image_uint8(ref: Any, size: int, max_pixels: int = MAX_IMAGE_PIXELS) ->
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, BadInput):
             raise
-        raise BadInput(f"unreadable image: {e}") from None
+        # PIL names the file it was given; for inline bytes that is ``<_io.BytesIO object at 0x...>``
+        raise BadInput(f"unreadable image: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'inline bytes', str(e))}") \
+            from None
     return torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC)))  # writable copy
 
 
@@ -198,9 +201,12 @@ class Encoder:
         return None
 
     def encode_placeholder(self) -> Encoded:
-        """The missing-modality input (empty string, zero image, silent audio) through this same encoder."""
-        raw = PLACEHOLDERS[self.modality]
-        return self.encode([raw if self.modality == "text" else self.load(raw)])
+        """The missing-modality input (empty string, zero image, silent audio) through this same encoder; computed
+        once (the encoder is frozen), not per served request or extracted chunk."""
+        if getattr(self, "_placeholder", None) is None:
+            raw = PLACEHOLDERS[self.modality]
+            self._placeholder = self.encode([raw if self.modality == "text" else self.load(raw)])
+        return self._placeholder
 
     @property
     def fingerprint(self) -> dict:

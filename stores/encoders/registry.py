@@ -1,7 +1,7 @@
 """Encoder kinds by name, and the encoder blocks a head runs (CMPT, the LoRA oracle and baselines)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 from torch import nn
 
@@ -15,17 +15,30 @@ from .effnet_lite import EfficientNetLite0Encoder
 from .hf import HFEncoder
 
 
+T = TypeVar("T")
 ENCODERS = {"efficientnet_lite0": EfficientNetLite0Encoder, "whisper_ct2": WhisperCT2Encoder,
             "minilm": HFEncoder, "hf": HFEncoder}
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> Encoder:
     """The configured encoder; a model that cannot be found or loaded is one ``EncoderError`` line."""
+    return _loading(modality, cfg, lambda: ENCODERS[cfg.kind](cfg, modality))
+
+
+def encoder_fingerprint(modality: str, cfg: EncoderConfig) -> dict:
+    """``build_encoder(modality, cfg).fingerprint`` without loading the weights (an extraction with nothing to
+    encode checks its views against it, and builds no encoder)."""
+    identity = _loading(modality, cfg, lambda: ENCODERS[cfg.kind].identity(cfg, modality))
+    return {"modality": modality, "id": identity["id"], "revision": identity["revision"],
+            **identity["preprocessing"]}
+
+
+def _loading(modality: str, cfg: EncoderConfig, load: Callable[[], T]) -> T:
     if cfg.kind in ("hf", "minilm") and modality not in ("text", "image", "audio"):
         raise EncoderError(f"encoders.{modality}: Hugging Face encoders handle text/image/audio, not {modality!r}")
     check_model_path(modality, cfg.model)
     try:
-        return ENCODERS[cfg.kind](cfg, modality)
+        return load()
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - a file of another model raises anything from torch.load or transformers

@@ -16,15 +16,28 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from models.config import ExperimentConfig
+from models.config import EncoderConfig, ExperimentConfig
 from models.records import ExtractReport
 from stores.datasets import Dataset, Record, load_dataset
 from stores.datasets.base import describe_ref
 from stores.encoders.stream import encode_stream
-from stores.encoders import LOAD_WORKERS, Encoder, build_encoder
+from stores.encoders import LOAD_WORKERS, Encoder, build_encoder, encoder_fingerprint
 from stores.encoders.base import check_model_path
 from stores.features.feature_store import FeatureStore, StoreError
 from stores.features.views import ABSENT, View, content_key, now, write_json
+
+
+class LazyEncoders(dict):
+    """modality -> Encoder, each built on first use (loading weights takes seconds; an incremental run whose
+    inputs are all in the views needs none)."""
+
+    def __init__(self, configs: dict[str, EncoderConfig]):
+        super().__init__()
+        self.configs = configs
+
+    def __missing__(self, m: str) -> Encoder:
+        self[m] = build_encoder(m, self.configs[m])
+        return self[m]
 
 
 def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any]],
@@ -103,10 +116,13 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                              f"but the source now has {mods}; set data.name to a new dataset name")
         # with the ray engine the encoders here only name and create the views (placeholders): on the CPU
         local = {"device": "cpu"} if cfg.store.extract_engine == "ray" else {}
-        encoders = {m: build_encoder(m, enc_cfgs[m].model_copy(update=local)) for m in mods}
+        encoders = LazyEncoders({m: enc_cfgs[m].model_copy(update=local) for m in mods})
         views = store.views()
         for m in mods:
-            views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, encoders[m].encode_placeholder().item())
+            if views[m].exists:  # checked against the weights' files: a run with nothing to encode loads none
+                views[m].check(encoder_fingerprint(m, enc_cfgs[m]))
+            else:
+                views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, encoders[m].encode_placeholder().item())
         vec_dim = {m: views[m].meta["vec_dim"] for m in mods}
 
         rows = entity_rows(ds, store.entities())
@@ -155,11 +171,17 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         added = sum(r["id"] not in in_search for r in work)
         tbl = store.table
         changed = bool(work) or bool(changes["removed"])
-        indices = store.build_index(cfg.store.index_min_rows) if changed else [i.name for i in tbl.list_indices()]
+        trained = store.config_meta.get("index_trained_rows") if store.meta_path.exists() else None
+        if changed:
+            store.compact(cfg.store.max_fragments)
+            indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained)
+        else:
+            indices = [i.name for i in tbl.list_indices()]
         meta = store.meta
         out = {**meta.as_dict(), "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
                "missing_counts": _missing_counts(store, mods), "rows": tbl.count_rows(), "updated": now(),
-               "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now()}
+               "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now(),
+               "index_trained_rows": trained}
         store.write_meta(out)
     return ExtractReport(store.name, meta.fingerprint, added, len(rows) - len(stale), out["rows"],
                          meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,

@@ -17,11 +17,13 @@ import json
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from lancedb.index import IvfPq
 
@@ -31,10 +33,15 @@ from models.records import StoreInfo, StoreMeta
 
 from stores.features import filters
 from stores.features.location import StoreFile, StoreLocation
-from stores.features.split_cache import SplitCache
+from stores.features.split_cache import SplitArrays, SplitCache
 from stores.features.views import View, StoreError, fixed, now, view_name, write_json
 
 __all__ = ["FeatureStore", "StoreError", "open_store", "store_name", "decode_tokens", "SplitFeatures", "now"]
+
+
+# LanceDB's optimize (compaction, index update) also removes versions older than its cleanup age (7 days by
+# default); an extraction keeps every version, so that a run's pinned version stays until `mm store gc`
+KEEP_EVERY_VERSION = timedelta(days=365_000)
 
 
 def store_name(cfg: ExperimentConfig) -> str:
@@ -46,8 +53,8 @@ def store_name(cfg: ExperimentConfig) -> str:
 def legacy_store_name(cfg: ExperimentConfig) -> str:
     """The table name of the old layout (one table per dataset and encoder set), for migration."""
     data = cfg.data.model_dump(mode="json", exclude=runtime_fields(DataConfig))
-    for added in ("classes", "name"):
-        if data.get(added) is None:
+    for added, default in (("classes", None), ("name", None), ("format", "auto"), ("columns", {})):
+        if data.get(added) == default:  # fields added later: their defaults keep the names
             data.pop(added, None)
     enc = {m: e.model_dump(mode="json", exclude=set(runtime_fields(EncoderConfig))
                            | ({"decode"} if e.decode == "host" else set())  # added later: defaults keep names
@@ -76,30 +83,41 @@ def search_schema(modalities: list[str], vec_dim: dict[str, int]) -> pa.Schema:
 
 
 def decode_tokens(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray, dim: int, pad_to: int,
-                  order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Binary float16 blobs -> padded [N, pad_to, dim] float16 and mask [N, pad_to]. Row ``order[i]`` of the
-    column lands at output row i (default: same order); one memcpy per row, no intermediate copies."""
+                  order: np.ndarray | None = None,
+                  out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Binary float16 blobs -> padded [N, pad_to, dim] float16 and mask [N, pad_to] (True = real token). Row
+    ``order[i]`` of the column lands at output row i (default: same order); ``out``: zeroed arrays to write into
+    (a slice of a memory-map) instead of new ones. One vectorised gather of every real token, no per-row loop."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr) if order is None else len(order)
-    out = np.zeros((n, pad_to, dim), dtype=np.float16)
-    mask = np.zeros((n, pad_to), dtype=bool)
-    if n == 0:
-        return out, mask
+    rows = np.arange(len(arr)) if order is None else np.asarray(order, np.int64)
+    x, mask = out if out is not None else (np.zeros((len(rows), pad_to, dim), np.float16),
+                                           np.zeros((len(rows), pad_to), bool))
+    if len(rows) == 0:
+        return x, mask
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8).view(np.float16)
-    starts = offsets[:-1] // (2 * dim)
-    counts = np.minimum(np.where(np.diff(offsets) > 0, lengths, 0), pad_to).astype(np.int64)
-    rows = np.arange(n) if order is None else order
-    if order is None and (counts == pad_to).all() and (np.diff(starts) == pad_to).all():
-        out[:] = data[starts[0] * dim : (starts[0] + n * pad_to) * dim].reshape(n, pad_to, dim)
-        mask[:] = True
-        return out, mask
-    for i, r in enumerate(rows):
-        k = counts[r]
-        if k:
-            out[i, :k] = data[starts[r] * dim : (starts[r] + k) * dim].reshape(k, dim)
-            mask[i, :k] = True
-    return out, mask
+    blob = arr.buffers()[2]
+    data = np.frombuffer(blob, dtype=np.uint8)[: offsets[-1]] if blob is not None else np.zeros(0, np.uint8)
+    toks = data.view(np.float16)[: len(data) // (2 * dim) * dim].reshape(-1, dim)  # every stored token
+    counts = np.minimum(np.where(np.diff(offsets) > 0, lengths, 0), pad_to).astype(np.int64)[rows]
+    mask[:] = np.arange(pad_to) < counts[:, None]
+    first = np.cumsum(counts) - counts  # each output row's first token in the flat list of real tokens
+    within = np.arange(int(counts.sum())) - np.repeat(first, counts)  # each real token's position in its row
+    source = np.repeat(offsets[:-1][rows] // (2 * dim), counts) + within
+    x[np.repeat(np.arange(len(rows)), counts), within] = toks[source]
+    return x, mask
+
+
+def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 65536) -> np.ndarray:
+    """The Lance row id in ``view_table`` of each of ``keys`` (-1 where the view holds none). The view's keys are
+    streamed in batches and matched in Arrow (``pc.index_in`` against the distinct keys wanted), never gathered
+    whole or into a Python dict; a key stored twice maps to its last row, as a dict of the scan would."""
+    wanted = pc.unique(keys)
+    found = np.full(len(wanted), -1, np.int64)
+    for b in view_table.search().select(["key"]).with_row_id(True).limit(None).to_batches(batch_rows):
+        at = pc.fill_null(pc.index_in(b["key"], value_set=wanted), -1).to_numpy()
+        found[at[at >= 0]] = b["_rowid"].to_numpy()[at >= 0]
+    at = pc.fill_null(pc.index_in(keys, value_set=wanted), -1).to_numpy()
+    return np.where(at >= 0, found[at], -1)
 
 
 @dataclass
@@ -113,6 +131,8 @@ class FeatureStore:
     table ``name``. ``versions`` pins Lance versions (``{"dataset": 3, "text": 7}``); unpinned parts read the
     latest. Constructed from a name alone it reads the views from ``<name>.json``. ``root`` is a folder, a URI
     (``s3://bucket/prefix``) or a StoreLocation (which carries the URI's storage options and cache folder)."""
+
+    chunk_rows, chunk_bytes = 4096, 32 << 20  # a split decode step: at most this many rows and bytes of features
 
     def __init__(self, root: "Path | str | StoreLocation", name: str, read_cache: bool = True,
                  versions: dict[str, int] | None = None, dataset: str | None = None,
@@ -319,19 +339,41 @@ class FeatureStore:
         if ids and self._has(self.name):
             self.table.delete(filters.isin("id", ids))
 
-    def build_index(self, min_rows: int) -> list[str]:
-        """IVF-PQ cosine index on each pooled vector column of the search table once it is large enough."""
-        tbl, built = self.table, []
+    def update_index(self, min_rows: int, retrain_growth: float, trained_rows: int | None) -> tuple[list[str], int | None]:
+        """IVF-PQ cosine index on each pooled vector column of the search table once it has ``min_rows`` rows.
+        Trained (centroids and codebooks) when there is none or the table has grown ``retrain_growth`` times since
+        ``trained_rows``; otherwise the new rows are added to the existing index (Lance's ``optimize_indices``),
+        so an incremental extraction pays for its new rows, not for the table. Returns the indexed columns and the
+        row count the index was trained on."""
+        tbl = self.table
         n = tbl.count_rows()
         if n < min_rows:
-            return built
-        for m, view in self.views().items():
+            return [], trained_rows
+        indexed = {c for i in tbl.list_indices() for c in i.columns}
+        wanted = {f"{m}_vec": view for m, view in self.views().items()}
+        if trained_rows and set(wanted) <= indexed and n < trained_rows * retrain_growth:
+            tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)  # (it also compacts the table: pooled vectors only)
+            return sorted(wanted), trained_rows
+        for column, view in wanted.items():
             dim = view.meta["vec_dim"]
             sub = next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if s and dim % s == 0)
-            tbl.create_index(f"{m}_vec", config=IvfPq(distance_type="cosine", num_partitions=max(1, int(np.sqrt(n))),
-                                                      num_sub_vectors=sub), replace=True)
-            built.append(f"{m}_vec")
-        return built
+            tbl.create_index(column, config=IvfPq(distance_type="cosine", num_partitions=max(1, int(np.sqrt(n))),
+                                                  num_sub_vectors=sub), replace=True)
+        return sorted(wanted), n
+
+    def compact(self, max_fragments: int) -> dict[str, int]:
+        """Merge the data files of each table this config writes (dataset, views, search) whose latest version
+        holds more than ``max_fragments`` of them (Lance's compaction: a new version; older versions, and so
+        every version a run pinned, stay readable until ``mm store gc``). Returns the fragments per table after."""
+        out = {}
+        for name in dict.fromkeys([self.dataset, *self.view_names.values(), self.name]):
+            if not self._has(name):
+                continue
+            tbl = self.db.open_table(name)
+            if tbl.stats()["fragment_stats"]["num_fragments"] > max_fragments:
+                tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)
+            out[name] = tbl.stats()["fragment_stats"]["num_fragments"]
+        return out
 
     # ------------------------------------------------------------------ reading
     def spec(self) -> ModalitySpec:
@@ -342,61 +384,114 @@ class FeatureStore:
     def read_split(self, split: str, inputs: tuple[str, ...] = ("vec",)) -> SplitFeatures:
         """Every row of ``split`` as one FeatureBatch of CPU tensors (ids sorted), the dataset table joined with
         the views at the versions this store reads. Served from the decoded split cache when it holds exactly
-        those versions; otherwise decoded from Lance and cached. Rows whose features are not extracted yet
-        are left out."""
+        those versions; otherwise decoded from Lance chunk by chunk straight into a new cache entry's
+        memory-maps (``_decode``), and served from there: no read holds a whole split in memory (without a
+        cache, or when it cannot be written, the split is decoded into memory). Rows whose features are not
+        extracted yet are left out."""
         inputs = tuple(sorted(set(inputs)))
         store = self.pin()  # one set of versions for the whole read, even if a writer commits meanwhile
         vers = store.pinned
-        if self.cache is not None and (hit := self.cache.load(vers, split, inputs)) is not None:
-            return SplitFeatures(*hit)
-        got = store._read_lance(split, inputs)
         if self.cache is not None:
+            if (hit := self.cache.load(vers, split, inputs)) is not None:
+                return SplitFeatures(*hit)
             try:
-                self.cache.save(vers, split, inputs, got.ids, got.batch)
+                with self.cache.writer(vers, split, inputs) as entry:
+                    store._decode(split, inputs, entry)
+                if (hit := self.cache.load(vers, split, inputs)) is not None:
+                    return SplitFeatures(*hit)
             except OSError as e:  # a read-only or full disk costs speed, never the read
                 warnings.warn(f"split cache not written ({e}); reads decode from Lance", stacklevel=2)
-        return got
+        arrays = store._decode(split, inputs, SplitArrays())
+        return SplitFeatures(arrays.ids, arrays.batch())
 
-    def _read_lance(self, split: str, inputs: tuple[str, ...]) -> SplitFeatures:
-        meta, mods, views = self.meta, self.modalities, self.views()
-        ent = self.entity_table()
-        cols = ["id", "label", "labels"] + [f"{m}_key" for m in mods]
-        t = ent.search().where(filters.eq("split", split)).select(cols).limit(max(ent.count_rows(), 1)).to_arrow()
-        tables = {m: v.table() for m, v in views.items()}
-        row_ids = {m: views[m].row_ids(tables[m]) for m in mods}
-        keys = {m: t[f"{m}_key"].to_pylist() for m in mods}
-        keep = np.array([all(keys[m][i] in row_ids[m] for m in mods) for i in range(t.num_rows)], bool)
-        order = np.flatnonzero(keep)[np.argsort(np.asarray(t["id"].to_pylist(), dtype=object)[keep], kind="stable")]
-        order = order.astype(np.int64)
-        if meta.task == "multilabel":
-            y = torch.zeros(len(order), len(meta.classes))
-            for i, labels in enumerate(t["labels"].take(order).to_pylist()):
-                y[i, labels] = 1
-        else:
-            y = torch.from_numpy(t["label"].to_numpy().astype(np.int64)[order])
-        want = ["key", "present"] + (["vec"] if "vec" in inputs else []) + \
-            [c for k in ("tok", "emb") if k in inputs for c in (k, f"n{k}")]
-        present, batch_parts = [], {}
-        for m in mods:
-            rk = [keys[m][i] for i in order]
-            uniq = sorted({row_ids[m][k] for k in rk})
-            rows = views[m].take(tables[m], uniq, want)
-            pos = {k: i for i, k in enumerate(rows["key"].to_pylist())}
-            take = np.array([pos[k] for k in rk], np.int64)
-            present.append(rows["present"].to_numpy(zero_copy_only=False)[take])
-            batch_parts[m] = (rows, take)
-        b = FeatureBatch(torch.from_numpy(np.stack(present, 1) if present else np.zeros((len(order), 0), bool)), y)
-        for m, (rows, take) in batch_parts.items():
-            if "vec" in inputs:
-                col = rows["vec"].combine_chunks()
-                vec = col.values.to_numpy(zero_copy_only=False).reshape(len(col), meta.vec_dim[m])
-                b.vec[m] = torch.from_numpy(vec[take])
-            for kind, dim, length in (("tok", meta.tok_dim, meta.tok_len), ("emb", meta.emb_dim, meta.emb_len)):
-                if kind in inputs and m in dim:
-                    lengths = rows[f"n{kind}"].fill_null(0).to_numpy()
-                    x, mask = decode_tokens(rows[kind], lengths, dim[m], length[m], take)
-                    getattr(b, kind)[m], getattr(b, f"{kind}_mask")[m] = torch.from_numpy(x), torch.from_numpy(mask)
-        return SplitFeatures(t["id"].take(order).to_pylist(), b)
+    # LanceDB 0.40's Permutation / StreamingDataset stream ONE table's rows (filtered, shuffled by their own seeded
+    # permutation): a split here is the dataset table joined by content key with one view per modality, in id
+    # order, and training shuffles with its own torch generator (the draws trained numbers depend on). So the
+    # join is done here, streamed in chunks into the split cache's memory-maps, and batches are sampled there.
+    def _decode(self, split: str, inputs: tuple[str, ...], out: SplitArrays) -> SplitArrays:
+        """Decode ``split`` into ``out``'s arrays (ids sorted): the dataset table's rows joined with the views
+        (``_split_rows``), then ``chunk_rows`` rows (at most ``chunk_bytes`` of features) at a time: per view one
+        Lance take of the chunk's rows, decoded with Arrow/numpy into the chunk's slice of each array."""
+        t, rowids = self._split_rows(split)
+        n, out.ids = t.num_rows, t["id"].to_pylist()
+        kinds = self._allocate(out, n, inputs)
+        row_bytes = sum(a.nbytes for a in out.arrays.values()) // max(n, 1)
+        step = max(1, min(self.chunk_rows, self.chunk_bytes // max(row_bytes, 1)))
+        tables = {m: v.table() for m, v in self.views().items()}
+        for start in range(0, n, step):
+            part = slice(start, min(n, start + step))
+            self._fill_labels(out.arrays["y"][part], t.slice(part.start, part.stop - part.start))
+            for i, m in enumerate(self.modalities):
+                self._fill_features(out, part, i, m, tables[m], rowids[m][part], kinds[m])
+        return out
+
+    def _allocate(self, out: SplitArrays, n: int, inputs: tuple[str, ...]) -> dict[str, list[str]]:
+        """``out``'s (zeroed) arrays for ``n`` rows; returns the feature kinds read per modality."""
+        meta, mods = self.meta, self.modalities
+        multilabel = meta.task == "multilabel"
+        out.new("present", (n, len(mods)), bool)
+        out.new("y", (n, len(meta.classes)) if multilabel else (n,), np.float32 if multilabel else np.int64)
+        kinds = {m: ["vec"] * ("vec" in inputs) + [k for k in ("tok", "emb")
+                                                    if k in inputs and m in getattr(meta, f"{k}_dim")] for m in mods}
+        for m in mods:  # (each field's modalities in the dataset's order, as FeatureBatch.from_tensors keeps them)
+            for k in kinds[m]:
+                if k == "vec":
+                    out.new(f"vec__{m}", (n, meta.vec_dim[m]), np.float32)
+                    continue
+                length, dim = getattr(meta, f"{k}_len")[m], getattr(meta, f"{k}_dim")[m]
+                out.new(f"{k}__{m}", (n, length, dim), np.float16)
+                out.new(f"{k}_mask__{m}", (n, length), bool)
+        return kinds
+
+    def _fill_labels(self, y: np.ndarray, t: pa.Table) -> None:
+        """The chunk ``t``'s labels into its rows of ``y`` (class index, or multi-hot for multilabel)."""
+        if y.ndim == 1:
+            y[:] = t["label"].to_numpy().astype(np.int64)
+            return
+        lists = t["labels"].combine_chunks()
+        y[pc.list_parent_indices(lists).to_numpy(), pc.list_flatten(lists).to_numpy()] = 1
+
+    def _fill_features(self, out: SplitArrays, part: slice, i: int, m: str, tbl, rowids: np.ndarray,
+                       kinds: list[str]) -> None:
+        """Modality ``m``'s presence and features of the rows ``part`` (view rows ``rowids``) into ``out``."""
+        meta = self.meta
+        columns = ["present"] + [c for k in kinds for c in ((k,) if k == "vec" else (k, f"n{k}"))]
+        rows, back = self._take(tbl, rowids, columns)
+        out.arrays["present"][part, i] = rows["present"].fill_null(False).to_numpy(zero_copy_only=False)[back]
+        for k in kinds:
+            if k == "vec":
+                vec = rows["vec"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                out.arrays[f"vec__{m}"][part] = vec.reshape(-1, meta.vec_dim[m])[back]
+            else:
+                decode_tokens(rows[k], rows[f"n{k}"].fill_null(0).to_numpy(), getattr(meta, f"{k}_dim")[m],
+                              getattr(meta, f"{k}_len")[m], back,
+                              out=(out.arrays[f"{k}__{m}"][part], out.arrays[f"{k}_mask__{m}"][part]))
+
+    def _split_rows(self, split: str) -> tuple[pa.Table, dict[str, np.ndarray]]:
+        """The dataset table's rows of ``split`` whose every modality is extracted, sorted by id (id, label,
+        labels), and per modality the Lance row id of each row's features in its view."""
+        ent, views = self.entity_table(), self.views()
+        cols = ["id", "label", "labels"] + [f"{m}_key" for m in self.modalities]
+        t = ent.search().where(filters.eq("split", split)).select(cols).limit(None).to_arrow()
+        rowids = {m: key_rows(views[m].table(), t[f"{m}_key"]) for m in self.modalities}
+        keep = np.ones(t.num_rows, bool)
+        for r in rowids.values():
+            keep &= r >= 0
+        t = t.filter(pa.array(keep))
+        order = pc.sort_indices(t["id"]).to_numpy()  # stable; UTF-8 byte order is Python's str order
+        return t.select(["id", "label", "labels"]).take(order), {m: r[keep][order] for m, r in rowids.items()}
+
+    @staticmethod
+    def _take(tbl, rowids: np.ndarray, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+        """The view rows ``rowids`` (repeats allowed), each distinct one read once, and the position in that
+        table of each of ``rowids``."""
+        uniq, back = np.unique(rowids, return_inverse=True)
+        if len(uniq) == 0:
+            return tbl.search().select(columns).limit(1).to_arrow().slice(0, 0), back
+        got = tbl.take_row_ids(uniq.tolist()).select(columns + ["_rowid"]).to_arrow()  # (in row id order)
+        if not np.array_equal(got["_rowid"].to_numpy(), uniq):
+            got = got.take(pc.index_in(pa.array(uniq, got["_rowid"].type), value_set=got["_rowid"]))
+        return got, back
 
     def placeholders(self, inputs: tuple[str, ...] = ("vec", "tok", "emb")) -> FeatureBatch:
         """One-row FeatureBatch per modality's placeholder features (same padding as read_split)."""

@@ -68,6 +68,16 @@ def s3_options(given: dict[str, str] | None) -> dict[str, str]:
     return opts
 
 
+def s3_filesystem(options: dict[str, str]) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem on resolved ``s3_options`` (the store's files, users' shards in a bucket)."""
+    endpoint = options.get("aws_endpoint")
+    return pafs.S3FileSystem(region=options.get("aws_region"), endpoint_override=endpoint,
+                             scheme="http" if endpoint and endpoint.startswith("http://") else "https",
+                             access_key=options.get("aws_access_key_id"),
+                             secret_key=options.get("aws_secret_access_key"),
+                             session_token=options.get("aws_session_token"))
+
+
 def default_cache_dir(uri: str) -> Path:
     """A local folder per store URI: ``$XDG_CACHE_HOME/mmrobust`` (``~/.cache/mmrobust``), named by the URI."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmrobust"
@@ -121,13 +131,7 @@ class StoreLocation:
         if self.local is not None:
             return pafs.LocalFileSystem(), str(self.local.resolve())
         if self.scheme == "s3":  # the resolved options, not from_uri's own lookup, so Lance and pyarrow agree
-            o = self.options
-            endpoint = o.get("aws_endpoint")
-            fs = pafs.S3FileSystem(region=o.get("aws_region"), endpoint_override=endpoint,
-                                   scheme="http" if endpoint and endpoint.startswith("http://") else "https",
-                                   access_key=o.get("aws_access_key_id"), secret_key=o.get("aws_secret_access_key"),
-                                   session_token=o.get("aws_session_token"))
-            return fs, self.uri.split("://", 1)[1]
+            return s3_filesystem(self.options), self.uri.split("://", 1)[1]
         if self.scheme == "az":  # Lance's az://container/path; pyarrow.fs names the account separately
             o = {k.lower(): v for k, v in self.options.items()}
             account = (o.get("azure_storage_account_name") or o.get("account_name")

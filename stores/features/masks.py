@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.patterns import MissingPattern, presence_mask
 from stores.features import filters
@@ -42,11 +43,12 @@ class MaskStore:
             tbl = self._table()
             t = tbl.search().where(where).limit(max(tbl.count_rows(), 1)).to_arrow()
             if t.num_rows:
-                pos = {k: i for i, k in enumerate(t["id"].to_pylist())}
-                if missing := [k for k in ids if k not in pos]:
+                pos = pc.index_in(pa.array(ids, pa.string()), value_set=t["id"])  # joined in Arrow, not a dict
+                if pos.null_count:
+                    missing = pa.array(ids, pa.string()).filter(pos.is_null()).to_pylist()
                     raise StoreError(f"saved masks for {split}/{pattern.key}/seed {seed} lack ids {missing[:5]}")
                 cols = np.stack([t[f"{m}_present"].to_numpy(zero_copy_only=False) for m in mods], 1)
-                return cols[[pos[k] for k in ids]]
+                return cols[pos.to_numpy()]
             present = presence_mask(pattern, mods, len(ids), split, seed)
             tbl.add(pa.table({"dataset_version": [version] * len(ids), "split": [split] * len(ids),
                               "pattern": [pattern.key] * len(ids), "pattern_json": [pattern.model_dump_json()] * len(ids),

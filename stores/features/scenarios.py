@@ -1,11 +1,11 @@
-"""A split as a head sees it under a missing pattern: the saved presence mask applied (``masks``), each missing
-input replaced by its encoder's placeholder features, and noise added where the pattern asks for it."""
+"""A split as a head sees it under a missing pattern: the saved presence mask (``masks``) applied batch by batch
+to the split's memory-mapped features (``models.features.MaskedSplit``), each missing input replaced by its
+encoder's placeholder features in the batch only, and noise added where the pattern asks for it."""
 from __future__ import annotations
 
 import torch
 
-from models.features import add_noise, apply_presence
-from models.heads.base import FeatureBatch
+from models.features import MaskedSplit, Split, add_noise
 from models.patterns import MissingPattern, noise_generator
 from stores.features.feature_store import FeatureStore, SplitFeatures
 from stores.features.masks import MaskStore
@@ -27,13 +27,15 @@ class ScenarioReader:
             self._splits[name] = self.store.read_split(name, self.inputs)
         return self._splits[name]
 
-    def under(self, name: str, pattern: MissingPattern) -> FeatureBatch:
-        """Split ``name`` under ``pattern``: its saved presence mask (made on first use) applied, placeholders
-        in for the missing inputs, the pattern's noise added."""
+    def under(self, name: str, pattern: MissingPattern) -> Split:
+        """Split ``name`` under ``pattern``: its saved presence mask (made on first use) over the split's
+        features, applied to each batch as it is built (placeholders in for the missing inputs), nothing copied.
+        A noise pattern is the one exception: its noise is drawn over whole tensors (the draws of earlier
+        versions, so its numbers stay), so that split is materialised with the noise added."""
         split = self.split(name)
         present = self.masks.get(name, split.ids, pattern, self.seed)
-        batch = apply_presence(split.batch, torch.from_numpy(present), self.placeholder, self.modalities)
+        masked = MaskedSplit(split.batch, torch.from_numpy(present), self.placeholder, self.modalities)
         rng = noise_generator(pattern, name, self.seed)
-        if rng is not None:
-            batch = add_noise(batch, pattern.sigma, rng, pattern.modalities or self.modalities, pattern.sigma_scale)
-        return batch
+        if rng is None:
+            return masked
+        return add_noise(masked.whole(), pattern.sigma, rng, pattern.modalities or self.modalities, pattern.sigma_scale)

@@ -1,7 +1,9 @@
 """Decoded splits kept as ``.npy`` files next to the store, keyed by the Lance versions the read joined (dataset
 table and each feature view), so later reads are memory-maps instead of a Lance decode plus a copy into padded
-arrays. Any write bumps a version, which makes older entries unreachable for latest reads; an entry superseded
-on every part is removed when the next entry is saved (a pinned read of an old version rebuilds its own)."""
+arrays. An entry is written chunk by chunk into preallocated memory-maps (``SplitCache.writer``), so writing it
+never holds the split in memory either. Any write bumps a version, which makes older entries unreachable for
+latest reads; an entry superseded on every part is removed when the next entry is saved (a pinned read of an old
+version rebuilds its own)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,9 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -49,21 +53,27 @@ class SplitCache:
             return None
         return ids, FeatureBatch.from_tensors(mapped)
 
-    def save(self, versions: dict[str, int], split: str, inputs: tuple[str, ...], ids: list[str],
-             batch: FeatureBatch) -> None:
-        """Write atomically (temp folder + rename); a concurrent writer of the same entry simply loses."""
-        final = self._dir(versions, split, inputs)
-        if final.exists():
-            return
-        tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+    @contextmanager
+    def writer(self, versions: dict[str, int], split: str, inputs: tuple[str, ...]) -> Iterator["EntryWriter"]:
+        """A new entry: the caller fills the writer's memory-maps (``EntryWriter.new``) and sets its ``ids``. On a
+        clean exit the entry appears whole (temp folder + rename; a concurrent writer of the same entry simply
+        loses); on an error nothing of it is left."""
+        tmp = self._dir(versions, split, inputs).parent / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
-        arrays = batch.tensors()
-        for name, t in arrays.items():
-            np.save(tmp / f"{name}.npy", t.numpy())
-        (tmp / "ids.json").write_text(json.dumps(ids))
-        (tmp / "manifest.json").write_text(json.dumps({"arrays": list(arrays), "versions": versions}))
+        out = EntryWriter(tmp)
         try:
-            os.rename(tmp, final)
+            yield out
+            for a in out.arrays.values():
+                a.flush()
+            (tmp / "ids.json").write_text(json.dumps(out.ids))
+            (tmp / "manifest.json").write_text(json.dumps({"arrays": list(out.arrays), "versions": versions}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            out.arrays.clear()  # (the maps close once the caller drops them too)
+        try:
+            os.rename(tmp, self._dir(versions, split, inputs))
         except OSError:  # another process saved it first
             shutil.rmtree(tmp, ignore_errors=True)
         self.prune(keep=versions)
@@ -74,3 +84,37 @@ class SplitCache:
             old = self.parse(d.name) if d.is_dir() else None
             if old and old != keep and old.keys() == keep.keys() and all(old[k] <= keep[k] for k in keep):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+class SplitArrays:
+    """Where a split is decoded: zeroed arrays by flat FeatureBatch name (``new``), here in memory."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+        self.ids: list[str] = []
+
+    def new(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        self.arrays[name] = a = self._allocate(name, tuple(shape), np.dtype(dtype))
+        return a
+
+    def _allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def batch(self) -> FeatureBatch:
+        return FeatureBatch.from_tensors({name: torch.from_numpy(a) for name, a in self.arrays.items()})
+
+
+class EntryWriter(SplitArrays):
+    """A cache entry being written: each array a preallocated ``.npy`` memory-map (zeros until filled) in the
+    entry's temporary folder."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def _allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        path = self.folder / f"{name}.npy"
+        a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        with open(path, "r+b") as f:  # the blocks reserved now: a full disk is an OSError here, never a SIGBUS later
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        return a

@@ -105,10 +105,7 @@ class View:
     def create(self, modality: str, encoder_cfg: EncoderConfig, fingerprint: dict, placeholder: dict) -> None:
         """Create the table with its placeholder row (key ``absent``); check the encoder of an existing view."""
         if self.exists:
-            if self.meta["encoder"] != fingerprint:
-                raise StoreError(f"feature view {self.name} was extracted with encoder {self.meta['encoder']} but "
-                                 f"the config now gives {fingerprint} (weights changed); remove the view "
-                                 "(`mm store gc`) or use another store.root")
+            self.check(fingerprint)
             return
         meta = {"kind": "view", "modality": modality, "encoder": fingerprint,
                 "encoder_config": encoder_cfg.model_dump(mode="json", exclude=runtime_fields(EncoderConfig)),
@@ -120,6 +117,13 @@ class View:
             tbl.add(self.rows(meta["vec_dim"], [(ABSENT, dict(placeholder, present=False,
                                                              reason="absent in source"))]))
         write_json(self.meta_path, meta)
+
+    def check(self, fingerprint: dict) -> None:
+        """Refuse an encoder other than the one this view was extracted with."""
+        if self.meta["encoder"] != fingerprint:
+            raise StoreError(f"feature view {self.name} was extracted with encoder {self.meta['encoder']} but "
+                             f"the config now gives {fingerprint} (weights changed); remove the view "
+                             "(`mm store gc`) or use another store.root")
 
     @staticmethod
     def rows(vec_dim: int, items: list[tuple[str, dict]]) -> pa.Table:
@@ -147,7 +151,7 @@ class View:
         return dict(zip(t["key"].to_pylist(), t["_rowid"].to_pylist()))
 
     def take(self, tbl, row_ids: list[int], columns: list[str]) -> pa.Table:
-        """Rows by Lance row id, in the order given."""
+        """Rows by Lance row id, in row-id order (Lance's, whatever the order given: callers match them by key)."""
         if not row_ids:
             return tbl.search().select(columns).limit(1).to_arrow().slice(0, 0)
         return tbl.take_row_ids(row_ids).select(columns).to_arrow()

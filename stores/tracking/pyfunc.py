@@ -22,9 +22,11 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """The head and, at start rather than at the first request, its encoders. Server-side paths are read
         only under the folders in ``MM_SERVE_ROOTS`` (``:``-separated, none by default): clients send inline
-        data (base64 bytes, text, audio samples)."""
+        data (base64 bytes, text, audio samples). Concurrent requests are answered in micro-batches of up to
+        ``MM_SERVE_MAX_BATCH`` samples (32; 1 runs each request alone)."""
         import os
 
+        from stores.tracking.batching import MicroBatcher
         from stores.tracking.predictor import Predictor
 
         a = context.artifacts
@@ -32,10 +34,11 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_files(a["config"], a["meta"], a["state"], roots=roots)
         for m in self.predictor.meta.modalities:
             self.predictor.encoder(m)
+        self.batcher = MicroBatcher(self.predictor.predict, int(os.environ.get("MM_SERVE_MAX_BATCH", "32")))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         samples = model_input.astype(object).where(model_input.notna(), None).to_dict("records")
-        return pd.DataFrame(self.predictor.predict(samples))
+        return pd.DataFrame(self.batcher.submit(samples))
 
 
 mlflow.models.set_model(MissingRobustClassifier())

@@ -279,7 +279,8 @@ class LiveRun:
     def finish(self, result: RunResult) -> None:
         """Lineage tags, the dataset input, scenario metrics, artifacts and the (registered) model."""
         store, tracker = result.store, self.tracker
-        mlflow.set_tags({"head_variant": result.variant, "store": store.name, "store_fingerprint": store.fingerprint,
+        mlflow.set_tags({"head_variant": result.variant, "deviation": "+".join(result.deviations) or "none",
+                         "store": store.name, "store_fingerprint": store.fingerprint,
                          "dataset_version": store.dataset_version, "lance_version": str(store.lance_version),
                          **store.lineage})
         dataset = mlflow.data.meta_dataset.MetaDataset(
