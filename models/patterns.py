@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -25,11 +25,20 @@ class MissingPattern(BaseModel):
       noise         nothing missing; Gaussian noise N(0, sigma) added to features of ``modalities`` (all);
                     ``sigma_scale``: "absolute" (004 Table IX, the default) or "feature_std" (sigma times each
                     feature tensor's std, this project's extension)
+
+    Missing not at random (this project's extension; MuteBench: dropout protects only up to its training rate):
+      by_class      ``modality`` missing in exactly round(r_c * n_c) of the n_c rows of each class c, with r_c
+                    from ``class_rates`` (class name -> rate) and ``rate`` for classes not listed: the chance that
+                    a modality is missing depends on the label (single-label data)
+      burst         ``modality`` missing in exactly round(rate * n) rows that come in runs of ``burst_len``
+                    consecutive rows in id order (the last run may be shorter; runs may touch): outages, a
+                    sensor down for a stretch of recordings
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["complete", "per_modality", "map", "simultaneous", "absent", "noise"] = "complete"
+    kind: Literal["complete", "per_modality", "map", "simultaneous", "absent", "noise", "by_class", "burst"] = \
+        "complete"
     rates: dict[str, float] = Field(default_factory=dict)
     allow_all_missing: bool = False
     eta: float = 0.0
@@ -39,14 +48,16 @@ class MissingPattern(BaseModel):
     modalities: list[str] | None = None
     sigma: float = 0.0
     sigma_scale: Literal["absolute", "feature_std"] = "absolute"
+    class_rates: dict[str, float] = Field(default_factory=dict)  # by_class: class name -> missing rate
+    burst_len: int = Field(1, ge=1)  # burst: consecutive rows per run
 
     @model_validator(mode="after")
     def _check(self) -> "MissingPattern":
-        for name, r in {**self.rates, "eta": self.eta, "rate": self.rate}.items():
+        for name, r in {**self.rates, **self.class_rates, "eta": self.eta, "rate": self.rate}.items():
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"missing rate {name}={r} must lie in [0, 1]")
-        if self.kind == "absent" and not self.modality:
-            raise ValueError("pattern kind 'absent' needs `modality`")
+        if self.kind in ("absent", "by_class", "burst") and not self.modality:
+            raise ValueError(f"pattern kind {self.kind!r} needs `modality`")
         if self.kind == "noise" and self.sigma <= 0:
             raise ValueError("pattern kind 'noise' needs sigma > 0")
         return self
@@ -66,6 +77,11 @@ class MissingPattern(BaseModel):
             return f"simultaneous[{'+'.join(self.modalities or ['all'])}={_pct(self.rate)}]"
         if self.kind == "absent":
             return f"absent[{self.modality}]"
+        if self.kind == "by_class":
+            body = ",".join(f"{c}={_pct(r)}" for c, r in sorted(self.class_rates.items()))
+            return f"by_class[{self.modality}|{body},else={_pct(self.rate)}]"
+        if self.kind == "burst":
+            return f"burst[{self.modality}={_pct(self.rate)},len={self.burst_len}]"
         return f"noise[{'+'.join(self.modalities or ['all'])}={_num(self.sigma)},{self.sigma_scale}]"
 
     def check_modalities(self, modalities: list[str]) -> None:
@@ -142,8 +158,33 @@ def _no_empty_rows(rng: np.random.Generator, counts: list[int], n: int) -> np.nd
     return missing
 
 
-def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split: str, seed: int) -> np.ndarray:
-    """Boolean [n, M] presence matrix (True = present), a pure function of (pattern, split, seed, n)."""
+def _by_class(rng: np.random.Generator, pattern: MissingPattern, labels: Sequence[str] | None) -> np.ndarray:
+    """Rows missing under a ``by_class`` pattern: in each class, exactly its rate of its rows, drawn at random."""
+    if labels is None:
+        raise ValueError(f"pattern {pattern.key} depends on the class: its mask needs the rows' labels")
+    labels = np.asarray(labels, dtype=object)
+    rows = [_exact_subset(rng, np.flatnonzero(labels == c), pattern.class_rates.get(c, pattern.rate),
+                          int((labels == c).sum())) for c in sorted(set(labels.tolist()), key=str)]
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=int)
+
+
+def _bursts(rng: np.random.Generator, rate: float, run: int, n: int) -> np.ndarray:
+    """Exactly round(rate * n) rows in runs of ``run`` consecutive rows (the last one shorter), placed at random:
+    the runs and the remaining rows are shuffled as blocks (stars and bars), so every arrangement can occur."""
+    k = int(round(rate * n))
+    lengths = [run] * (k // run) + ([k % run] if k % run else [])
+    blocks = np.array([1] * len(lengths) + [0] * (n - k))  # 1: a run, 0: one present row
+    rng.shuffle(blocks)
+    sizes = np.where(blocks == 1, 0, 1)
+    sizes[blocks == 1] = lengths
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return np.concatenate([np.arange(s, s + z) for s, z, b in zip(starts, sizes, blocks) if b] or [np.zeros(0, int)])
+
+
+def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split: str, seed: int,
+                  labels: Sequence[str] | None = None) -> np.ndarray:
+    """Boolean [n, M] presence matrix (True = present), a pure function of (pattern, split, seed, n) and, for a
+    ``by_class`` pattern, the rows' class names (``labels``)."""
     pattern.check_modalities(modalities)
     rng = _rng(pattern, split, seed)
     present = np.ones((n, len(modalities)), dtype=bool)
@@ -165,6 +206,10 @@ def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split:
             present[rows, col[m]] = False
     elif pattern.kind == "absent":
         present[:, col[pattern.modality]] = False
+    elif pattern.kind == "by_class":
+        present[_by_class(rng, pattern, labels), col[pattern.modality]] = False
+    elif pattern.kind == "burst":
+        present[_bursts(rng, pattern.rate, pattern.burst_len, n), col[pattern.modality]] = False
     return present
 
 
@@ -205,5 +250,10 @@ def scenario_slug(pattern: MissingPattern, modalities: list[str]) -> str:
         return f"map-{pattern.mp_type}-{_pct_slug(pattern.eta)}"
     if pattern.kind == "simultaneous":
         return f"simultaneous-{'+'.join(pattern.modalities or ['all'])}-{_pct_slug(pattern.rate)}"
+    if pattern.kind == "by_class":  # (class names are data: a short digest keeps the slug metric-safe)
+        digest = hashlib.sha256(pattern.key.encode()).hexdigest()[:6]
+        return f"by_class-{pattern.modality}-{_pct_slug(pattern.rate)}-{digest}"
+    if pattern.kind == "burst":
+        return f"burst-{pattern.modality}-{_pct_slug(pattern.rate)}-len{pattern.burst_len}"
     scale = {"absolute": "abs", "feature_std": "std"}[pattern.sigma_scale]
     return f"noise-{'+'.join(pattern.modalities or ['all'])}-{_num(pattern.sigma)}-{scale}"

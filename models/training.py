@@ -115,6 +115,7 @@ def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfi
     for epoch in range(cfg.epochs):
         head.train()
         total = aux_total = 0.0
+        stats: dict[str, float] = {}
         for b in batches(train, cfg.batch_size, gen):
             b = b.to(device)
             with _autocast(device, cfg.bf16):
@@ -130,10 +131,12 @@ def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfi
             sched.step()
             total += loss.item() * b.size
             aux_total += float(out.aux_loss.detach()) * b.size
+            for name, value in out.stats.items():
+                stats[name] = stats.get(name, 0.0) + float(value) * b.size
         scores = {name: classification_metrics(predict(head, v, cfg), v.y, task)[key] for name, v in vals.items()}
         score = sum(scores.values()) / len(scores)
         row = {"epoch": epoch, "train_loss": total / train.size, "aux_loss": aux_total / train.size,
-               f"val_{key}": score, **({f"val_{key}/{n}": v for n, v in scores.items()} if len(scores) > 1 else {})}
+               **{name: value / train.size for name, value in stats.items()}, f"val_{key}": score, **({f"val_{key}/{n}": v for n, v in scores.items()} if len(scores) > 1 else {})}
         history.append(row)
         if on_epoch:
             on_epoch(row)

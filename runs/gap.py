@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.patterns import missing_scenario, modalities_of
+from models.patterns import MissingPattern, missing_scenario, modalities_of, scenario_slug
 from models.records import COMPARE, RunRow
 
 EARLY = "early"  # zero-fill early fusion's variant name
+MODDROP = "moddrop"  # modality dropout's
 # below one point (6-10 test rows here) the ratio is noise: Fashion's 0.2-point gap gave +-300% on one seed
 MIN_GAP = 0.01
 
@@ -69,3 +70,34 @@ def gap_metrics(results: list[RunRow], metric: str) -> dict[str, dict[str, float
     keys = add_gap_closed(results, metric, modalities_of(sorted({s for r in results for s in r.scenarios})))
     out = {r.run_id: {COMPARE + k: r.summary[k] for k in keys if k in r.summary} for r in results if r.run_id}
     return {run_id: m for run_id, m in out.items() if m}
+
+
+def protection_horizon(results: list[RunRow], metric: str) -> dict[str, dict[str, float | None]]:
+    """How far each head's protection reaches (this project's extension; MuteBench reports that dropout protects
+    only up to its training rate): per head variant (mean over its runs) and modality m, the lowest missing rate
+    of m in the test grid at which it falls below the oracle of the remaining modality (``oracle_<m>``) and
+    below modality dropout (``moddrop_<m>``) at that rate; None: not within the grid (or no reference run).
+    Two-modality datasets, heads trained on complete data. Keys as ``{variant: {"oracle_image": 0.5, ...}}``."""
+    scenarios = sorted({s for r in results for s in r.scenarios})
+    modalities = modalities_of(scenarios)
+    if len(modalities) != 2:
+        return {}
+
+    def mean_at(variant: str, scenario: str) -> float | None:
+        vals = [r.scenarios[scenario][metric] for r in results if r.train_pattern == "complete"
+                and without_deviations(r.variant) == variant and metric in r.scenarios.get(scenario, {})]
+        return float(np.mean(vals)) if vals else None
+
+    heads = sorted({r.variant for r in results if r.train_pattern == "complete" and not r.variant.startswith("oracle[")})
+    out: dict[str, dict[str, float | None]] = {h: {} for h in heads}
+    for m in modalities:
+        rest = next(x for x in modalities if x != m)
+        grid = [(rate, s) for rate in np.round(np.linspace(0, 1, 101), 2)
+                if (s := scenario_slug(MissingPattern(kind="per_modality", rates={m: float(rate)}), modalities))
+                in scenarios]
+        for h in heads:
+            for name, ref in (("oracle", oracle_variant(rest)), ("moddrop", MODDROP)):
+                below = [rate for rate, s in grid if (mine := mean_at(without_deviations(h), s)) is not None
+                         and (theirs := mean_at(ref, s)) is not None and mine < theirs]
+                out[h][f"{name}_{m}"] = float(below[0]) if below else None
+    return out

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from models.config import TrackingConfig
-from models.records import RunRow
 from models.patterns import MissingPattern, missing_scenario, modalities_of, scenario_slug
-from runs.gap import add_gap_closed
+from models.records import RunRow
+from runs.gap import add_gap_closed, protection_horizon
 from stores.tracking.runs import run_results
 
 
@@ -141,7 +141,8 @@ def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str =
     fig.savefig(out_dir / "robustness.png", dpi=110)
     plt.close(fig)
     md = f"# {title}\n\nTest {metric} (%, mean ± sd when there is more than one seed). Scenario columns give " \
-         f"each modality's missing rate at test.\n\n{table}\n\n![robustness](robustness.png)\n"
+         f"each modality's missing rate at test.\n\n{table}\n\n{horizon_table(results, metric)}" \
+         f"![robustness](robustness.png)\n"
     (out_dir / "report.md").write_text(md)
     body = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in line.strip('|').split('|'))}</tr>"
                    for line in table.splitlines() if not line.startswith("|---"))
@@ -150,6 +151,22 @@ def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str =
                                          f"<h1>{html.escape(title)}</h1><table>{body}</table>"
                                          f"<img src='robustness.png'></body></html>")
     return out_dir / "report.md"
+
+
+def horizon_table(results: list[RunRow], metric: str) -> str:
+    """The protection horizon (``runs.gap.protection_horizon``) as a Markdown section, or nothing when the sweep
+    lacks the references (the oracles, modality dropout)."""
+    horizon = protection_horizon(results, metric)
+    if not any(v is not None for h in horizon.values() for v in h.values()):
+        return ""
+    keys = list(next(iter(horizon.values())))  # per modality: below the oracle, below modality dropout
+    lines = ["## Protection horizon", "", "The lowest test missing rate at which a head (trained on complete data) "
+             "falls below the unimodal oracle of the remaining modality, and below modality dropout; "
+             "\"-\": not within the grid.", "", "| head | " + " | ".join(k.replace("_", ", no ") for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    lines += [f"| {h} | " + " | ".join("-" if v[k] is None else f"{v[k]:.0%}" for k in keys) + " |"
+              for h, v in horizon.items()]
+    return "\n".join(lines) + "\n\n"
 
 
 def compare_table(tracking: TrackingConfig, experiment: str, metric: str = "acc") -> pd.DataFrame:

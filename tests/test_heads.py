@@ -98,6 +98,19 @@ def test_cmpt_alignment_only_on_complete_rows():
     assert head(batch(8)).aux_loss > 0
 
 
+def test_cmpt_reports_the_norms_of_its_proxies_and_targets_per_epoch():
+    """Eq. 4's MSE can fall by shrinking both sides (no stop-gradient): the sizes of both are in the history."""
+    from models.config import TrainConfig
+    from models.training import fit
+    head = make("cmpt").train()
+    out = head(batch(8))
+    assert set(out.stats) == {"proxy_norm", "target_norm"} and all(v > 0 for v in out.stats.values())
+    assert make("cmpt").eval()(batch(8)).stats == {}
+    data = batch(16, MIXED.repeat(2, 1)[:16])
+    history = fit(head, data, data, TrainConfig(epochs=2, batch_size=8, device="cpu"), seed=0).history
+    assert all(row["proxy_norm"] > 0 and row["target_norm"] > 0 for row in history) and len(history) == 2
+
+
 def test_cmpt_encoder_backbone_requires_blocks():
     with pytest.raises(ValueError, match="no encoder blocks"):
         build_head(parse_head_config({"name": "cmpt", "backbone": "encoder"}), SPEC, {})

@@ -58,3 +58,68 @@ def test_scenario_slugs_are_mlflow_safe_and_distinct():
     assert slugs[0] == "image-000/text-000" and slugs[1] == "image-030/text-000"
     assert len(set(slugs)) == len(slugs) and all(ok(f"test/acc/{s}") for s in slugs)
     assert scenario_slug(MissingPattern(kind="absent", modality="text"), MODS) == "image-000/text-100"
+
+
+def test_missing_by_class_meets_each_class_rate_exactly_and_is_seeded():
+    labels = ["cat"] * 300 + ["dog"] * 200 + ["eel"] * 100
+    p = MissingPattern(kind="by_class", modality="text", class_rates={"cat": 0.8, "dog": 0.1}, rate=0.5)
+    a = presence_mask(p, MODS, 600, "train", 0, labels)
+    missing = {c: int((~a[np.array(labels) == c, 1]).sum()) for c in ("cat", "dog", "eel")}
+    assert missing == {"cat": 240, "dog": 20, "eel": 50} and a[:, 0].all()
+    assert np.array_equal(a, presence_mask(p, MODS, 600, "train", 0, labels))
+    assert not np.array_equal(a, presence_mask(p, MODS, 600, "train", 1, labels))
+    with pytest.raises(ValueError, match="needs the rows' labels"):
+        presence_mask(p, MODS, 600, "train", 0)
+    with pytest.raises(ValueError, match="must lie in"):
+        MissingPattern(kind="by_class", modality="text", class_rates={"cat": 1.5})
+
+
+def test_missing_in_bursts_of_consecutive_rows():
+    p = MissingPattern(kind="burst", modality="image", rate=0.3, burst_len=25)
+    a = presence_mask(p, MODS, 1000, "test", 0)
+    gone = ~a[:, 0]
+    assert gone.sum() == 300 and a[:, 1].all()
+    starts = np.flatnonzero(gone & ~np.concatenate([[False], gone[:-1]]))
+    assert len(starts) <= 300 // 25  # 12 runs of 25, merged where they touch: never scattered rows
+    assert not np.array_equal(a, presence_mask(p, MODS, 1000, "test", 1))
+    short = presence_mask(MissingPattern(kind="burst", modality="text", rate=0.07, burst_len=5), MODS, 100, "val", 0)
+    assert (~short[:, 1]).sum() == 7  # a run of 5 and one of 2
+    slugs = {scenario_slug(q, MODS) for q in (p, MissingPattern(kind="by_class", modality="text", rate=0.2))}
+    assert len(slugs) == 2 and all("/" not in s and " " not in s for s in slugs)
+
+
+def test_a_class_dependent_pattern_reads_the_stores_labels(colour_store):
+    from stores.features.feature_store import FeatureStore, StoreError
+    from stores.features.scenarios import ScenarioReader
+    cfg, report = colour_store
+    reader = ScenarioReader(FeatureStore(cfg.store.root, report.store), ("vec",), seed=0)
+    p = MissingPattern(kind="by_class", modality="image", class_rates={"class0": 1.0, "class1": 0.0}, rate=0.5)
+    split = reader.split("train")
+    present = reader.under("train", p).present.numpy()
+    names = np.array(reader.class_names(split, p))
+    assert not present[names == "class0", 0].any() and present[names == "class1", 0].all()
+    assert (~present[names == "class2", 0]).sum() == round(0.5 * (names == "class2").sum())
+    with pytest.raises(StoreError, match=r"classes \['kitten'\]"):
+        reader.under("train", MissingPattern(kind="by_class", modality="image", class_rates={"kitten": 0.3}))
+
+
+def test_protection_horizon_is_the_first_test_rate_where_a_head_falls_below_each_reference(tmp_path):
+    from models.records import RunRow
+    from runs.gap import protection_horizon
+    from runs.reporting import write_report
+    rates = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+    def run(variant, accs_image_missing):
+        scenarios = {scenario_slug(MissingPattern(kind="per_modality", rates={"image": r}), MODS): {"acc": a}
+                     for r, a in zip(rates, accs_image_missing)}
+        scenarios[scenario_slug(MissingPattern(kind="absent", modality="text"), MODS)] = {"acc": 0.5}
+        return RunRow(variant, "complete", 0, scenarios, {})
+    runs = [run("oracle[only:text]", [0.8] * 5), run("moddrop", [0.9, 0.85, 0.8, 0.75, 0.7]),
+            run("early", [0.92, 0.8, 0.7, 0.6, 0.5]), run("mmp", [0.93, 0.9, 0.88, 0.86, 0.85])]
+    horizon = protection_horizon(runs, "acc")
+    assert horizon["early"]["oracle_image"] == 0.5 and horizon["early"]["moddrop_image"] == 0.25
+    assert horizon["moddrop"]["oracle_image"] == 0.75 and horizon["moddrop"]["moddrop_image"] is None
+    assert horizon["mmp"] == {"oracle_image": None, "moddrop_image": None, "oracle_text": None,
+                              "moddrop_text": None}
+    report = write_report(runs, tmp_path, "horizon").read_text()
+    assert "## Protection horizon" in report and "| early | 50% | 25% | - | - |" in report

@@ -77,11 +77,13 @@ class FeatureBatch:
 @dataclass
 class HeadOutput:
     """``logits`` [N, C]; ``aux_loss`` is added to the task loss; ``target_index`` maps logits rows to batch
-    rows when a head emits several examples per sample in training (None: one row per sample, in order)."""
+    rows when a head emits several examples per sample in training (None: one row per sample, in order);
+    ``stats``: scalars the head reports in training, averaged per epoch into its history (``train/<name>``)."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     target_index: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Head(nn.Module):

@@ -137,11 +137,15 @@ class CMPT(Head):
             cls[m], proxy[m] = self.run_stream(m, batch)
         fused, aux = 0, self.zero(cls[mods[0]])
         complete = present.all(1)
+        norms: dict[str, list[torch.Tensor]] = {"proxy_norm": [], "target_norm": []}
         for idx, i in enumerate(mods):
             sources = [j for j in mods if j != i]
             stand = {j: self.proxy_in(j, i, proxy[j][i]) for j in sources}
             if complete.any():  # Eq. 4: MSE(CMPT_{j->i}, CLS_i) on complete samples, no stop-gradient
                 aux = aux + sum(F.mse_loss(stand[j][complete].float(), cls[i][complete].float()) for j in sources)
+                if self.training:  # both sides' size: an alignment that shrinks them both shows as a collapse
+                    norms["proxy_norm"] += [stand[j][complete].detach().float().norm(dim=-1).mean() for j in sources]
+                    norms["target_norm"] += [cls[i][complete].detach().float().norm(dim=-1).mean()] * len(sources)
             if sources:  # Eq. 5 gating: the available modalities' proxies stand in for a missing CLS_i
                 w = torch.stack([keep[:, mods.index(j)] for j in sources], 1).to(cls[i].dtype).unsqueeze(-1)
                 stand_in = (torch.stack([stand[j] for j in sources], 1) * w).sum(1) / w.sum(1).clamp_min(1)
@@ -149,4 +153,5 @@ class CMPT(Head):
                 stand_in = cls[i]
             token = torch.where(keep[:, idx, None], cls[i], stand_in)
             fused = fused + (self.fusion_proj[i](token) if i in self.fusion_proj else token)
-        return HeadOutput(self.classifier(fused), self.cfg.lam * aux)
+        stats = {name: torch.stack(values).mean() for name, values in norms.items() if values}
+        return HeadOutput(self.classifier(fused), self.cfg.lam * aux, stats=stats)

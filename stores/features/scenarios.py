@@ -7,7 +7,7 @@ import torch
 
 from models.features import MaskedSplit, Split, add_noise
 from models.patterns import MissingPattern, noise_generator
-from stores.features.feature_store import FeatureStore, SplitFeatures
+from stores.features.feature_store import FeatureStore, SplitFeatures, StoreError
 from stores.features.masks import MaskStore
 
 
@@ -27,13 +27,25 @@ class ScenarioReader:
             self._splits[name] = self.store.read_split(name, self.inputs)
         return self._splits[name]
 
+    def class_names(self, split: SplitFeatures, pattern: MissingPattern) -> list[str]:
+        """Each row's class name, for ``pattern`` that draws per class (single-label stores only)."""
+        meta = self.store.meta
+        unknown = set(pattern.class_rates) - set(meta.classes)
+        if meta.task == "multilabel":
+            raise StoreError("a by_class missing pattern needs single-label data; this store is multi-label")
+        if unknown:
+            raise StoreError(f"by_class rates name classes {sorted(unknown)} this store does not have "
+                             f"({', '.join(meta.classes[:10])}{' ...' if len(meta.classes) > 10 else ''})")
+        return [meta.classes[int(i)] for i in split.batch.y.tolist()]
+
     def under(self, name: str, pattern: MissingPattern) -> Split:
         """Split ``name`` under ``pattern``: its saved presence mask (made on first use) over the split's
         features, applied to each batch as it is built (placeholders in for the missing inputs), nothing copied.
         A noise pattern is the one exception: its noise is drawn over whole tensors (the draws of earlier
         versions, so its numbers stay), so that split is materialised with the noise added."""
         split = self.split(name)
-        present = self.masks.get(name, split.ids, pattern, self.seed)
+        present = self.masks.get(name, split.ids, pattern, self.seed,
+                                 self.class_names(split, pattern) if pattern.kind == "by_class" else None)
         masked = MaskedSplit(split.batch, torch.from_numpy(present), self.placeholder, self.modalities)
         rng = noise_generator(pattern, name, self.seed)
         if rng is None:
