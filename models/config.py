@@ -233,6 +233,9 @@ class SweepConfig(Strict):
     max_parallel: int = Field(2, ge=1)  # concurrent training tasks; 1 per GPU is the safe default on GPU workers
     # process: a local process pool of max_parallel workers; ray: one Ray task per run (see the ray section)
     runner: Literal["process", "ray"] = "process"
+    # `mm pipeline`: tune every head first (the tune section's budget, the same for each, on validation only)
+    # and sweep with each head's tuned settings: for datasets where a head's advantage needs per-dataset tuning
+    tune_first: bool = False
 
     @field_validator("heads")
     @classmethod

@@ -316,3 +316,18 @@ def test_gap_references_keep_their_role_whatever_deviations_they_carry():
             RunRow("mmp[deviation:select=robust]", "complete", 0, {"image-100/text-000": {"acc": 0.6}}, {})]
     assert add_gap_closed(runs, "acc", ["image", "text"]) == ["gap_closed_image"]
     assert runs[2].summary["gap_closed_image"] == pytest.approx(0.5)
+
+
+def test_pipeline_tunes_every_head_first_and_sweeps_with_the_tuned_settings(colour_store, tmp_path, prefect_harness):
+    """``sweep.tune_first``: the tune section's budget per head, then the sweep runs (named ``-tuned``) with
+    the tuned values, written as ``mm tune`` writes them."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline_flow
+    cfg = _tune_cfg(colour_store, tmp_path, "sweep.heads=[{name: early}]", "sweep.seeds=[0]", "tune.n_trials=1",
+                    "sweep.tune_first=true", "sweep.max_parallel=1", "eval.test_rates=[0.0,1.0]")
+    out = pipeline_flow(cfg, version=False)
+    tuned = load_tuned(tmp_path / "tuned" / f"{cfg.data.dataset_name}-early.yaml")
+    [row] = out.sweep.results
+    run = MlflowClient(cfg.tracking.uri).get_run(row.run_id)
+    assert run.info.run_name.endswith("-tuned") and run.data.params["train.lr"] == str(tuned["train"]["lr"])
