@@ -162,7 +162,15 @@ class FeatureStore:
                             self.view_names)
 
     def _has(self, table: str) -> bool:
-        return table in self.db.list_tables().tables
+        """Whether ``table`` exists with a first commit: a table being created is listed (its folder) a moment
+        before it can be opened, which a reader running beside the extraction can see."""
+        if table not in self.db.list_tables().tables:
+            return False
+        try:
+            self.db.open_table(table)
+        except ValueError:  # "Table ... was not found": created, not committed yet
+            return False
+        return True
 
     # ------------------------------------------------------------------ names and metadata
     @property
