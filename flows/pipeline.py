@@ -4,7 +4,6 @@ Every unit of work is a task (``tasks/``); flows compose them and never call the
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 
@@ -13,11 +12,10 @@ from flows.runners import sweep_task_runner, task_threads
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
 from models.records import Evaluation, PipelineResult, Reproduction, RunRow, SweepResult, summary_metric
-from stores.config_files import load_tuned, with_tree
 from tasks.evaluation import evaluate_model
 from tasks.reporting import finish_sweep, report, start_sweep
 from tasks.training import check_tracking, open_experiment, reproduce_run, train_all, update_champions
-from tasks.tuning import tune_head
+from tasks.tuning import tuned_sweep
 
 
 @flow(name="train")
@@ -89,17 +87,7 @@ def pipeline_flow(config: ExperimentConfig, version: bool = True) -> PipelineRes
     check_tracking(config)  # before the long extraction, not after it
     extracted = extract_flow(config, version=version)
     dvc_hash = extracted.version.dvc_hash if extracted.version else None
-    configs = tuned_sweep(config) if config.sweep.tune_first else None
+    configs = tuned_sweep(sweep_configs(config)) if config.sweep.tune_first else None
     swept = run_sweep(config, {"dvc_hash": dvc_hash} if dvc_hash else None, configs)
     return PipelineResult(extracted, swept)
 
-
-def tuned_sweep(config: ExperimentConfig) -> list[ExperimentConfig]:
-    """``sweep.tune_first``: each distinct head of the sweep tuned with the tune section's budget (the tuned
-    YAML written as ``mm tune`` writes it), then the sweep grid with each head's tuned settings (its runs named
-    ``-tuned``)."""
-    grid = sweep_configs(config)
-    heads = {c.head.model_dump_json(): c.head for c in grid}
-    tuned = {key: load_tuned(Path(tune_head(config.model_copy(update={"head": head}), head.name).path))
-             for key, head in heads.items()}
-    return [with_tree(c, tuned[c.head.model_dump_json()]) for c in grid]
