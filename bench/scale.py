@@ -136,20 +136,22 @@ def write_config(path: Path, name: str, shards: Path, store: Path, models: dict[
 
 # ------------------------------------------------------------------ measuring one command
 def measured(cmd: list[str], env: dict[str, str], label: str) -> dict:
-    """Run `cmd` under /usr/bin/time: wall (s), peak RSS (MB, the largest process of its tree), stdout, and the
-    1-minute load average before and after (other users' jobs: a loaded 2-core machine slows torch a lot)."""
+    """Run `cmd` under /usr/bin/time: wall (s), CPU seconds (user + sys of the tree), peak RSS (MB, the largest
+    process of the tree), stdout, and the 1-minute load average before and after (other users' jobs: on a loaded
+    2-core machine wall time swings 2-10x, CPU seconds much less)."""
     stats = Path(tempfile.mktemp(suffix=".time"))
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd], env=env, cwd=ROOT,
+    p = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", "-o", str(stats), *cmd], env=env, cwd=ROOT,
                        capture_output=True, text=True)
     wall = time.perf_counter() - t0
     last = stats.read_text().strip().splitlines()[-1].split()
     stats.unlink()
-    res = {"wall": wall, "rss_mb": int(last[1]) / 1024, "rc": p.returncode, "stdout": p.stdout,
+    res = {"wall": wall, "rss_mb": int(last[1]) / 1024, "cpu": float(last[2]) + float(last[3]),
+           "rc": p.returncode, "stdout": p.stdout,
            "load": (load, os.getloadavg()[0])}
     status = "" if p.returncode == 0 else f"  FAILED rc={p.returncode}: {p.stderr.strip()[-600:]}"
-    print(f"  {label}: {wall:.1f} s, {res['rss_mb']:.0f} MB (load {load:.1f} -> {res['load'][1]:.1f}){status}",
+    print(f"  {label}: {wall:.1f} s ({res['cpu']:.0f} CPU s), {res['rss_mb']:.0f} MB (load {load:.1f} -> {res['load'][1]:.1f}){status}",
           flush=True)
     return res
 
@@ -419,6 +421,7 @@ def figures(r: dict) -> list[tuple[str, object]]:
     flow_s = r["extract_report"].get("seconds")
     return [
         ("`mm extract` wall (s)", ex["wall"]),
+        ("`mm extract` CPU (s, user + sys)", ex.get("cpu")),
         ("rows/s, whole command", n / ex["wall"]),
         ("rows/s, the extraction itself (report's seconds)", n / flow_s if flow_s else None),
         ("`mm extract` peak RSS (MB)", ex["rss_mb"]),
@@ -430,15 +433,19 @@ def figures(r: dict) -> list[tuple[str, object]]:
         ("+1% wall / full wall", inc["wall"] / ex["wall"]),
         ("(+1% wall - 0-new wall) / full wall", (inc["wall"] - noop["wall"]) / ex["wall"]),
         (f"`mm train` {r['heads'][0]}: wall (s)", tv["wall"]),
+        (f"`mm train` {r['heads'][0]}: CPU (s)", tv.get("cpu")),
         (f"`mm train` {r['heads'][0]}: peak RSS (MB)", tv["rss_mb"]),
         (f"`mm train` {r['heads'][0]}: epoch (s, fit/seconds / 2)", epoch(tv)),
         (f"`mm train` {r['heads'][1]}: wall (s)", tt["wall"]),
+        (f"`mm train` {r['heads'][1]}: CPU (s)", tt.get("cpu")),
         (f"`mm train` {r['heads'][1]}: peak RSS (MB)", tt["rss_mb"]),
         (f"`mm train` {r['heads'][1]}: epoch (s, fit/seconds / 2)", epoch(tt)),
         ("plain loop encode to .npy: process wall (s)", pe["wall"]),
         ("plain loop encode: the loop itself (s)", pe["seconds"]),
+        ("plain loop encode: CPU (s)", pe.get("cpu")),
         ("plain loop encode: peak RSS (MB)", pe["rss_mb"]),
         ("`mm extract` wall / plain loop's process wall", ex["wall"] / pe["wall"]),
+        ("`mm extract` CPU / plain loop's CPU", ex["cpu"] / pe["cpu"] if ex.get("cpu") and pe.get("cpu") else None),
         ("extraction itself / plain loop itself", flow_s / pe["seconds"] if flow_s and pe["seconds"] else None),
         ("`mm extract` peak RSS / plain loop's", ex["rss_mb"] / pe["rss_mb"]),
         ("plain MLP epoch over memmap .npy, with 3 validation passes (s, median of 3)", pm["seconds"]),
@@ -470,16 +477,20 @@ def combined_table(results: list[dict]) -> str:
 
 def exponents_table(results: list[dict]) -> str:
     a, b = sorted(results, key=lambda r: r["n"])[-2:]
-    items = [("`mm extract` wall", "extract", "wall"), ("`mm extract` peak RSS", "extract", "rss_mb"),
+    items = [("`mm extract` wall", "extract", "wall"), ("`mm extract` CPU", "extract", "cpu"),
+             ("`mm extract` peak RSS", "extract", "rss_mb"),
              (f"`mm train` {a['heads'][0]} wall", "train_vector", "wall"),
+             (f"`mm train` {a['heads'][0]} CPU", "train_vector", "cpu"),
              (f"`mm train` {a['heads'][0]} peak RSS", "train_vector", "rss_mb"),
              (f"`mm train` {a['heads'][1]} wall", "train_token", "wall"),
+             (f"`mm train` {a['heads'][1]} CPU", "train_token", "cpu"),
              (f"`mm train` {a['heads'][1]} peak RSS", "train_token", "rss_mb"),
              ("`mm extract` +1% wall", "incremental", "wall"), ("`mm extract` 0 new rows wall", "noop", "wall"),
+             ("`mm extract` 0 new rows peak RSS", "noop", "rss_mb"), ("plain loop encode CPU", "plain_encode", "cpu"),
              ("plain loop encode wall", "plain_encode", "wall"), ("plain loop encode peak RSS", "plain_encode", "rss_mb")]
     rows = [f"| growth exponent, {a['n']:,} -> {b['n']:,} rows | exponent |", "|---|---|"]
     for name, part, key in items:
-        rows.append(f"| {name} | {fmt(exponent(a['n'], a[part][key], b['n'], b[part][key]), 2)} |")
+        rows.append(f"| {name} | {fmt(exponent(a['n'], a[part].get(key), b['n'], b[part].get(key)), 2)} |")
     for name, part in ((f"{a['heads'][0]} epoch (fit/seconds)", "train_vector"),
                        (f"{a['heads'][1]} epoch (fit/seconds)", "train_token")):
         rows.append(f"| {name} | {fmt(exponent(a['n'], a[part]['fit_seconds'], b['n'], b[part]['fit_seconds']), 2)} |")
@@ -555,7 +566,7 @@ def main() -> None:
             args.json_out.write_text(json.dumps(doc, indent=1, default=str))
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n## bench/scale.py: {' '.join(map(str, args.sizes))} rows (measured under load: +-30%)\n")
+    print(f"\n## bench/scale.py: {' '.join(map(str, args.sizes))} rows (a shared machine: see the load-average row)\n")
     if results:
         print(combined_table(results) + "\n")
     if len(results) > 1:
