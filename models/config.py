@@ -179,7 +179,9 @@ class StoreConfig(Strict):
             raise ValueError(f"{secret} look like credentials: set them in the environment (AWS_SECRET_ACCESS_KEY, "
                              "AWS_SESSION_TOKEN, ...), not in the config, which is logged to MLflow and Prefect")
         return v
-    write_every: int = Field(64, ge=1)  # rows per committed Lance write (the unit lost by a crash)
+    # rows per committed Lance write (the unit lost by a crash; each commit is a Lance version until the end of the
+    # run prunes it: stores/features/history.py)
+    write_every: int = Field(512, ge=1)
     # who encodes: "local" (this process, decoding on a thread pool) or "ray" (one streaming Ray Data job: decode
     # tasks + ray.encode_actors encoder actors on the cluster of the ray section); the same commits either way
     extract_engine: Literal["local", "ray"] = "local"
@@ -189,6 +191,9 @@ class StoreConfig(Strict):
     index_retrain_growth: float = Field(2.0, ge=1)
     # an extraction compacts each table it wrote whose latest version holds more data files (fragments) than this
     max_fragments: int = Field(8, ge=1)
+    # an extraction keeps each table's final version (tagged), pinned ones and those younger than this; the commits
+    # in between go when it ends (stores/features/history.py)
+    version_grace_s: float = Field(600.0, ge=0)
     lock_timeout_s: float = Field(0.0, ge=0)  # a second writer waits this long for the lock, then fails clearly
     dvc_repo: Path = Path(".")  # the git/DVC repository whose data.dvc tracks the store's top folder
     # default DVC remote: a folder (relative to dvc_repo, or absolute) or a URI such as s3://bucket/path
@@ -279,6 +284,7 @@ class RayConfig(Strict):
     num_gpus_per_task: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     encode_actors: int = Field(1, ge=1)  # Ray Data encoder actors (one GPU each when the cluster has GPUs)
     encode_cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved per encoder actor (also its torch threads)
+    window_rows: int = Field(16_384, ge=1)  # rows per streaming Ray Data encoding job (bounds the inputs in flight)
     # passed to ray.init, e.g. {env_vars: {MLFLOW_S3_ENDPOINT_URL: ...}} or {working_dir: .} for a remote cluster
     runtime_env: dict[str, Any] = Field(default_factory=dict)
 

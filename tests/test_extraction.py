@@ -22,7 +22,8 @@ def ids_of(store: FeatureStore) -> list[str]:
 
 
 def test_incremental_run_resumes_without_duplicates_compacted_with_pinned_versions_kept(tmp_path, colour_store):
-    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw"), store__write_every=2)
+    cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw"), store__write_every=2,
+                          store__version_grace_s=0)
     first = extract(cfg, progress=False, max_rows=10)  # "crash" after 10 rows (5 commits of 2)
     assert first.added == 10 and first.rows == 10
     pinned = FeatureStore(cfg.store.root, first.store).pin(first.versions).read_split("train", ("vec",))
@@ -34,6 +35,12 @@ def test_incremental_run_resumes_without_duplicates_compacted_with_pinned_versio
     for name in [store.dataset, *store.view_names.values(), store.name]:
         fragments = store.db.open_table(name).stats()["fragment_stats"]["num_fragments"]
         assert fragments <= cfg.store.max_fragments, (name, fragments)
+        # the 13 commits in between are gone; each run's final version stays, tagged (and the latest)
+        tbl = store.db.open_table(name)
+        finals = {t["version"] for tag, t in tbl.tags.list().items() if tag.startswith("extract-v")}
+        part = {store.dataset: "dataset", **{v: m for m, v in store.view_names.items()}}.get(name)
+        assert part is None or first.versions[part] in finals, (name, first.versions, finals)
+        assert len(tbl.list_versions()) <= 3 and tbl.version in finals, (name, tbl.list_versions())
     # what a run read before is still there, row for row (compaction writes a new version, deletes none)
     again = FeatureStore(cfg.store.root, first.store).pin(first.versions).read_split("train", ("vec",))
     assert again.ids == pinned.ids and np.array_equal(again.batch.vec["image"], pinned.batch.vec["image"])

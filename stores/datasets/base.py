@@ -9,7 +9,8 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -57,14 +58,45 @@ class Record:
     payload: dict[str, Any]  # modality -> file path / text / in-memory reference, or None when absent
 
 
+class StreamedRecords(Sequence):
+    """A source's records read again from it on each pass (``batches``), never all held: iterating streams; ``len``
+    is known from the first pass; indexing reads the whole source into a list once (small sources, tests)."""
+
+    def __init__(self, batches: Callable[[], Iterator[list[Record]]], n: int):
+        self.batches, self._n, self._all = batches, n, None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Record]:
+        for batch in self.batches():
+            yield from batch
+
+    def __getitem__(self, i):
+        if self._all is None:
+            self._all = list(self)
+        return self._all[i]
+
+
+BATCH_RECORDS = 1024
+
+
 @dataclass
 class Dataset:
     name: str
     modalities: list[str]
     classes: list[str]
-    records: list[Record]
+    records: Sequence[Record]  # a list, or StreamedRecords for a source read batch by batch
     task: str = "multiclass"
     resolvers: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # modality -> ref -> raw input
+
+    def batches(self) -> Iterator[list[Record]]:
+        """The records in source order, a batch at a time (a streamed source holds only one batch)."""
+        if isinstance(self.records, StreamedRecords):
+            yield from self.records.batches()
+            return
+        for start in range(0, len(self.records), BATCH_RECORDS):
+            yield list(self.records[start : start + BATCH_RECORDS])
 
     def raw(self, modality: str, ref: Any) -> Any:
         """The raw input behind a payload reference (a path unless the adapter resolves it itself)."""

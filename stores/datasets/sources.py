@@ -208,15 +208,17 @@ class Source:
         return feature.get("names") if feature.get("_type") == "ClassLabel" else None
 
     # ------------------------------------------------------------------ reading
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        """Every row, shard by shard, as record batches in the module's schema (see the docstring)."""
-        want = [self.names[f] for f in ("id", "split", "label")] + [self.names[m] for m in self.modalities]
-        schema = pa.schema([(f, TYPES[f]) for f in ("id", "split", "label", *self.modalities)])
-        offset = 0
+    def batches(self, payloads: bool = True) -> Iterator[pa.RecordBatch]:
+        """Every row, shard by shard, as record batches in the module's schema (see the docstring); without the
+        modality columns when not ``payloads`` (Parquet and Arrow then skip reading the image/audio bytes)."""
+        mods = self.modalities if payloads else []
+        want = [self.names[f] for f in ("id", "split", "label")] + [self.names[m] for m in mods]
+        schema = pa.schema([(f, TYPES[f]) for f in ("id", "split", "label", *mods)])
+        offset, self._ids = 0, {}  # generated ids count from 0 on every pass
         for shard in self.shards:
             for raw in self._raw(shard, want):
                 if raw.num_rows:
-                    yield self._normalise(raw, shard, offset, schema)
+                    yield self._normalise(raw, shard, offset, schema, mods)
                     offset += raw.num_rows
 
     def _raw(self, shard: Shard, want: list[str]) -> Iterator[pa.RecordBatch]:
@@ -240,7 +242,8 @@ class Source:
                     return n
         return "?"
 
-    def _normalise(self, raw: pa.RecordBatch, shard: Shard, offset: int, schema: pa.Schema) -> pa.RecordBatch:
+    def _normalise(self, raw: pa.RecordBatch, shard: Shard, offset: int, schema: pa.Schema,
+                   mods: list[str]) -> pa.RecordBatch:
         have = set(raw.schema.names)
         if missing := [self.names[f] for f in ("label", "split") if self.names[f] not in have
                        and (f == "label" or shard.split is None)]:
@@ -257,7 +260,7 @@ class Source:
         label, multilabel = self._labels(col["label"])
         self._check(ids, offset, pc.greater(pc.list_value_length(label), 0), lambda i: "empty label")
         out = [ids, split, label]
-        for m in self.modalities:
+        for m in mods:
             c = col[m] if col[m] is not None else pa.nulls(n)
             out.append(self._text(c) if m == "text" else self._file_cells(c, shard, m, offset))
         return pa.RecordBatch.from_arrays(out, schema=schema.with_metadata({"multilabel": "1" if multilabel else "0"}))

@@ -9,22 +9,25 @@ import json
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from models.config import EncoderConfig, ExperimentConfig
 from models.records import ExtractReport
-from stores.datasets import Dataset, Record, load_dataset
-from stores.datasets.base import describe_ref
+from stores.datasets import Dataset, load_dataset
 from stores.encoders.stream import encode_stream
-from stores.encoders import LOAD_WORKERS, Encoder, build_encoder, encoder_fingerprint
+from stores.encoders import Encoder, build_encoder, encoder_fingerprint
 from stores.encoders.base import check_model_path
+from stores.extraction.entities import SEARCH_COLUMNS, entity_table
+from stores.extraction.key_index import KeyIndex, appended_rowids
 from stores.features.feature_store import FeatureStore, StoreError
-from stores.features.views import ABSENT, View, content_key, now, write_json
+from stores.features.history import keep_run_versions
+from stores.features.row_diff import absent_from, differs, duplicate_ids
+from stores.features.views import View, now, write_json
 
 
 class LazyEncoders(dict):
@@ -51,58 +54,16 @@ def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any
         yield key, feats if feats is not None else reason
 
 
-def _stat(raw: Any) -> str | None:
-    """(path, size, mtime) of a file input: an unchanged stat lets a rerun skip re-hashing the file."""
-    if isinstance(raw, str) and Path(raw).is_file():
-        st = Path(raw).stat()
-        return json.dumps([raw, st.st_size, st.st_mtime_ns])
-    return None
-
-
-def entity_rows(ds: Dataset, old: dict[str, dict]) -> list[dict]:
-    """The dataset table's rows: entity columns plus each modality's content key (re-hashed only when the
-    file's stat changed)."""
-
-    def row(r: Record) -> dict:
-        out = {"id": r.id, "split": r.split, "label": -1 if isinstance(r.label, list) else r.label,
-               "labels": r.label if isinstance(r.label, list) else [r.label],
-               "source": json.dumps({m: describe_ref(v) for m, v in r.payload.items() if not isinstance(v, np.ndarray)})}
-        prev = old.get(r.id, {})
-        for m in ds.modalities:
-            ref = r.payload.get(m)
-            raw = None if ref is None else ds.raw(m, ref)
-            stat = _stat(raw) if m != "text" else None
-            if ref is None:
-                key = ABSENT
-            elif stat is not None and prev.get(f"{m}_stat") == stat:
-                key = prev[f"{m}_key"]
-            else:
-                key = content_key(m, raw)
-            out[f"{m}_key"], out[f"{m}_stat"] = key, stat
-        return out
-
-    with ThreadPoolExecutor(LOAD_WORKERS) as pool:  # file hashing releases the GIL
-        return list(pool.map(row, ds.records))
-
-
-SEARCH_COLUMNS = ("split", "label", "labels", "source")
-
-
-def _up_to_date(row: dict, have: dict | None, modalities: list[str]) -> bool:
-    return have is not None and all(have[c] == row[c] for c in SEARCH_COLUMNS) and \
-        all(have[f"{m}_key"] == row[f"{m}_key"] for m in modalities)
-
-
 def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None = None) -> ExtractReport:
     """Bring the store up to date with the source and the config's encoders. Each ``store.write_every`` rows
     are one atomic commit per view and one to the search table, so a crash loses at most the batch in flight
-    and a rerun resumes without duplicates. ``max_rows`` stops after that many rows (incremental runs, tests)."""
+    and a rerun resumes without duplicates. ``max_rows`` stops after that many rows (incremental runs, tests).
+
+    Memory does not grow with the source's payloads: the source is read twice as a stream of record batches
+    (once to hash every input into the dataset table's rows, once to encode the rows that need it), and what is
+    kept whole is compact: the dataset table's ids and content keys as Arrow, each view's keys as a ``KeyIndex``."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data)
-    ids = [r.id for r in ds.records]
-    if len(set(ids)) != len(ids):
-        dup = [k for k, n in Counter(ids).items() if n > 1]
-        raise StoreError(f"dataset {ds.name} has duplicate ids, e.g. {dup[:5]}")
     enc_cfgs = cfg.encoder_configs()
     if missing := [m for m in ds.modalities if m not in enc_cfgs]:
         raise StoreError(f"no encoder configured for modalities {missing} of dataset {ds.name}")
@@ -114,6 +75,9 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         if store.dataset_meta_path.exists() and store.dataset_meta["modalities"] != mods:
             raise StoreError(f"dataset table {store.dataset} holds modalities {store.dataset_meta['modalities']} "
                              f"but the source now has {mods}; set data.name to a new dataset name")
+        ent = entity_table(ds, store.entity_arrow())  # first pass over the source: every input hashed
+        if dup := duplicate_ids(ent["id"]):
+            raise StoreError(f"dataset {ds.name} has duplicate ids, e.g. {dup[:5]}")
         # with the ray engine the encoders here only name and create the views (placeholders): on the CPU
         local = {"device": "cpu"} if cfg.store.extract_engine == "ray" else {}
         encoders = LazyEncoders({m: enc_cfgs[m].model_copy(update=local) for m in mods})
@@ -125,56 +89,49 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                 views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, encoders[m].encode_placeholder().item())
         vec_dim = {m: views[m].meta["vec_dim"] for m in mods}
 
-        rows = entity_rows(ds, store.entities())
-        changes = store.sync_entities(rows, mods)
+        changes = store.sync_entities(ent, mods)
         _record_dataset(store, ds, cfg)
         if not store.meta_path.exists():  # readable as soon as its first rows land, even if this run dies
             store.write_meta({**store.meta.as_dict(), "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
                               "created": now()})
 
-        in_search = store.search_rows()
-        stale = [r for r in rows if not _up_to_date(r, in_search.get(r["id"]), mods)]
-        work = stale[:max_rows]
-        current = set(ids)
-        store.delete_search([i for i in in_search if i not in current])
-        have = {m: views[m].row_ids(views[m].table()) for m in mods}
+        in_search = store.search_arrow()
+        key_cols = [f"{m}_key" for m in mods]
+        if in_search is not None and in_search.num_rows:
+            stale_mask = differs(ent, in_search, [*SEARCH_COLUMNS, *key_cols])
+            store.delete_search(absent_from(in_search["id"], ent["id"]))
+            is_new = pc.invert(pc.is_in(ent["id"], value_set=in_search["id"]))
+        else:
+            stale_mask, is_new = np.ones(ent.num_rows, bool), pa.array(np.ones(ent.num_rows, bool))
+        del in_search
+        work = ent.append_column("new_in_search", is_new).filter(stale_mask).slice(0, max_rows)
+        n_stale = int(stale_mask.sum())
+        index = {m: KeyIndex.of_table(views[m].table()) for m in mods}
         timing: Counter = Counter()
-        bar = tqdm(total=len(work), desc=f"extract {store.name}", disable=not progress, unit="item")
-        raw_of = {r.id: r.payload for r in ds.records}
-        plan = _plan(work, mods, have, cfg.store.write_every)
-        encoded = _encoded(cfg, plan, encoders, lambda m, pairs: [(k, ds.raw(m, raw_of[i][m])) for k, i in pairs])
-        for chunk, todo in plan:
-            feats = {}
-            for m in mods:
-                new_inputs, seconds = next(encoded)  # this chunk's inputs of modality m that the view lacks
-                timing[m + "_s"] += seconds
-                timing[m + "_n"] += len(new_inputs)
-                feats[m] = _view_features(views[m], encoders[m], m, chunk, new_inputs, have)
-            search = []
-            for r in chunk:
-                issues = {m: feats[m][r[f"{m}_key"]]["reason"] for m in mods
-                          if not feats[m][r[f"{m}_key"]]["present"]}
-                search.append({**{c: r[c] for c in ("id", *SEARCH_COLUMNS)},
-                               "issues": json.dumps(issues) if issues else None,
-                               **{k: v for m in mods for k, v in ((f"{m}_key", r[f"{m}_key"]),
-                                                                  (f"{m}_present", feats[m][r[f"{m}_key"]]["present"]),
-                                                                  (f"{m}_vec", feats[m][r[f"{m}_key"]]["vec"]))}})
-            fresh = [s for s in search if s["id"] not in in_search]
-            if fresh:
-                store.upsert_search(fresh, vec_dim, new=True)
-            if len(fresh) < len(search):
-                store.upsert_search([s for s in search if s["id"] in in_search], vec_dim, new=False)
-            bar.update(len(chunk))
-        encoded.close()  # the ray engine's job ends here (or when an error unwinds this frame)
+        bar = tqdm(total=work.num_rows, desc=f"extract {store.name}", disable=not progress, unit="item")
+        plan = _plan(_work_chunks(ds, work, cfg.store.write_every), mods, index)
+        for window in _windows(plan, cfg):  # second pass over the source: only the rows that need writing
+            encoded = _encoded(cfg, window, encoders, lambda m, pairs: [(k, ds.raw(m, ref)) for k, ref in pairs])
+            for chunk, _ in window:
+                feats = {}
+                for m in mods:
+                    new_inputs, seconds = next(encoded)  # this chunk's inputs of modality m that the view lacks
+                    timing[m + "_s"] += seconds
+                    timing[m + "_n"] += len(new_inputs)
+                    feats[m] = _view_features(views[m], encoders[m], m, chunk, new_inputs, index[m])
+                _write_search(store, chunk, feats, mods, vec_dim)
+                bar.update(len(chunk))
+            encoded.close()  # the ray engine's job ends here (or when an error unwinds this frame)
         bar.close()
 
-        added = sum(r["id"] not in in_search for r in work)
+        added = int(pc.sum(work["new_in_search"]).as_py() or 0)
         tbl = store.table
-        changed = bool(work) or bool(changes["removed"])
+        changed = bool(work.num_rows) or bool(changes["removed"])
         trained = store.config_meta.get("index_trained_rows") if store.meta_path.exists() else None
         if changed:
             store.compact(cfg.store.max_fragments)
             indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained)
+            keep_run_versions(store.location, store.written_tables(), cfg.store.version_grace_s)
         else:
             indices = [i.name for i in tbl.list_indices()]
         meta = store.meta
@@ -183,40 +140,76 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now(),
                "index_trained_rows": trained}
         store.write_meta(out)
-    return ExtractReport(store.name, meta.fingerprint, added, len(rows) - len(stale), out["rows"],
+    return ExtractReport(store.name, meta.fingerprint, added, ent.num_rows - n_stale, out["rows"],
                          meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,
                          {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
-                         {m: int(timing[m + "_n"]) for m in mods}, len(work) - added, len(changes["removed"]),
+                         {m: int(timing[m + "_n"]) for m in mods}, work.num_rows - added, len(changes["removed"]),
                          meta.versions)
 
 
-Chunk = tuple[list[dict], dict[str, list[tuple[str, str]]]]
+Chunk = tuple[list[dict], dict[str, list[tuple[str, Any]]]]
 
 
-def _plan(work: list[dict], mods: list[str], have: dict[str, dict], write_every: int) -> list[Chunk]:
-    """The work in commit chunks of ``write_every`` rows, each with, per modality, the (content key, id of its
-    first row) pairs to encode: keys not in the view yet, each once per run (a later chunk reads it back)."""
-    planned: dict[str, set[str]] = {m: set() for m in mods}
-    plan = []
-    for start in range(0, len(work), write_every):
-        chunk, todo = work[start : start + write_every], {}
+def _work_chunks(ds: Dataset, work: pa.Table, write_every: int) -> Iterator[list[dict]]:
+    """The ``work`` rows (dataset-table rows plus ``new_in_search``) in source order, in chunks of ``write_every``,
+    each row with its ``payload`` (modality -> reference) read from a second pass over the source."""
+    if not work.num_rows:
+        return
+    ids = work["id"].combine_chunks()
+    chunk: list[dict] = []
+    for recs in ds.batches():
+        pos = pc.index_in(pa.array([r.id for r in recs], pa.string()), value_set=ids)
+        valid = pos.is_valid()  # (null: a row up to date)
+        if not pc.any(valid).as_py():
+            continue
+        rows = work.take(pos.filter(valid)).to_pylist()
+        for i, row in zip(np.flatnonzero(valid.to_numpy(zero_copy_only=False)), rows):
+            row["payload"] = recs[i].payload
+            chunk.append(row)
+            if len(chunk) == write_every:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _plan(chunks: Iterable[list[dict]], mods: list[str], index: dict[str, KeyIndex]) -> Iterator[Chunk]:
+    """Each chunk with, per modality, the (content key, raw reference) pairs to encode: keys neither in the view
+    nor planned earlier in this run, each once (a later chunk reads it back from the view)."""
+    for chunk in chunks:
+        todo = {}
         for m in mods:
-            first: dict[str, str] = {}
+            first: dict[str, Any] = {}
             for r in chunk:
-                if (k := r[f"{m}_key"]) not in have[m] and k not in planned[m]:
-                    first.setdefault(k, r["id"])
-            planned[m].update(first)
-            todo[m] = list(first.items())
-        plan.append((chunk, todo))
-    return plan
+                first.setdefault(r[f"{m}_key"], r["payload"].get(m))
+            keys = list(first)
+            fresh = [k for k, known in zip(keys, index[m].contains(keys)) if not known]
+            index[m].plan(fresh)
+            todo[m] = [(k, first[k]) for k in fresh]
+        yield chunk, todo
+
+
+def _windows(plan: Iterator[Chunk], cfg: ExperimentConfig) -> Iterator[list[Chunk]]:
+    """Chunks handed to the encoder together: one at a time in this process (``local``); for the ``ray`` engine
+    up to ``ray.window_rows`` rows per streaming Ray Data job, so a job's start-up is shared by many chunks while
+    the raw inputs in flight stay bounded."""
+    size = 1 if cfg.store.extract_engine == "local" else max(1, cfg.ray.window_rows // cfg.store.write_every)
+    window: list[Chunk] = []
+    for item in plan:
+        window.append(item)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
 
 
 def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encoder],
-             items: Callable[[str, list[tuple[str, str]]], list[tuple[str, Any]]]) -> Iterator[tuple[list, float]]:
+             items: Callable[[str, list[tuple[str, Any]]], list[tuple[str, Any]]]) -> Iterator[tuple[list, float]]:
     """Per chunk and modality of ``plan``, in plan order, lazily: the list of (key, features or reason) and the
     seconds spent decoding and encoding it. Encoded in this process chunk by chunk (``store.extract_engine:
-    local``), or by one streaming Ray Data job over the whole plan (``ray``; seconds summed over its workers), its
-    batches regrouped per chunk as they arrive."""
+    local``), or by one streaming Ray Data job over the window of chunks (``ray``; seconds summed over its workers),
+    its batches regrouped per chunk as they arrive."""
     enc_cfgs = cfg.encoder_configs()
     if cfg.store.extract_engine == "local":
         for _, todo in plan:
@@ -256,9 +249,9 @@ def _absolute(m: str, items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
 
 def _view_features(view: View, encoder: Encoder, m: str, chunk: list[dict], encoded: list[tuple[str, Any]],
-                   have: dict[str, dict]) -> dict[str, dict]:
+                   index: KeyIndex) -> dict[str, dict]:
     """key -> {present, reason, vec} for the chunk's keys of modality ``m``: the chunk's newly ``encoded`` inputs
-    are committed to the view (one Lance commit), the rest read back from the view."""
+    are committed to the view (one Lance commit) and located in ``index``, the rest read back from the view."""
     keys = list(dict.fromkeys(r[f"{m}_key"] for r in chunk))
     out: dict[str, dict] = {}
     if encoded:
@@ -266,19 +259,39 @@ def _view_features(view: View, encoder: Encoder, m: str, chunk: list[dict], enco
         rows = [(k, dict(f, present=True, reason=None) if isinstance(f, dict) else
                  dict(placeholder, present=False, reason=f)) for k, f in encoded]
         view.add(rows)
+        index.located([k for k, _ in rows], appended_rowids(view.table(), [k for k, _ in rows]))
         for k, f in rows:
             out[k] = {"present": f["present"], "reason": f["reason"], "vec": f["vec"]}
-            have[m][k] = None  # in the view; its row id is looked up only if a later chunk needs it
     rest = [k for k in keys if k not in out]
-    if any(have[m][k] is None for k in rest):
-        have[m].update(view.row_ids(view.table()))
     if rest:
-        tbl = view.table()
-        t = view.take(tbl, [have[m][k] for k in rest], ["key", "present", "reason", "vec"])
+        rowids = index.rowids(rest)
+        if (rowids < 0).any():
+            raise StoreError(f"feature view {view.name} lacks keys {[k for k, r in zip(rest, rowids) if r < 0][:3]} "
+                             "this run planned (an encoder batch was lost); a rerun resumes")
+        t = view.take(view.table(), rowids.tolist(), ["key", "present", "reason", "vec"])
         for k, p, reason, vec in zip(t["key"].to_pylist(), t["present"].to_pylist(), t["reason"].to_pylist(),
                                      t["vec"].to_numpy(zero_copy_only=False)):
             out[k] = {"present": p, "reason": reason, "vec": np.asarray(vec, np.float32)}
+        if lost := [k for k in rest if k not in out]:  # a digest collision in the index, or a removed row
+            raise StoreError(f"feature view {view.name}: keys {lost[:3]} were not where its index said")
     return out
+
+
+def _write_search(store: FeatureStore, chunk: list[dict], feats: dict[str, dict[str, dict]], mods: list[str],
+                  vec_dim: dict[str, int]) -> None:
+    """The chunk's rows of the search table: appended for ids new to it, merged on id for the others."""
+    search = []
+    for r in chunk:
+        issues = {m: feats[m][r[f"{m}_key"]]["reason"] for m in mods if not feats[m][r[f"{m}_key"]]["present"]}
+        search.append({**{c: r[c] for c in ("id", *SEARCH_COLUMNS)}, "issues": json.dumps(issues) if issues else None,
+                       **{k: v for m in mods for k, v in ((f"{m}_key", r[f"{m}_key"]),
+                                                          (f"{m}_present", feats[m][r[f"{m}_key"]]["present"]),
+                                                          (f"{m}_vec", feats[m][r[f"{m}_key"]]["vec"]))}})
+    fresh = [s for s, r in zip(search, chunk) if r["new_in_search"]]
+    if fresh:
+        store.upsert_search(fresh, vec_dim, new=True)
+    if len(fresh) < len(search):
+        store.upsert_search([s for s, r in zip(search, chunk) if not r["new_in_search"]], vec_dim, new=False)
 
 
 def _record_dataset(store: FeatureStore, ds: Dataset, cfg: ExperimentConfig) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from models.config import ExperimentConfig
 from stores.datasets import load_dataset
-from stores.extraction.local import entity_rows
+from stores.extraction.entities import entity_table
 from stores.features.feature_store import FeatureStore, legacy_store_name, store_name
 from stores.features.location import StoreLocation
 from stores.features.views import StoreError, View, view_name
@@ -28,7 +28,7 @@ def migrate_legacy(cfg: ExperimentConfig) -> dict:
     old = db.open_table(legacy).to_arrow()
     ph = db.open_table(legacy + "-placeholders").to_arrow()
     ds = load_dataset(cfg.data)
-    keys = {r["id"]: r for r in entity_rows(ds, {})}
+    keys = {r["id"]: r for r in entity_table(ds, None).to_pylist()}  # (old layouts are demo-sized)
     enc_cfgs = cfg.encoder_configs()
     store = FeatureStore.for_config(cfg, ds.modalities)
     copied = {}

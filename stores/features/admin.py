@@ -4,11 +4,11 @@ run read."""
 from __future__ import annotations
 
 import json
-import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from models.errors import first_line
+from stores.features.history import KEEP_EVERY_VERSION, RUN_TAG, prune
 from stores.features.location import StoreLocation
 
 PIN_TAG = "pinned-v"  # Lance tag on each version a registered run read: Lance itself refuses to clean it up
@@ -115,11 +115,11 @@ def gc(root: Path | str | StoreLocation, pinned_runs: list[dict], force: bool = 
                 loc.file(f"{name}.json").unlink(missing_ok=True)
                 report["dropped_views"].append(name)
                 continue
-            report["tables"][name] = _clean_table(db.open_table(name), pins.get(name, set()), older_than_s)
+            report["tables"][name] = _clean_table(loc, db.open_table(name), pins.get(name, set()), older_than_s)
     return report
 
 
-def _clean_table(tbl, pinned: set[int], older_than_s: float) -> dict:
+def _clean_table(loc: StoreLocation, tbl, pinned: set[int], older_than_s: float) -> dict:
     before = [v["version"] for v in tbl.list_versions()]
     stamps = {v["version"]: v["timestamp"] for v in tbl.list_versions()}
     for tag, t in list(tbl.tags.list().items()):  # pins of runs no longer registered are released
@@ -132,9 +132,12 @@ def _clean_table(tbl, pinned: set[int], older_than_s: float) -> dict:
     age = timedelta(seconds=older_than_s)
     if kept:  # keep the oldest pinned version and everything after it (1 s of slack for clock granularity)
         age = max(age, datetime.now() - stamps[kept[0]] + timedelta(seconds=1))
-    with warnings.catch_warnings():  # Lance warns that age 0 breaks concurrent readers: the caller chose it
-        warnings.simplefilter("ignore", UserWarning)
-        tbl.optimize(cleanup_older_than=age)
+    cutoff = datetime.now() - age
+    for tag, t in list(tbl.tags.list().items()):  # the history of extractions older than the cutoff goes too
+        if tag.startswith(RUN_TAG) and int(t["version"]) != tbl.version and stamps[int(t["version"])] < cutoff:
+            tbl.tags.delete(tag)
+    tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)  # compaction and index update; the cleanup is prune's
+    prune(loc, tbl.name, age)
     after = [v["version"] for v in tbl.list_versions()]
     return {"versions_before": len(before), "versions_after": len(after), "pinned": kept,
             "removed": sorted(set(before) - set(after))}

@@ -17,7 +17,6 @@ import json
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,16 +31,15 @@ from models.heads.base import FeatureBatch, ModalitySpec
 from models.records import StoreInfo, StoreMeta
 
 from stores.features import filters
+from stores.features.history import KEEP_EVERY_VERSION
 from stores.features.location import StoreFile, StoreLocation
+from stores.features.row_diff import absent_from, differs
 from stores.features.split_cache import SplitArrays, SplitCache
 from stores.features.views import View, StoreError, fixed, now, view_name, write_json
 
 __all__ = ["FeatureStore", "StoreError", "open_store", "store_name", "decode_tokens", "SplitFeatures", "now"]
 
 
-# LanceDB's optimize (compaction, index update) also removes versions older than its cleanup age (7 days by
-# default); an extraction keeps every version, so that a run's pinned version stays until `mm store gc`
-KEEP_EVERY_VERSION = timedelta(days=365_000)
 
 
 def store_name(cfg: ExperimentConfig) -> str:
@@ -293,40 +291,50 @@ class FeatureStore:
             yield
 
     # ------------------------------------------------------------------ writing (stores/extraction/local.py)
-    def entities(self) -> dict[str, dict]:
-        """The latest dataset table as id -> row."""
+    def entity_arrow(self) -> pa.Table | None:
+        """The latest dataset table (None before the first extraction)."""
         if not self._has(self.dataset):
-            return {}
+            return None
         tbl = self.db.open_table(self.dataset)
-        return {r["id"]: r for r in tbl.search().limit(max(tbl.count_rows(), 1)).to_arrow().to_pylist()}
+        return tbl.search().limit(max(tbl.count_rows(), 1)).to_arrow()
 
-    def sync_entities(self, rows: list[dict], modalities: list[str]) -> dict[str, list[str]]:
+    def entities(self) -> dict[str, dict]:
+        """The latest dataset table as id -> row (small tables, tests; extraction compares in Arrow)."""
+        t = self.entity_arrow()
+        return {} if t is None else {r["id"]: r for r in t.to_pylist()}
+
+    def sync_entities(self, rows: "pa.Table | list[dict]", modalities: list[str]) -> dict[str, Any]:
         """Make the dataset table hold exactly ``rows`` (one commit for new/changed, one for removed ids; the
-        previous versions keep the old rows). Returns the ids new, changed and removed."""
+        previous versions keep the old rows), compared in Arrow. Returns how many ids are new and changed, and
+        the ids removed."""
         schema = entity_schema(modalities)
+        rows = rows.cast(schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
         if not self._has(self.dataset):
             self.db.create_table(self.dataset, schema=schema)
-        old = self.entities()
-        new = [r for r in rows if r["id"] not in old]
-        changed = [r for r in rows if r["id"] in old and old[r["id"]] != r]
-        removed = sorted(set(old) - {r["id"] for r in rows})
+        old = self.entity_arrow()
+        new = pc.invert(pc.is_in(rows["id"], value_set=old["id"])) if old.num_rows else \
+            pa.array(np.ones(rows.num_rows, bool))
+        write = differs(rows, old, [f.name for f in schema if f.name != "id"]) if old.num_rows else \
+            np.ones(rows.num_rows, bool)
+        n_new = int(pc.sum(new).as_py() or 0)
+        n_changed = int(write.sum()) - n_new
+        removed = absent_from(old["id"], rows["id"])
         tbl = self.db.open_table(self.dataset)
-        if changed:
-            (tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
-             .execute(pa.Table.from_pylist(changed + new, schema=schema)))
-        elif new:
-            tbl.add(pa.Table.from_pylist(new, schema=schema))
+        if n_changed:
+            tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows.filter(write))
+        elif n_new:
+            tbl.add(rows.filter(new))
         if removed:
             tbl.delete(filters.isin("id", removed))
-        return {"new": [r["id"] for r in new], "changed": [r["id"] for r in changed], "removed": removed}
+        return {"new": n_new, "changed": n_changed, "removed": removed}
 
-    def search_rows(self) -> dict[str, dict]:
-        """id -> the entity columns and keys the search table holds (to find rows that need an update)."""
+    def search_arrow(self) -> pa.Table | None:
+        """The entity columns and keys the search table holds (to find rows that need an update)."""
         if not self._has(self.name):
-            return {}
+            return None
         tbl = self.table
         cols = ["id", "split", "label", "labels", "source"] + [f"{m}_key" for m in self.view_names]
-        return {r["id"]: r for r in tbl.search().select(cols).limit(max(tbl.count_rows(), 1)).to_arrow().to_pylist()}
+        return tbl.search().select(cols).limit(max(tbl.count_rows(), 1)).to_arrow()
 
     def upsert_search(self, rows: list[dict], vec_dim: dict[str, int], new: bool) -> None:
         """One commit: append (``new``) or merge on id. Rows: entity columns, issues and per modality
@@ -369,12 +377,16 @@ class FeatureStore:
                                                   num_sub_vectors=sub), replace=True)
         return sorted(wanted), n
 
+    def written_tables(self) -> list[str]:
+        """The tables an extraction of this config writes: dataset, views, search."""
+        return [n for n in dict.fromkeys([self.dataset, *self.view_names.values(), self.name]) if self._has(n)]
+
     def compact(self, max_fragments: int) -> dict[str, int]:
-        """Merge the data files of each table this config writes (dataset, views, search) whose latest version
+        """Merge the data files of each table this config writes (dataset, views, search, masks) whose latest version
         holds more than ``max_fragments`` of them (Lance's compaction: a new version; older versions, and so
         every version a run pinned, stay readable until ``mm store gc``). Returns the fragments per table after."""
         out = {}
-        for name in dict.fromkeys([self.dataset, *self.view_names.values(), self.name]):
+        for name in [*self.written_tables(), self.dataset + "-masks"]:
             if not self._has(name):
                 continue
             tbl = self.db.open_table(name)

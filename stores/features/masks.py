@@ -11,6 +11,9 @@ import pyarrow.compute as pc
 from models.patterns import MissingPattern, presence_mask
 from stores.features import filters
 from stores.features.feature_store import FeatureStore, StoreError
+from stores.features.history import KEEP_EVERY_VERSION
+
+MAX_FRAGMENTS = 8  # (small: a few thousand rows per mask set)
 
 
 class MaskStore:
@@ -56,6 +59,8 @@ class MaskStore:
                               "pattern": [pattern.key] * len(ids), "pattern_json": [pattern.model_dump_json()] * len(ids),
                               "seed": [seed] * len(ids), "id": ids,
                               **{f"{m}_present": present[:, i] for i, m in enumerate(mods)}}, schema=self._schema()))
+            if tbl.stats()["fragment_stats"]["num_fragments"] > MAX_FRAGMENTS:  # one commit per split/pattern/seed
+                tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)
             return present
 
     def table(self, seed: int | None = None) -> pa.Table:

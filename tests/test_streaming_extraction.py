@@ -1,0 +1,72 @@
+"""Extraction whose memory does not grow with the source (issue 21): the source streams in record batches, the views'
+keys live in a compact index, and the payloads of a Parquet-with-bytes source are never all held at once."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stores.datasets import load_dataset
+from stores.datasets.base import StreamedRecords
+from stores.extraction import extract
+from stores.extraction import key_index
+from stores.extraction.key_index import PLANNED, UNKNOWN, KeyIndex
+from stores.features.feature_store import FeatureStore
+
+from conftest import manifest_config
+
+
+def test_key_index_answers_membership_and_row_ids_across_merges(monkeypatch):
+    keys = [f"{i:032x}" for i in range(50)]
+    index = KeyIndex(key_index.digest(keys[:30]), np.arange(30, dtype=np.int64) * 7)
+    assert index.contains(keys[:30]).all() and not index.contains(keys[30:]).any()
+    assert (index.rowids(keys[:30]) == np.arange(30) * 7).all() and (index.rowids(keys[30:]) == UNKNOWN).all()
+    monkeypatch.setattr(key_index, "MERGE_EVERY", 5)  # merge the recent keys into the sorted arrays often
+    index.plan(keys[30:50])
+    assert index.contains(keys).all() and (index.rowids(keys[30:]) == PLANNED).all()
+    index.located(keys[30:40], np.arange(100, 110))  # merged: keys 40-49 stay planned
+    assert (index.rowids(keys[30:40]) == np.arange(100, 110)).all()
+    assert (index.rowids(keys[40:]) == PLANNED).all() and len(index) == 50
+    index.located(keys[40:], np.arange(200, 210))
+    assert (index.rowids(keys) == np.r_[np.arange(30) * 7, np.arange(100, 110), np.arange(200, 210)]).all()
+
+
+@pytest.fixture(scope="module")
+def bulky_source(tmp_path_factory):
+    """3,000 rows whose image cells are 24 KB of bytes that are not an image (72 MB of payload in all, stored as
+    missing without an encoder pass) and a short text, in 3 Parquet shards."""
+    root = tmp_path_factory.mktemp("bulky")
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        n = 1000
+        pq.write_table(pa.table({
+            "id": [f"r{s}-{i}" for i in range(n)], "split": [["train", "val", "test"][i % 3] for i in range(n)],
+            "label": [f"c{i % 2}" for i in range(n)],
+            "image": [rng.bytes(24_000) for _ in range(n)], "text": [f"row {s} {i}" for i in range(n)]}),
+            root / f"part-{s}.parquet", row_group_size=250)
+    return root
+
+
+def test_a_source_streams_and_extraction_never_holds_its_payloads(bulky_source, tmp_path, tiny_hf):
+    cfg = manifest_config(tmp_path, bulky_source, data__name="bulky", store__write_every=256,
+                          encoders__image={"kind": "hf", "model": str(tiny_hf["image"])},
+                          encoders__text={"kind": "hf", "model": str(tiny_hf["text"])})
+    ds = load_dataset(cfg.data)
+    assert isinstance(ds.records, StreamedRecords) and len(ds.records) == 3000 and ds.records._all is None
+    assert max(len(b) for b in ds.batches()) <= 1024
+    tracemalloc.start()
+    try:
+        report = extract(cfg, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.rows == 3000 and report.missing_counts["image"] and not report.missing_counts["text"]
+    # 72 MB of image bytes went through; Python never held more than a batch or two of them at once
+    assert peak < 45e6, f"peak of Python allocations {peak / 1e6:.0f} MB"
+    store = FeatureStore(cfg.store.root, report.store)
+    assert store.table.count_rows() == 3000
+    again = extract(cfg, progress=False)  # re-reading the same shards: every input is hashed, none encoded
+    assert again.added == 0 and again.skipped == 3000 and sum(again.encoded.values()) == 0
