@@ -146,5 +146,24 @@ MMP_TABLE3_V1 = Preset(
            "the prompt rows of Table III train a model per scenario (000 §IV-E); 000 states no epochs or seeds"),
     published=tuple(_row("d", "food101", m, OURS.get(m), "complete", D_COLS, v, T3) for m, v in _TIII.items()))
 
-PRESETS: dict[str, Preset] = {p.id: p for p in (MAP_V1, SRMM_TABLE6_V1, MMP_TABLE3_V1)}
+# ------------------------------------------------------------------ 001 (CMPT) Table 2, a whole modality missing
+T2 = "001 Table 2"
+# 001 Table 2, UPMC Food-101 rows (accuracy %): columns FiLM, BiGated, OGM-GE, QMF, MLA, CMPT; the rows "image
+# available, text missing", "text available, image missing" and "image - text" are protocol d's (100,0), (0,100)
+# and (100,100). Its CREMA-D and Kinetics-Sound rows (audio-video) have no adapter here.
+_T2 = {"FiLM": [87.21, 4.68, 85.84], "BiGated": [88.87, 14.20, 85.79], "OGM-GE": [87.54, 22.35, 85.17],
+       "QMF": [92.87, 45.74, 84.13], "MLA": [93.33, 69.60, 86.47], "CMPT": [94.47, 75.66, 80.66]}
+CMPT_TABLE2_V1 = Preset(
+    name="cmpt-table2", version=1, source="001 §4.3 Table 2 (the setup of Zhang et al. 2024), A3 Table 5",
+    protocols=("d",), eta=0.0, selection="paper", epochs=10, fixed_epochs=True, seeds=(0, 1, 2),
+    placeholder="placeholder", heads=("cmpt", "moddrop", "early"),
+    notes=("all modalities available in training; at test one modality is missing in every sample (001 §4.3: "
+           "'one modality is completely missing during inference'), and both available",
+           "Table 2's columns are protocol d's (100,100), (100,0) and (0,100); d's other pairs are extra columns",
+           "10 epochs, no early stopping, checkpoint on validation under the training pattern (001 A3 Table 5, A4)",
+           "three seeds (001 reports CMPT's mean; Table 2 gives no SD)"),
+    published=tuple(_row("d", "food101", m, OURS.get(m), "complete", ["(100,100)", "(100,0)", "(0,100)"], v, T2)
+                    for m, v in _T2.items()))
+
+PRESETS: dict[str, Preset] = {p.id: p for p in (MAP_V1, SRMM_TABLE6_V1, MMP_TABLE3_V1, CMPT_TABLE2_V1)}
 PAPER_DATASETS = ("food101", "mmimdb")

@@ -17,6 +17,7 @@ RECORDED = {
     "map-v1": "8da6bb6a8359ae4dc9fa139b1a5c034358b16f88ea96801a1f9576f845b089e4",
     "srmm-table6-v1": "28b9ef8cd13055a944c671de47453168662f93e20efad1a35577a16862492895",
     "mmp-table3-v1": "2ba9d5cca40070820b7c6add6a161c58a6d5c497d8bff34ee033eaa0bcf45aae",
+    "cmpt-table2-v1": "822adb3226459c3bcb420e96a5f1d8eb9763ef709d0170e69e13d6c86707778c",
 }
 PAPERS = Path(os.environ.get("MM_PAPERS_DIR", Path(__file__).resolve().parents[2] / "shared" / "papers"))
 
@@ -81,6 +82,19 @@ def test_the_papers_rows_and_the_difference_stand_beside_the_table_on_the_papers
     elsewhere = preset_report(MMP_TABLE3_V1, results, mods, "manifest")
     assert not elsewhere["published_apply"] and "published" not in elsewhere["sections"][0]["table"]
     assert elsewhere["note"].startswith("no published rows apply: data.dataset is 'manifest'")
+
+
+def test_table_2_rows_sit_in_protocol_d_columns_of_a_whole_modality_missing():
+    """001 Table 2 (trained complete, one modality missing in every test sample) is protocol d's (100,100),
+    (100,0) and (0,100) columns; the other pairs stay blank in the published rows."""
+    mods = ["image", "text"]
+    slugs = [scenario_slug(available({"image": a, "text": b}), mods)
+             for a, b in [(1.0, 1.0), (1.0, 0.3), (1.0, 0.0), (0.65, 0.65), (0.3, 1.0), (0.0, 1.0)]]
+    results = _rows({"name": "cmpt"}, "cmpt[tokens:x]", {s: 0.9 for s in slugs})
+    table = preset_report(PRESETS["cmpt-table2-v1"], results, mods, "food101")["sections"][0]["table"]
+    assert "| published: CMPT (001 Table 2) | complete | 94.47 |  | 75.66 |  |  | 80.66 |  |" in table
+    assert "| ours - published: cmpt[tokens:x] - CMPT | complete | -4.4 |  | +14.4 |  |  | +9.4 |  |" in table
+    assert "| published: MLA (001 Table 2) | complete | 93.33 |  | 69.6 |" in table  # held against no head of ours
 
 
 def test_table_vi_and_x_rows_join_protocol_c_with_the_oracles():
