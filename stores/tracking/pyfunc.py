@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
@@ -75,11 +76,29 @@ def input_example(modalities: list[str]) -> pd.DataFrame:
     return pd.DataFrame([row])
 
 
+def _save_pyfunc(path, mlflow_model=None, validate_serving_input: bool = True, **kwargs):
+    """``mlflow.pyfunc.save_model``, taking the ``validate_serving_input`` switch ``Model.log`` passes on to its
+    flavor (``mlflow.pyfunc.save_model`` itself refuses the argument)."""
+    return mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+
+
+# ``mlflow.pyfunc`` as a flavor of ``Model.log`` that can decline the serving-input validation (see log_head_model)
+PYFUNC_UNVALIDATED = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
 def log_head_model(result):
-    """Log the head of ``result`` to the active run; returns MLflow's ModelInfo."""
+    """Log the head of ``result`` to the active run; returns MLflow's ModelInfo.
+
+    The input example is logged (``input_example.json`` and ``serving_input_example.json``: the MLflow UI and
+    ``mlflow models serve`` show it), but not validated here: ``mlflow.pyfunc.log_model`` would load the model
+    back, its encoders included, and predict the example in this process (4 s of a 200-row ``mm train``, for a
+    failure it only logs as a warning). ``Model.log`` is what ``mlflow.pyfunc.log_model`` calls; its
+    ``validate_serving_input=False`` is the switch MLflow's own transformers flavor uses to skip that load. The
+    tests answer the stored example with the logged model instead (tests/test_fixed_costs.py,
+    ``mlflow.models.predict``)."""
     from dataclasses import asdict
 
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, Schema
 
     import models
@@ -99,9 +118,10 @@ def log_head_model(result):
                                                    ColSpec("double", "prob", required=False),
                                                    ColSpec("boolean", "abstain"),
                                                    ColSpec("string", "reason", required=False)]))
-        return mlflow.pyfunc.log_model(name="model", python_model=__file__,
-                                code_paths=[str(Path(p).parent) for p in (models.__file__, stores.__file__)],
-                                artifacts={"config": str(tmp / "config.yaml"), "meta": str(tmp / "meta.json"),
-                                           "state": str(tmp / "state.pt")},
-                                signature=signature, input_example=input_example(mods),
-                                pip_requirements=serving_requirements())
+        return Model.log(artifact_path=None, name="model", flavor=PYFUNC_UNVALIDATED,
+                         flavor_name="pyfunc.ModelFromCode", validate_serving_input=False, python_model=__file__,
+                         code_paths=[str(Path(p).parent) for p in (models.__file__, stores.__file__)],
+                         artifacts={"config": str(tmp / "config.yaml"), "meta": str(tmp / "meta.json"),
+                                    "state": str(tmp / "state.pt")},
+                         signature=signature, input_example=input_example(mods),
+                         pip_requirements=serving_requirements())
