@@ -281,3 +281,23 @@ def served_model(model_uri: str, tracking_uri: str, tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_db(tmp_path_factory):
+    """``mlflow_db(path) -> tracking URI``: a new, empty MLflow sqlite tracking store at ``path``. MLflow makes the
+    schema once per session (its migrations take 5-7 s of every fresh database on a 2-core machine); each store
+    is a copy of that empty database, so no test shares runs with another."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    root = tmp_path_factory.mktemp("mlflow_template")
+    template = root / "mlflow.db"
+    store = SqlAlchemyStore(f"sqlite:///{template}", str(root / "art"))  # MLflow's schema and Default experiment
+    store.engine.dispose()
+
+    def make(path: Path) -> str:
+        path = Path(path)
+        assert not path.exists(), f"{path} exists: not a new tracking store"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+    return make

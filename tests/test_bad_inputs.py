@@ -140,7 +140,7 @@ def test_a_label_column_mixing_numbers_and_names_is_refused_naming_rows(tmp_path
     assert [r.label for r in ds.records] == [0, 0, 0, 1, 2, 1]
 
 
-def test_a_killed_run_is_marked_killed_by_the_next_command(tmp_path):
+def test_a_killed_run_is_marked_killed_by_the_next_command(tmp_path, mlflow_db):
     """SIGKILL leaves a run RUNNING with no end time; the next command on that tracking store (anything that
     opens the experiment: train, sweep, compare) ends it as KILLED. A live process's run is left alone."""
     import signal
@@ -154,7 +154,8 @@ def test_a_killed_run_is_marked_killed_by_the_next_command(tmp_path):
             "cfg = load_config(None, sys.argv[1:])\n"
             "with Tracker(cfg.tracking, 'kill').live_run(cfg) as run:\n"
             "    print(run.run_id, flush=True)\n    time.sleep(600)\n")
-    Tracker(load_config(None, sets).tracking, "kill")  # the schema made once: two fresh processes would race on it
+    mlflow_db(tmp_path / "mlflow.db")
+    Tracker(load_config(None, sets).tracking, "kill")  # the experiment made once: two fresh processes would race on it
     procs, ids = [], []
     for _ in range(2):
         procs.append(subprocess.Popen([sys.executable, "-c", code, *sets], stdout=subprocess.PIPE, text=True,
@@ -281,7 +282,7 @@ def test_a_killed_command_leaves_no_prefect_server_behind(colour_cfg_file, tmp_p
 
 
 def test_a_damaged_data_file_is_named_by_verify_and_info_and_train_fail_in_one_line(colour_store, prefect_harness,
-                                                                                   tmp_path, capsys):
+                                                                                   mlflow_db, tmp_path, capsys):
     import yaml
     from mlflow.tracking import MlflowClient
     from conftest import copy_tree
@@ -291,6 +292,7 @@ def test_a_damaged_data_file_is_named_by_verify_and_info_and_train_fail_in_one_l
     cfg.store.root = copy_tree(cfg.store.root, tmp_path / "store")
     cfg.store.read_cache = False
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    mlflow_db(tmp_path / "mlflow.db")  # the tracking store the train below names, new and empty
     main(["store", "verify", "-c", str(tmp_path / "c.yaml")])  # healthy: exit 0
     capsys.readouterr()
     view = FeatureStore.for_config(cfg).view_names["image"]  # the image view a training reads

@@ -10,12 +10,14 @@ from conftest import DATASETS, free_port, wait_http
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(avmnist_cfg, prefect_harness, tmp_path_factory):
+def pipeline_run(avmnist_cfg, prefect_harness, mlflow_db, tmp_path_factory):
     import subprocess
     from flows.pipeline import pipeline_flow
     repo = avmnist_cfg.store.root.parents[1]  # <tmp>/data/store -> <tmp>
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     cfg = avmnist_cfg.model_copy(deep=True)
+    mlruns = tmp_path_factory.mktemp("mlruns")
+    cfg.tracking.uri, cfg.tracking.artifact_root = mlflow_db(mlruns / "mlflow.db"), str(mlruns / "art")
     cfg.store.dvc_repo = repo
     cfg.sweep.heads = [{"name": "early"}, {"name": "mmp"}]
     cfg.sweep.seeds = [0, 1]
@@ -112,7 +114,7 @@ def test_train_results_are_cached_by_content(pipeline_run):
     assert train_flow(other).run_id != first.run_id
 
 
-def test_a_cached_result_is_not_answered_where_its_run_does_not_exist(pipeline_run, tmp_path):
+def test_a_cached_result_is_not_answered_where_its_run_does_not_exist(pipeline_run, mlflow_db, tmp_path):
     """Another tracking store (a fresh clone beside the same Prefect cache, a reset mlruns/) or a deleted run:
     the head is trained again and logged there, instead of returning a run id that store does not have."""
     from flows.pipeline import train_flow
@@ -121,7 +123,7 @@ def test_a_cached_result_is_not_answered_where_its_run_does_not_exist(pipeline_r
                                  "seed": 6})
     first = train_flow(one).run_id
     elsewhere = one.model_copy(deep=True)
-    elsewhere.tracking.uri = f"sqlite:///{tmp_path}/other/mlflow.db"
+    elsewhere.tracking.uri = mlflow_db(tmp_path / "other" / "mlflow.db")
     elsewhere.tracking.artifact_root = str(tmp_path / "other" / "art")
     second = train_flow(elsewhere).run_id
     assert second != first and MlflowClient(elsewhere.tracking.uri).get_run(second).info.status == "FINISHED"

@@ -29,13 +29,13 @@ def _same(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def legacy_model(tmp_path_factory):
+def legacy_model(mlflow_db, tmp_path_factory):
     """The old model unpacked and registered as version 1 of ``fashion-early`` in a fresh sqlite registry."""
     from mlflow.tracking import MlflowClient
     tmp = tmp_path_factory.mktemp("legacy")
     with tarfile.open(FIXTURES / SPEC["tar"]) as tar:
         tar.extractall(tmp, filter="data")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = mlflow_db(tmp / "mlflow.db")
     client = MlflowClient(uri)
     client.create_registered_model(SPEC["model_name"])
     client.create_model_version(SPEC["model_name"], str(tmp / "model"))

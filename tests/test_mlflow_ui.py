@@ -17,11 +17,11 @@ HEADS = [{"name": "early"}, {"name": "moddrop"}, {"name": "oracle", "modality": 
 
 
 @pytest.fixture(scope="module")
-def ui_sweep(colour_store, prefect_harness, tmp_path_factory):
+def ui_sweep(colour_store, prefect_harness, mlflow_db, tmp_path_factory):
     from flows.pipeline import run_sweep
     tmp = tmp_path_factory.mktemp("ui")
     cfg = colour_store[0].model_copy(deep=True)
-    cfg.tracking.uri, cfg.tracking.artifact_root = f"sqlite:///{tmp}/mlflow.db", str(tmp / "art")
+    cfg.tracking.uri, cfg.tracking.artifact_root = mlflow_db(tmp / "mlflow.db"), str(tmp / "art")
     cfg.sweep.heads, cfg.sweep.seeds, cfg.train.epochs = HEADS, [0], 2
     # an experiment created before the kind tag existed (by MLflow itself here) gets it from the next run
     MlflowClient(cfg.tracking.uri).create_experiment(cfg.data.dataset_name, artifact_location=str(tmp / "art"))

@@ -41,7 +41,7 @@ def keys(client, bucket: str, prefix: str = "") -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_mlflow_artifacts_and_models_on_s3(s3, colour_store, tmp_path):
+def test_mlflow_artifacts_and_models_on_s3(s3, colour_store, mlflow_db, tmp_path):
     from mlflow.tracking import MlflowClient
     from models.config import TrackingConfig
     from models.heads import parse_head_config
@@ -52,7 +52,7 @@ def test_mlflow_artifacts_and_models_on_s3(s3, colour_store, tmp_path):
     cfg, _ = colour_store
     cfg = cfg.model_copy(update={"head": parse_head_config({"name": "early"}),
                                  "train": cfg.train.model_copy(update={"epochs": 1})})
-    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root="s3://mlflow/runs")
+    tracking = TrackingConfig(uri=mlflow_db(tmp_path / "mlflow.db"), artifact_root="s3://mlflow/runs")
     run_id = Tracker(tracking, "manifest").log_run(train_and_evaluate(cfg))
     run = MlflowClient(tracking.uri).get_run(run_id)
     assert run.info.artifact_uri.startswith("s3://mlflow/runs/manifest/")

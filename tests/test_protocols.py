@@ -107,12 +107,12 @@ def test_table_vi_and_x_rows_join_protocol_c_with_the_oracles():
 
 
 @pytest.fixture()
-def protocol_cli(colour_store, prefect_harness, tmp_path, capsys, monkeypatch):
+def protocol_cli(colour_store, prefect_harness, mlflow_db, tmp_path, capsys, monkeypatch):
     """``mm protocol`` on the colour store: one seed, one epoch, its own MLflow store, JSON out."""
     import yaml
     from flows.cli import main
     cfg = colour_store[0].model_copy(deep=True)
-    cfg.tracking.uri, cfg.tracking.artifact_root = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "art")
+    cfg.tracking.uri, cfg.tracking.artifact_root = mlflow_db(tmp_path / "mlflow.db"), str(tmp_path / "art")
     cfg.sweep.max_parallel = 1
     path = tmp_path / "colours.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -5,12 +5,13 @@ from mlflow.tracking import MlflowClient
 from conftest import make_manifest, manifest_config
 
 
-def test_sweep_on_ray_lands_every_run_in_mlflow(ray_cluster, prefect_harness, tmp_path, monkeypatch):
+def test_sweep_on_ray_lands_every_run_in_mlflow(ray_cluster, prefect_harness, mlflow_db, tmp_path, monkeypatch):
     from flows.pipeline import run_sweep
     from stores.extraction import extract
 
     # relative paths, from a folder that is not the cluster's working directory: only absolute paths reach
     monkeypatch.chdir(tmp_path)
+    mlflow_db(tmp_path / "mlruns" / "mlflow.db")  # what tracking.uri below names, new and empty
     cfg = manifest_config(tmp_path, make_manifest(tmp_path / "raw", n=30, bad=False),
                           store={"root": "data/store", "write_every": 32, "index_min_rows": 10_000},
                           tracking={"uri": "sqlite:///mlruns/mlflow.db", "artifact_root": "mlruns/art"},

@@ -107,19 +107,21 @@ def test_prefect_api_unreachable_cli_fails_clearly_and_store_is_intact(colour_st
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     api = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": api}
-    for cmd in (["train"], ["extract", "--no-dvc"]):
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", "--connect-timeout", "2", *cmd, "-c",
-                               str(tmp_path / "cfg.yaml")], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert f"error: Prefect API at {api}/health is unreachable after 2 s" in proc.stderr
-        assert "Traceback" not in proc.stderr and time.time() - t0 < 60
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "--connect-timeout", "2", *cmd, "-c",
+                               str(tmp_path / "cfg.yaml")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for cmd in (["train"], ["extract", "--no-dvc"])]  # both commands at once
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, stderr
+        assert f"error: Prefect API at {api}/health is unreachable after 2 s" in stderr
+        assert "Traceback" not in stderr and time.time() - t0 < 60
     assert _store_state(store) == before
 
 
-def test_mlflow_server_lost_mid_run_fails_clearly_and_store_is_intact(colour_store, prefect_harness, tmp_path,
-                                                                     monkeypatch):
+def test_mlflow_server_lost_mid_run_fails_clearly_and_store_is_intact(colour_store, prefect_harness, mlflow_db,
+                                                                     tmp_path, monkeypatch):
     """A real MLflow server answers the preflight, then dies while the head trains: logging fails after
     bounded retries, the task's retry finds the server gone and the flow fails naming it."""
     import signal
@@ -136,9 +138,9 @@ def test_mlflow_server_lost_mid_run_fails_clearly_and_store_is_intact(colour_sto
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root",
-                               (tmp_path / "art").as_uri()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+                               "--backend-store-uri", mlflow_db(tmp_path / "mlflow.db"), "--default-artifact-root",
+                               (tmp_path / "art").as_uri(), "--workers", "1"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_healthy(f"{url}/health", 300, "test MLflow server", "")  # a ceiling: a loaded 2-core box took >120 s
         tracking = cfg.tracking.model_copy(update={"uri": url, "connect_timeout_s": 2, "experiment": "lost"})

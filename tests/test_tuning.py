@@ -86,11 +86,13 @@ def test_objective_reads_train_and_val_only_and_returns_the_validation_score(col
     assert fits[1][0].train.lr != cfg.train.lr
 
 
-def test_tune_flow_logs_parent_and_child_runs_and_writes_the_best_params(colour_store, tmp_path, prefect_harness):
+def test_tune_flow_logs_parent_and_child_runs_and_writes_the_best_params(colour_store, tmp_path, prefect_harness,
+                                                                         mlflow_db):
     from flows.tuning import tune_flow
     from stores.tracking.runs import Tracker
     from stores.tracking.studies import child_runs
 
+    mlflow_db(tmp_path / "mlruns" / "mlflow.db")  # the tracking store _tune_cfg names, new and empty
     cfg = _tune_cfg(colour_store, tmp_path, "tune.heads=[early]")
     source = tmp_path / "base.yaml"
     source.write_text("head:\n  name: srmm\n")
@@ -318,12 +320,14 @@ def test_gap_references_keep_their_role_whatever_deviations_they_carry():
     assert runs[2].summary["gap_closed_image"] == pytest.approx(0.5)
 
 
-def test_pipeline_tunes_every_head_first_and_sweeps_with_the_tuned_settings(colour_store, tmp_path, prefect_harness):
+def test_pipeline_tunes_every_head_first_and_sweeps_with_the_tuned_settings(colour_store, tmp_path, prefect_harness,
+                                                                             mlflow_db):
     """``sweep.tune_first``: the tune section's budget per head, then the sweep runs (named ``-tuned``) with
     the tuned values, written as ``mm tune`` writes them."""
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import pipeline_flow
+    mlflow_db(tmp_path / "mlruns" / "mlflow.db")  # the tracking store _tune_cfg names, new and empty
     cfg = _tune_cfg(colour_store, tmp_path, "sweep.heads=[{name: early}]", "sweep.seeds=[0]", "tune.n_trials=1",
                     "sweep.tune_first=true", "sweep.max_parallel=1", "eval.test_rates=[0.0,1.0]")
     out = pipeline_flow(cfg, version=False)
