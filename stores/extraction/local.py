@@ -109,7 +109,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         index = {m: KeyIndex.of_table(views[m].table()) for m in mods}
         timing: Counter = Counter()
         bar = tqdm(total=work.num_rows, desc=f"extract {store.name}", disable=not progress, unit="item")
-        plan = _plan(_work_chunks(ds, work, cfg.store.write_every), mods, index)
+        plan = _plan(_groups(_work_rows(ds, work), cfg.store.write_every), mods, index)
         for window in _windows(plan, cfg):  # second pass over the source: only the rows that need writing
             encoded = _encoded(cfg, window, encoders, lambda m, pairs: [(k, ds.raw(m, ref)) for k, ref in pairs])
             for chunk, _ in window:
@@ -150,13 +150,24 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
 Chunk = tuple[list[dict], dict[str, list[tuple[str, Any]]]]
 
 
-def _work_chunks(ds: Dataset, work: pa.Table, write_every: int) -> Iterator[list[dict]]:
-    """The ``work`` rows (dataset-table rows plus ``new_in_search``) in source order, in chunks of ``write_every``,
-    each row with its ``payload`` (modality -> reference) read from a second pass over the source."""
+def _groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last may be shorter); ``itertools.batched`` from Python 3.12."""
+    group: list[Any] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _work_rows(ds: Dataset, work: pa.Table) -> Iterator[dict]:
+    """The ``work`` rows (dataset-table rows plus ``new_in_search``) in source order, each with its ``payload``
+    (modality -> reference) read from a second pass over the source."""
     if not work.num_rows:
         return
     ids = work["id"].combine_chunks()
-    chunk: list[dict] = []
     for recs in ds.batches():
         pos = pc.index_in(pa.array([r.id for r in recs], pa.string()), value_set=ids)
         valid = pos.is_valid()  # (null: a row up to date)
@@ -165,12 +176,7 @@ def _work_chunks(ds: Dataset, work: pa.Table, write_every: int) -> Iterator[list
         rows = work.take(pos.filter(valid)).to_pylist()
         for i, row in zip(np.flatnonzero(valid.to_numpy(zero_copy_only=False)), rows):
             row["payload"] = recs[i].payload
-            chunk.append(row)
-            if len(chunk) == write_every:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+            yield row
 
 
 def _plan(chunks: Iterable[list[dict]], mods: list[str], index: dict[str, KeyIndex]) -> Iterator[Chunk]:
@@ -194,14 +200,7 @@ def _windows(plan: Iterator[Chunk], cfg: ExperimentConfig) -> Iterator[list[Chun
     up to ``ray.window_rows`` rows per streaming Ray Data job, so a job's start-up is shared by many chunks while
     the raw inputs in flight stay bounded."""
     size = 1 if cfg.store.extract_engine == "local" else max(1, cfg.ray.window_rows // cfg.store.write_every)
-    window: list[Chunk] = []
-    for item in plan:
-        window.append(item)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
+    return _groups(plan, size)
 
 
 def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encoder],
