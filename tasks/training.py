@@ -8,6 +8,7 @@ import time
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run as prefect_task_run
 
 from models.config import ExperimentConfig
 from models.metrics import primary_metric
@@ -44,7 +45,9 @@ def train_head(cfg: ExperimentConfig, threads: int | None = None, tags: dict[str
     store = open_store(cfg)  # a missing store fails before an MLflow run is opened
     tracker = Tracker(cfg.tracking, cfg.data.dataset_name)  # an unreachable tracking server fails before training
     show(state="starting", epoch=0, epochs=cfg.train.epochs)
-    with tracker.live_run(cfg, tags, parent_run_id) as run:
+    # a retried attempt opens a new run: the task-run id ties it to the FAILED one it follows
+    attempt = {"prefect_task_run": str(prefect_task_run.id), "attempt": str(prefect_task_run.run_count)}
+    with tracker.live_run(cfg, {**(tags or {}), **attempt}, parent_run_id) as run:
         def on_epoch(row: dict) -> None:
             run.log_epoch(row)
             metric = next((v for k, v in row.items() if k.startswith("val_") and "/" not in k), None)

@@ -176,3 +176,37 @@ def test_mlflow_server_lost_mid_run_fails_clearly_and_store_is_intact(colour_sto
     assert isinstance(outcome["error"], ServiceUnreachable), repr(outcome["error"])
     assert f"MLflow tracking server at {url}/health is unreachable" in str(outcome["error"])
     assert _store_state(store) == before
+
+
+def test_a_retried_training_leaves_its_failed_attempt_marked_and_returns_the_retry(colour_store, prefect_harness,
+                                                                                    mlflow_db, tmp_path, monkeypatch):
+    """A transient failure in training is retried by the task: the first attempt's run ends FAILED with the
+    reason, the retry's run (same Prefect task run, attempt 2) is the one returned and the only FINISHED one."""
+    import tasks.training as training
+    from flows.pipeline import train_flow
+    from mlflow.tracking import MlflowClient
+
+    real, calls = training.train_and_evaluate, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("database is locked (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_and_evaluate", flaky)
+    monkeypatch.setattr(training, "train_head", training.train_head.with_options(retry_delay_seconds=0))
+    cfg = colour_store[0].model_copy(deep=True)
+    cfg.train.epochs = 1
+    cfg.tracking = cfg.tracking.model_copy(update={"uri": mlflow_db(tmp_path / "mlflow.db"),
+                                                   "artifact_root": str(tmp_path / "art")})
+    row = train_flow(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    runs = {r.data.tags["attempt"]: r for r in client.search_runs([e.experiment_id
+                                                                   for e in client.search_experiments()])}
+    assert len(calls) == 2 and sorted(runs) == ["1", "2"]
+    failed, finished = runs["1"], runs["2"]
+    assert failed.info.status == "FAILED" and finished.info.status == "FINISHED"
+    assert failed.data.tags["failed_reason"] == "RuntimeError: database is locked (injected)"
+    assert failed.data.tags["prefect_task_run"] == finished.data.tags["prefect_task_run"]
+    assert row.run_id == finished.info.run_id

@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from models.config import ExperimentConfig, TrackingConfig
+from models.errors import first_line
 from stores.health import wait_healthy
 from models.records import Champion, RunResult, RunRow
 from stores.tracking.predictor import Predictor
@@ -150,12 +151,17 @@ class Tracker:
         self.killed = mark_dead_runs(self.client, self.experiment_id)
 
     def has_run(self, run_id: str) -> bool:
-        """Whether ``run_id`` is a live (not deleted) run of this experiment."""
+        """Whether ``run_id`` is a live (not deleted) run of this experiment. Only "no such run" is False: any
+        other tracking error (a locked database, a server hiccup) propagates, it must not read as a lost run
+        and train a duplicate."""
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
         try:
             info = self.client.get_run(run_id).info
-        except MlflowException:
-            return False
+        except MlflowException as e:
+            if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
         return info.experiment_id == self.experiment_id and info.lifecycle_stage == "active"
 
     def model_name(self, head: str) -> str:
@@ -168,13 +174,21 @@ class Tracker:
                  parent_run_id: str | None = None) -> Iterator["LiveRun"]:
         """Open the MLflow run BEFORE training (true start time and duration, live epoch curves in the UI);
         ``LiveRun.log_epoch`` logs each epoch as it ends, ``LiveRun.finish`` the results and the model. An
-        exception marks the run FAILED and registers nothing. ``parent_run_id``: the sweep's run it nests under."""
+        exception marks the run FAILED, tags its first line as ``failed_reason`` and registers nothing.
+        ``parent_run_id``: the sweep's run it nests under."""
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name(cfg),
                               parent_run_id=parent_run_id) as run:
             mlflow.log_params(cfg.flat())
             mlflow.set_tags({"head": cfg.head.name, "train_pattern": cfg.train_pattern.key, "seed": str(cfg.seed),
                              "dataset_name": self.dataset, **owner_tags(), **(extra_tags or {})})
-            yield LiveRun(self, run.info.run_id)
+            try:
+                yield LiveRun(self, run.info.run_id)
+            except Exception as e:
+                try:
+                    mlflow.set_tag("failed_reason", f"{type(e).__name__}: {first_line(e)}")
+                except Exception:  # noqa: BLE001 - the tracking store itself may be what failed: raise e, not this
+                    pass
+                raise
 
     def log_run(self, result: RunResult, extra_tags: dict[str, str] | None = None) -> str:
         """Log an already finished run (e.g. from a benchmark): epochs, results and model in one go."""
