@@ -154,8 +154,15 @@ class SRMMConfig(HeadConfig):
     fusion: Literal["prob", "logit"] = "prob"
 
 
-class MMPConfig(HeadConfig):
+class MMPConfig(HeadConfig, LoRASettings):
+    """``backbone``: "frozen_output" projects the frozen encoders' cached output tokens and classifies them with a
+    fusion transformer (the variant forced by cached features); "encoder+lora" (000 §III-B as written, label
+    ``mmp-lora``) projects the embedding-layer tokens (Eq. 1) of every modality whose encoder has transformer
+    blocks and runs them, real or projected, through those frozen blocks with LoRA (CMPT's stream: same rank,
+    alpha, dropout) before the fusion transformer; modalities without blocks keep their frozen output tokens."""
+
     name: Literal["mmp"] = "mmp"
+    backbone: Literal["frozen_output", "encoder+lora"] = "frozen_output"
     d_model: int = Field(128, ge=1)
     n_agg: int = Field(8, ge=1)
     mask_p: float = Field(0.5, ge=0, le=1)
@@ -169,6 +176,14 @@ class MMPConfig(HeadConfig):
     attn_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on attention maps: costly on CPU, off by default
     align_weight: float = Field(1.0, ge=0)
     smooth_l1_beta: float = Field(1.0, gt=0)
+
+    @property
+    def label(self) -> str:
+        return self.name + ("-lora" if self.backbone == "encoder+lora" else "")
+
+    @property
+    def encoder_blocks(self) -> str:
+        return "optional" if self.backbone == "encoder+lora" else "none"
 
 
 class CMPTConfig(HeadConfig, LoRASettings):

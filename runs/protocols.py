@@ -104,11 +104,12 @@ def training_plan(protocols: list[str], modalities: list[str], c_removed: list[s
 def head_specs(heads: list[str], modalities: list[str], with_blocks: list[str] = ()) -> list[dict]:
     """Head configs; ``oracle`` expands to one oracle per modality, ``oracle-lora`` to one LoRA oracle per
     modality whose encoder has transformer blocks (``with_blocks``: the store's embedding-layer tokens), and
-    ``<baseline>-lora`` to that baseline over LoRA streams (none where no encoder has blocks)."""
+    ``<baseline>-lora`` to that baseline over LoRA streams and ``mmp-lora`` to MMP through the encoder (000
+    §III-B as written), none where no encoder has blocks."""
     expand = {"oracle": [{"name": "oracle", "modality": m} for m in modalities],
               "oracle-lora": [{"name": "oracle", "modality": m, "backbone": "encoder+lora"} for m in with_blocks],
               **{f"{b}-lora": [{"name": b, "backbone": "encoder+lora"}] if with_blocks else []
-                 for b in BASELINES}}
+                 for b in (*BASELINES, "mmp")}}
     return [h for name in heads for h in expand.get(name, [{"name": name}])]
 
 

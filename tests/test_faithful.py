@@ -123,6 +123,60 @@ def test_mmp_masks_once_per_batch_when_asked_as_000_iii_a_does():
     assert torch.isfinite(out.logits).all()
 
 
+def test_mmp_through_the_encoder_projects_embedding_layer_tokens_and_runs_them_through_the_lora_blocks(
+        monkeypatch):
+    """000 §III-B as written (``backbone="encoder+lora"``): a masked text's embedding-layer tokens are projected
+    from the image's tokens (Eq. 2-5, in the embedding layer's space), aligned there to the real ones with
+    Smooth L1 (Eq. 6), and the stream (frozen blocks + LoRA) runs over them; the image, which has no blocks,
+    keeps the frozen output tokens. The frozen-output variant reads no embedding-layer token."""
+    import models.heads.mmp as mmp_module
+    from models.lora import LoRALinear
+    spec = cmpt_spec()
+    cfg = parse_head_config({"name": "mmp", "backbone": "encoder+lora", "d_model": 8, "n_heads": 2})
+    assert cfg.label == "mmp-lora" and cfg.encoder_blocks == "optional"
+    torch.manual_seed(0)
+    head = build_head(cfg, spec, {"text": bert_blocks()})
+    assert head.inputs == ("emb", "tok") and list(head.streams) == ["text"]
+    assert head.variant["deviation"] == "lora+per_modality_encoders+frozen_output_tokens=image"
+    assert all(m.dropout.p == 0.1 for m in head.modules() if isinstance(m, LoRALinear))  # CMPT's adapters
+    assert not any(p.requires_grad for n, p in head.streams.named_parameters() if "lora_" not in n)
+    frozen = build_head(parse_head_config({"name": "mmp", "d_model": 8, "n_heads": 2}), spec, {"text": bert_blocks()})
+    assert frozen.inputs == ("tok",) and not frozen.streams and "deviation" not in frozen.variant
+
+    seen, projected = [], {}
+    head.streams["text"].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    real_project = head.project
+
+    def spy(*args, **kwargs):
+        projected.update(out := real_project(*args, **kwargs))
+        return out
+    head.project = spy
+    # training: every row keeps its image and masks its text (a deterministic stand-in for the random draw)
+    monkeypatch.setattr(mmp_module, "sample_keep_mask", lambda present, p: present & torch.tensor([True, False]))
+    b = cmpt_batch(spec)
+    out = head.train()(b)
+    assert projected["text"].shape == b.emb["text"].shape  # in the embedding layer's space, its token count
+    valid = b.emb_mask["text"].unsqueeze(-1)  # Eq. 6 over the real tokens of the masked text
+    err = torch.nn.functional.smooth_l1_loss(projected["text"], b.emb["text"], reduction="none")
+    assert torch.allclose(out.aux_loss, (err * valid).sum() / (valid.sum() * 32), atol=1e-6)
+    assert torch.allclose(seen[-1], projected["text"].detach(), atol=1e-6)  # the blocks run over the projection
+    out.aux_loss.backward()
+    assert head.out["text"][-1].weight.grad.abs().sum() > 0
+    # inference on a row without text: the blocks run over the projected tokens, the real text is not read
+    head.eval()
+    present = torch.tensor([[True, False]] + [[True, True]] * 5)
+    b = cmpt_batch(spec, present=present)
+    with torch.no_grad():
+        logits = head(b).logits
+        b.emb["text"][0] += 100
+        b.tok["text"][0] += 100
+        assert torch.allclose(head(b).logits, logits, atol=1e-5)
+    assert torch.allclose(seen[-1][0], projected["text"][0], atol=1e-5) and torch.allclose(
+        seen[-1][1:, :5], b.emb["text"][1:, :5])
+    with pytest.raises(ValueError, match="no modality has encoder blocks"):
+        build_head(cfg, spec, {})
+
+
 # ------------------------------------------------------------------------------------------------ paper values
 @pytest.mark.parametrize("tuned,names", [
     ("fashion_colour-cmpt", {"lam=0.847", "lr=0.00152", "weight_decay=0.00242", "schedule=cosine",

@@ -28,9 +28,14 @@ def tiny_blocks():
     return HFBlocks(bert.encoder.layer, 32)
 
 
+VARIANTS = {"mmp-lora": ("mmp", {"backbone": "encoder+lora"})}  # head configs with encoder blocks, by label
+CASES = sorted(HEADS) + sorted(VARIANTS)
+
+
 def make(name, **kw):
-    cfg = parse_head_config({"name": name, **kw})
-    backbones = {"text": tiny_blocks()} if name == "cmpt" else None
+    name, extra = VARIANTS.get(name, (name, {}))
+    cfg = parse_head_config({"name": name, **extra, **kw})
+    backbones = {"text": tiny_blocks()} if cfg.encoder_blocks != "none" else None
     torch.manual_seed(0)
     return build_head(cfg, SPEC, backbones)
 
@@ -38,7 +43,7 @@ def make(name, **kw):
 MIXED = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0], [1, 1], [1, 0], [0, 1], [1, 1], [1, 1], [0, 1]], dtype=torch.bool)
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", CASES)
 def test_shapes_and_missing_rows(name):
     head = make(name).eval()
     out = head(batch(10, MIXED))
@@ -53,7 +58,7 @@ def test_shapes_and_missing_rows(name):
     assert torch.allclose(head(b2).logits[rows], out.logits[rows], atol=1e-4), name
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", CASES)
 def test_training_step_gradients_only_on_trainable(name):
     head = make(name).train()
     out = head(batch(12))
@@ -64,6 +69,8 @@ def test_training_step_gradients_only_on_trainable(name):
     frozen = [p for p in head.parameters() if not p.requires_grad]
     assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert all(p.grad is None for p in frozen)
+    if name == "mmp-lora":
+        assert frozen and {type(m) for m in head.streams.modules()} >= {LoRALinear}
     if name == "cmpt":
         assert frozen, "CMPT's encoder blocks must stay frozen"
         lora = [m for m in head.modules() if isinstance(m, LoRALinear)]
@@ -72,7 +79,7 @@ def test_training_step_gradients_only_on_trainable(name):
                                 "deviation": "trainable_block=image+width_map+fusion_proj"}
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", CASES)
 def test_state_dict_round_trip(name):
     a, b = make(name).eval(), make(name, **({"dropout": 0.1} if name != "moddrop" else {})).eval()
     with torch.no_grad():

@@ -213,8 +213,9 @@ def test_protocol_heads_expand_oracles_per_modality_and_lora_oracles_where_the_e
     assert specs == [{"name": "mmp"}, {"name": "oracle", "modality": "image"}, {"name": "oracle", "modality": "text"},
                      {"name": "oracle", "modality": "text", "backbone": "encoder+lora"}]
     assert [parse_head_config(s).label for s in specs[1:]] == ["oracle-image", "oracle-text", "oracle-text-lora"]
-    lora = _protocols().head_specs(["moddrop-lora", "early"], ["image", "text"], ["text"])
-    assert lora == [{"name": "moddrop", "backbone": "encoder+lora"}, {"name": "early"}]
+    lora = _protocols().head_specs(["moddrop-lora", "early", "mmp-lora"], ["image", "text"], ["text"])
+    assert lora == [{"name": "moddrop", "backbone": "encoder+lora"}, {"name": "early"},
+                    {"name": "mmp", "backbone": "encoder+lora"}]
     assert parse_head_config(lora[0]).label == "moddrop-lora"
     assert _protocols().head_specs(["moddrop-lora"], ["image", "audio"], []) == []  # no encoder has blocks
 

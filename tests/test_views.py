@@ -137,7 +137,8 @@ def test_ids_with_quotes_and_an_injected_split_filter(tmp_path, capsys):
 # ---------------------------------------------------------------------- reproduce and gc (MLflow registry)
 # heads logged once and reproduced; the LoRA oracle runs MiniLM's blocks on the text modality alone
 REPRODUCED = {"early": {"name": "early"}, "srmm": {"name": "srmm"}, "mmp": {"name": "mmp"}, "cmpt": {"name": "cmpt"},
-              "oracle-text-lora": {"name": "oracle", "modality": "text", "backbone": "encoder+lora"}}
+              "oracle-text-lora": {"name": "oracle", "modality": "text", "backbone": "encoder+lora"},
+              "mmp-lora": {"name": "mmp", "backbone": "encoder+lora"}}
 
 
 @pytest.fixture(scope="module")
