@@ -82,12 +82,32 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     limit: int | None = Field(None, ge=1)  # first N records per split-shuffle, for smoke runs
     seed: int = Field(0, ge=0)
+    # manifest and fashion: source columns kept with each row in the store's dataset table (as text), for
+    # missing patterns that depend on them (MissingPattern kind by_column) and for reading back
+    attributes: list[str] = Field(default_factory=list)
 
     @field_validator("manifest", mode="before")
     @classmethod
     def _local_path(cls, v: Any) -> Any:
         """A URI stays text; anything else is a local path (a glob too)."""
         return Path(v) if isinstance(v, str) and "://" not in v else v
+
+    @model_validator(mode="after")
+    def _attributes_source(self) -> "DataConfig":
+        if self.attributes and self.dataset not in ("manifest", "fashion"):
+            raise ValueError(f"data.attributes keeps manifest (or fashion styles.csv) columns; dataset "
+                             f"{self.dataset!r} has none")
+        return self
+
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_names(cls, v: list[str]) -> list[str]:
+        if bad := [a for a in v if not a.strip() or a in ("id", "split", "label", "image", "text", "audio")]:
+            raise ValueError(f"data.attributes: {bad[0]!r} is not an extra column (id, split, label and the "
+                             "modalities are stored already)")
+        if len(set(v)) < len(v):
+            raise ValueError("data.attributes names a column twice")
+        return v
 
     @field_validator("columns")
     @classmethod
@@ -356,6 +376,15 @@ class ExperimentConfig(Strict):
         for m, e in enc.items():
             merged[m] = {**merged.get(m, {}), **e} if isinstance(e, dict) and "kind" not in e else e
         return {**v, "encoders": merged}
+
+    @model_validator(mode="after")
+    def _columns_kept(self) -> "ExperimentConfig":
+        """A ``by_column`` pattern draws on a column the store keeps: one of ``data.attributes``."""
+        for p in [self.train_pattern, *self.sweep.train_patterns, *self.eval.extra_patterns]:
+            if p.kind == "by_column" and p.column not in self.data.attributes:
+                raise ValueError(f"pattern {p.key} draws on column {p.column!r}, which data.attributes "
+                                 f"{self.data.attributes} does not keep")
+        return self
 
     @model_validator(mode="after")
     def _ray_engine_decodes_on_host(self) -> "ExperimentConfig":

@@ -33,12 +33,16 @@ class MissingPattern(BaseModel):
       burst         ``modality`` missing in exactly round(rate * n) rows that come in runs of ``burst_len``
                     consecutive rows in id order (the last run may be shorter; runs may touch): outages, a
                     sensor down for a stretch of recordings
+      by_column     ``modality`` missing in exactly round(r_v * n_v) of the n_v rows whose manifest column
+                    ``column`` (kept in the store by ``data.attributes``) holds v, with r_v from ``column_rates``
+                    (value -> rate) and ``rate`` for other values and rows without one: missingness that
+                    depends on where or how an item was collected (a site, a device, a season)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["complete", "per_modality", "map", "simultaneous", "absent", "noise", "by_class", "burst"] = \
-        "complete"
+    kind: Literal["complete", "per_modality", "map", "simultaneous", "absent", "noise", "by_class", "burst",
+                  "by_column"] = "complete"
     rates: dict[str, float] = Field(default_factory=dict)
     allow_all_missing: bool = False
     eta: float = 0.0
@@ -50,14 +54,19 @@ class MissingPattern(BaseModel):
     sigma_scale: Literal["absolute", "feature_std"] = "absolute"
     class_rates: dict[str, float] = Field(default_factory=dict)  # by_class: class name -> missing rate
     burst_len: int = Field(1, ge=1)  # burst: consecutive rows per run
+    column: str | None = None  # by_column: the manifest column (one of data.attributes)
+    column_rates: dict[str, float] = Field(default_factory=dict)  # by_column: column value -> missing rate
 
     @model_validator(mode="after")
     def _check(self) -> "MissingPattern":
-        for name, r in {**self.rates, **self.class_rates, "eta": self.eta, "rate": self.rate}.items():
+        for name, r in {**self.rates, **self.class_rates, **self.column_rates, "eta": self.eta,
+                        "rate": self.rate}.items():
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"missing rate {name}={r} must lie in [0, 1]")
-        if self.kind in ("absent", "by_class", "burst") and not self.modality:
+        if self.kind in ("absent", "by_class", "burst", "by_column") and not self.modality:
             raise ValueError(f"pattern kind {self.kind!r} needs `modality`")
+        if self.kind == "by_column" and not self.column:
+            raise ValueError("pattern kind 'by_column' needs `column` (a manifest column kept by data.attributes)")
         if self.kind == "noise" and self.sigma <= 0:
             raise ValueError("pattern kind 'noise' needs sigma > 0")
         return self
@@ -82,6 +91,9 @@ class MissingPattern(BaseModel):
             return f"by_class[{self.modality}|{body},else={_pct(self.rate)}]"
         if self.kind == "burst":
             return f"burst[{self.modality}={_pct(self.rate)},len={self.burst_len}]"
+        if self.kind == "by_column":
+            body = ",".join(f"{v}={_pct(r)}" for v, r in sorted(self.column_rates.items()))
+            return f"by_column[{self.modality}|{self.column}:{body},else={_pct(self.rate)}]"
         return f"noise[{'+'.join(self.modalities or ['all'])}={_num(self.sigma)},{self.sigma_scale}]"
 
     def check_modalities(self, modalities: list[str]) -> None:
@@ -158,13 +170,17 @@ def _no_empty_rows(rng: np.random.Generator, counts: list[int], n: int) -> np.nd
     return missing
 
 
-def _by_class(rng: np.random.Generator, pattern: MissingPattern, labels: Sequence[str] | None) -> np.ndarray:
-    """Rows missing under a ``by_class`` pattern: in each class, exactly its rate of its rows, drawn at random."""
-    if labels is None:
-        raise ValueError(f"pattern {pattern.key} depends on the class: its mask needs the rows' labels")
-    labels = np.asarray(labels, dtype=object)
-    rows = [_exact_subset(rng, np.flatnonzero(labels == c), pattern.class_rates.get(c, pattern.rate),
-                          int((labels == c).sum())) for c in sorted(set(labels.tolist()), key=str)]
+def _by_group(rng: np.random.Generator, pattern: MissingPattern, groups: Sequence[str | None] | None
+              ) -> np.ndarray:
+    """Rows missing under a ``by_class`` / ``by_column`` pattern: in each group of rows (a class, a column
+    value; rows without a value form one group), exactly its rate of its rows, drawn at random."""
+    if groups is None:
+        what = "labels" if pattern.kind == "by_class" else f"values of column {pattern.column!r}"
+        raise ValueError(f"pattern {pattern.key} depends on the rows' {what}: its mask needs them")
+    rates = pattern.class_rates if pattern.kind == "by_class" else pattern.column_rates
+    groups = np.asarray(groups, dtype=object)
+    rows = [_exact_subset(rng, np.flatnonzero(groups == g), rates.get(g, pattern.rate), int((groups == g).sum()))
+            for g in sorted(set(groups.tolist()), key=str)]
     return np.concatenate(rows) if rows else np.zeros(0, dtype=int)
 
 
@@ -182,9 +198,9 @@ def _bursts(rng: np.random.Generator, rate: float, run: int, n: int) -> np.ndarr
 
 
 def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split: str, seed: int,
-                  labels: Sequence[str] | None = None) -> np.ndarray:
+                  groups: Sequence[str | None] | None = None) -> np.ndarray:
     """Boolean [n, M] presence matrix (True = present), a pure function of (pattern, split, seed, n) and, for a
-    ``by_class`` pattern, the rows' class names (``labels``)."""
+    ``by_class`` pattern, the rows' class names, for a ``by_column`` one their column values (``groups``)."""
     pattern.check_modalities(modalities)
     rng = _rng(pattern, split, seed)
     present = np.ones((n, len(modalities)), dtype=bool)
@@ -206,8 +222,8 @@ def presence_mask(pattern: MissingPattern, modalities: list[str], n: int, split:
             present[rows, col[m]] = False
     elif pattern.kind == "absent":
         present[:, col[pattern.modality]] = False
-    elif pattern.kind == "by_class":
-        present[_by_class(rng, pattern, labels), col[pattern.modality]] = False
+    elif pattern.kind in ("by_class", "by_column"):
+        present[_by_group(rng, pattern, groups), col[pattern.modality]] = False
     elif pattern.kind == "burst":
         present[_bursts(rng, pattern.rate, pattern.burst_len, n), col[pattern.modality]] = False
     return present
@@ -255,5 +271,8 @@ def scenario_slug(pattern: MissingPattern, modalities: list[str]) -> str:
         return f"by_class-{pattern.modality}-{_pct_slug(pattern.rate)}-{digest}"
     if pattern.kind == "burst":
         return f"burst-{pattern.modality}-{_pct_slug(pattern.rate)}-len{pattern.burst_len}"
+    if pattern.kind == "by_column":  # (column names and values are data: a digest, as for by_class)
+        digest = hashlib.sha256(pattern.key.encode()).hexdigest()[:6]
+        return f"by_column-{pattern.modality}-{_pct_slug(pattern.rate)}-{digest}"
     scale = {"absolute": "abs", "feature_std": "std"}[pattern.sigma_scale]
     return f"noise-{'+'.join(pattern.modalities or ['all'])}-{_num(pattern.sigma)}-{scale}"

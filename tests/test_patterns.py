@@ -68,10 +68,27 @@ def test_missing_by_class_meets_each_class_rate_exactly_and_is_seeded():
     assert missing == {"cat": 240, "dog": 20, "eel": 50} and a[:, 0].all()
     assert np.array_equal(a, presence_mask(p, MODS, 600, "train", 0, labels))
     assert not np.array_equal(a, presence_mask(p, MODS, 600, "train", 1, labels))
-    with pytest.raises(ValueError, match="needs the rows' labels"):
+    with pytest.raises(ValueError, match="needs them"):
         presence_mask(p, MODS, 600, "train", 0)
     with pytest.raises(ValueError, match="must lie in"):
         MissingPattern(kind="by_class", modality="text", class_rates={"cat": 1.5})
+
+
+def test_missing_by_a_column_meets_each_values_rate_exactly_and_is_seeded():
+    site = ["a"] * 300 + ["b"] * 200 + [None] * 100  # rows without a value take ``rate``, as other values do
+    p = MissingPattern(kind="by_column", modality="image", column="site", column_rates={"a": 0.9, "b": 0.05},
+                       rate=0.3)
+    a = presence_mask(p, MODS, 600, "train", 0, site)
+    groups = np.array(site, dtype=object)
+    missing = {g: int((~a[groups == g, 0]).sum()) for g in ("a", "b", None)}
+    assert missing == {"a": 270, "b": 10, None: 30} and a[:, 1].all()
+    assert np.array_equal(a, presence_mask(p, MODS, 600, "train", 0, site))
+    assert not np.array_equal(a, presence_mask(p, MODS, 600, "train", 1, site))
+    assert p.key == "by_column[image|site:a=90,b=5,else=30]" and "/" not in scenario_slug(p, MODS)
+    with pytest.raises(ValueError, match="values of column 'site'"):
+        presence_mask(p, MODS, 600, "train", 0)
+    with pytest.raises(ValueError, match="needs `column`"):
+        MissingPattern(kind="by_column", modality="image", rate=0.3)
 
 
 def test_missing_in_bursts_of_consecutive_rows():
@@ -123,3 +140,47 @@ def test_protection_horizon_is_the_first_test_rate_where_a_head_falls_below_each
                               "moddrop_text": None}
     report = write_report(runs, tmp_path, "horizon").read_text()
     assert "## Protection horizon" in report and "| early | 50% | 25% | - | - |" in report
+
+
+def test_missingness_driven_by_a_manifest_column_the_store_keeps(tmp_path):
+    """``data.attributes`` keeps a manifest column with each row of the dataset table; a ``by_column`` pattern
+    draws on it through the store (the pinned version), a column the manifest lacks is one line, a pattern on
+    a column the config does not keep is refused at load, and a store made before the column existed gets it."""
+    import json
+    import lancedb
+    from conftest import make_manifest, manifest_config
+    from models.config import ExperimentConfig
+    from stores.datasets import DatasetError
+    from stores.extraction import extract
+    from stores.features.feature_store import FeatureStore, StoreError
+    from stores.features.scenarios import ScenarioReader
+    path = make_manifest(tmp_path / "raw", n=60, bad=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 6:  # every sixth row has no site
+            r["site"] = ["north", "south"][i % 2]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = manifest_config(tmp_path, path)
+    report = extract(cfg, progress=False)  # no attributes kept yet: a store as older versions wrote it
+    store = FeatureStore(cfg.store.root, report.store)
+    lancedb.connect(cfg.store.root).open_table(store.dataset).drop_columns(["attrs"])
+    pattern = {"kind": "by_column", "modality": "image", "column": "site", "column_rates": {"north": 1.0, "south": 0.0},
+               "rate": 0.5}
+    with pytest.raises(ValueError, match="does not keep"):
+        manifest_config(tmp_path, path, train_pattern=pattern)
+    with pytest.raises(StoreError, match="keeps no column 'site'"):
+        ScenarioReader(FeatureStore(cfg.store.root, report.store), ("vec",), 0).under("train", MissingPattern(**pattern))
+    with pytest.raises(DatasetError, match="has no column 'sight'"):
+        extract(manifest_config(tmp_path, path, data__attributes=["sight"]), progress=False)
+    kept = manifest_config(tmp_path, path, data__attributes=["site"], train_pattern=pattern)
+    assert isinstance(kept, ExperimentConfig)
+    again = extract(kept, progress=False)
+    assert again.encoded == {"image": 0, "text": 0}  # the column is data about the rows: nothing re-encoded
+    reader = ScenarioReader(FeatureStore(cfg.store.root, again.store), ("vec",), 0)
+    ids = reader.split("train").ids
+    site = dict(zip([r["id"] for r in rows], [r.get("site") for r in rows]))
+    present = reader.under("train", kept.train_pattern).present.numpy()
+    groups = np.array([site[i] for i in ids], dtype=object)
+    assert not present[groups == "north", 0].any() and present[groups == "south", 0].all()
+    assert (~present[groups == None, 0]).sum() == round(0.5 * (groups == None).sum())  # noqa: E711
+    assert present[:, 1].all()

@@ -56,6 +56,7 @@ class Record:
     split: str
     label: int | list[int]
     payload: dict[str, Any]  # modality -> file path / text / in-memory reference, or None when absent
+    attrs: dict[str, str | None] = field(default_factory=dict)  # data.attributes: column -> value as text
 
 
 class StreamedRecords(Sequence):

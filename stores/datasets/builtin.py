@@ -53,17 +53,22 @@ def fashion(cfg: DataConfig) -> Dataset:
         if cfg.label_field not in header:
             raise DatasetError(f"label_field {cfg.label_field!r} not in styles.csv columns {header}")
         li, ti = header.index(cfg.label_field), header.index("productDisplayName")
+        if bad := [a for a in cfg.attributes if a not in header[:ti]]:  # (the title, last, may hold commas)
+            raise DatasetError(f"data.attributes: {bad[0]!r} is not a styles.csv column before the title "
+                               f"({', '.join(header[:ti])})")
+        ai = [header.index(a) for a in cfg.attributes]
         for row in reader:
             img = images / f"{row[0]}.jpg"
             if img.exists():
                 title = ",".join(row[ti:]).strip().strip(",").strip()  # titles may contain commas
-                rows.append((row[0], row[li], title, str(img)))
+                rows.append((row[0], row[li], title, str(img), {a: row[i] or None for a, i in zip(cfg.attributes, ai)}))
     counts = Counter(r[1] for r in rows)
     classes = sorted(c for c, n in counts.items() if n >= cfg.min_per_class)
     rows = [r for r in rows if r[1] in classes]
     split = split_stratified([r[0] for r in rows], [r[1] for r in rows], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     index = {c: i for i, c in enumerate(classes)}
-    records = [Record(pid, split[pid], index[lab], {"image": img, "text": title}) for pid, lab, title, img in rows]
+    records = [Record(pid, split[pid], index[lab], {"image": img, "text": title}, attrs)
+               for pid, lab, title, img, attrs in rows]
     return Dataset("fashion", ["image", "text"], classes, limit_records(records, cfg))
 
 def food101(cfg: DataConfig) -> Dataset:

@@ -52,6 +52,7 @@ def manifest(cfg: DataConfig) -> Dataset:
     ``data.limit``'s sample, the checks); the records are then streamed from the source batch by batch, with their
     image/audio bytes, each time a consumer iterates them (``Dataset.batches``)."""
     source = Source(cfg)
+    source.check_attributes()
     mods = source.modalities
     roots = data_roots(source.root, cfg.allowed_roots) if not source.remote else []
     ids, labels, multilabel = [], [], False
@@ -86,10 +87,11 @@ def manifest(cfg: DataConfig) -> Dataset:
             offset += batch.num_rows
             if not len(rows):
                 continue
-            cols = {f: batch[f].to_pylist() for f in ("id", "split", "label", *mods)}
+            cols = {f: batch[f].to_pylist() for f in ("id", "split", "label", *mods, *cfg.attributes)}
             yield [Record(cols["id"][i], cols["split"][i],
                           [index[c] for c in cols["label"][i]] if multilabel else index[cols["label"][i][0]],
-                          {m: cols[m][i] if m == "text" else file_ref(cols[m][i], roots) for m in mods})
+                          {m: cols[m][i] if m == "text" else file_ref(cols[m][i], roots) for m in mods},
+                          {a: cols[a][i] for a in cfg.attributes})
                    for i in rows]
 
     return Dataset(cfg.source_name, mods, classes, StreamedRecords(batches, n if keep is None else int(keep.sum())),

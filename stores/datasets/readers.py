@@ -140,14 +140,16 @@ def tar_samples(fs: pafs.FileSystem, path: str) -> Iterator[tuple[str, dict[str,
 
 def sample_row(key: str, parts: dict[str, bytes], path: str) -> dict[str, Any]:
     """A WebDataset sample as a row: id = its key; label from ``.cls`` or the ``.json`` field ``label``; split
-    from the ``.json`` field ``split``; image/audio bytes by extension; text from ``.txt``."""
+    from the ``.json`` field ``split``; image/audio bytes by extension; text from ``.txt``; the ``.json``'s
+    other fields as columns (``data.attributes`` picks among them)."""
     meta: dict = {}
     if "json" in parts:
         try:
             meta = json.loads(parts["json"])
         except ValueError as e:
             raise DatasetError(f"manifest {path}: sample {key}'s .json is not valid JSON ({e})") from None
-    row = {"id": meta.get("id", key), "split": meta.get("split"),
+    extra = {k: v for k, v in meta.items() if k not in WEBDATASET_COLUMNS}  # attributes (data.attributes)
+    row = {**extra, "id": meta.get("id", key), "split": meta.get("split"),
            "label": parts["cls"].decode("utf-8", errors="replace") if "cls" in parts else meta.get("label")}
     for m, exts in (("image", IMAGE_EXT), ("audio", AUDIO_EXT)):
         row[m] = next((parts[e] for e in exts if e in parts), None)

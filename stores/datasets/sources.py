@@ -4,6 +4,7 @@ as Arrow record batches in one schema, so a consumer holds one batch at a time:
 
     id: string, split: string (train/val/test), label: list<string> (class names),
     image / audio: struct<bytes: binary, path: string>, text: string   (the modalities the source has; null = absent)
+    <attribute>: string   (each of ``data.attributes``, as text; null where a row has no value)
 
 Formats: Parquet, CSV, JSONL, WebDataset ``.tar`` shards and Hugging Face ``save_to_disk`` folders (Arrow IPC).
 A shard that cannot be read at all is a ``DatasetError`` naming it; a bad item inside one (corrupt bytes) is
@@ -85,6 +86,7 @@ class Source:
         self.cfg, self.url = cfg, str(cfg.manifest)
         self.remote = "://" in self.url
         self.names = {f: cfg.columns.get(f, f) for f in FIELDS}
+        self.attributes = list(cfg.attributes)
         self.fs, path = self._filesystem()
         self.root, self.shards = self._discover(path)
         if not self.shards:
@@ -169,11 +171,12 @@ class Source:
         try:
             if first.format == "webdataset":
                 rows = [sample_row(k, p, first.url) for k, p in islice(tar_samples(self.fs, first.path), 64)]
-                return [c for c in WEBDATASET_COLUMNS if any(r.get(c) is not None for r in rows)]
+                return [c for c in (*WEBDATASET_COLUMNS, *self.attributes) if any(r.get(c) is not None for r in rows)]
             if first.format == "csv":
                 return csv_header(self.fs, first.path)
             if first.format == "jsonl":
-                return list(next(READERS["jsonl"](self.fs, first.path, list(self.names.values()))).schema.names)
+                want = list(self.names.values()) + self.attributes
+                return list(next(READERS["jsonl"](self.fs, first.path, want)).schema.names)
             return self._schema(first).names
         except StopIteration:
             return []
@@ -195,6 +198,13 @@ class Source:
     def modalities(self) -> list[str]:
         return [m for m in MODALITIES if self.names[m] in self.columns]
 
+    def check_attributes(self) -> None:
+        """``data.attributes`` the first shard lacks: one line naming them (a later shard without one reads as
+        null values)."""
+        if missing := [a for a in self.attributes if a not in self.columns]:
+            raise DatasetError(f"manifest {self.url} has no column {missing[0]!r} (data.attributes); its columns: "
+                               f"{', '.join(self.columns[:20])}")
+
     @cached_property
     def class_names(self) -> list[str] | None:
         """The names of a Hugging Face ``ClassLabel`` label column (its integers index them), from the Arrow or
@@ -212,8 +222,9 @@ class Source:
         """Every row, shard by shard, as record batches in the module's schema (see the docstring); without the
         modality columns when not ``payloads`` (Parquet and Arrow then skip reading the image/audio bytes)."""
         mods = self.modalities if payloads else []
-        want = [self.names[f] for f in ("id", "split", "label")] + [self.names[m] for m in mods]
-        schema = pa.schema([(f, TYPES[f]) for f in ("id", "split", "label", *mods)])
+        want = [self.names[f] for f in ("id", "split", "label")] + [self.names[m] for m in mods] + self.attributes
+        schema = pa.schema([(f, TYPES[f]) for f in ("id", "split", "label", *mods)]
+                           + [(a, pa.string()) for a in self.attributes])
         offset, self._ids = 0, {}  # generated ids count from 0 on every pass
         for shard in self.shards:
             for raw in self._raw(shard, want):
@@ -263,6 +274,7 @@ class Source:
         for m in mods:
             c = col[m] if col[m] is not None else pa.nulls(n)
             out.append(self._text(c) if m == "text" else self._file_cells(c, shard, m, offset))
+        out += [self._attribute(raw.column(a) if a in have else pa.nulls(n), a, shard) for a in self.attributes]
         return pa.RecordBatch.from_arrays(out, schema=schema.with_metadata({"multilabel": "1" if multilabel else "0"}))
 
     @staticmethod
@@ -300,6 +312,16 @@ class Source:
         multilabel = pc.any(pc.greater(pc.list_value_length(names), 1)).as_py() or \
             (pa.types.is_string(c.type) and pc.any(pc.match_substring(c, "|")).as_py())
         return pc.fill_null(names, pa.scalar([], pa.list_(pa.string()))), bool(multilabel)
+
+    @staticmethod
+    def _attribute(c: pa.Array, name: str, shard: Shard) -> pa.Array:
+        """An attribute column as text (numbers and booleans written as such, empty text as null)."""
+        try:
+            c = pc.cast(c, pa.string())
+        except (pa.ArrowException, ValueError):
+            raise DatasetError(f"manifest {shard.url}: attribute column {name!r} ({c.type}) is not text, a number "
+                               "or a boolean") from None
+        return pc.if_else(pc.equal(c, ""), pa.scalar(None, pa.string()), c)
 
     @staticmethod
     def _text(c: pa.Array) -> pa.Array:

@@ -45,7 +45,8 @@ def entity_batches(ds: Dataset, old: pa.Table | None, pool: ThreadPoolExecutor) 
             out = {"id": r.id, "split": r.split, "label": -1 if isinstance(r.label, list) else r.label,
                    "labels": r.label if isinstance(r.label, list) else [r.label],
                    "source": json.dumps({m: describe_ref(v) for m, v in r.payload.items()
-                                         if not isinstance(v, np.ndarray)})}
+                                         if not isinstance(v, np.ndarray)}),
+                   "attrs": json.dumps(r.attrs, sort_keys=True) if r.attrs else None}
             for m in ds.modalities:
                 ref = r.payload.get(m)
                 raw = None if ref is None else ds.raw(m, ref)

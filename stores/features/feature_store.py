@@ -51,7 +51,8 @@ def store_name(cfg: ExperimentConfig) -> str:
 def legacy_store_name(cfg: ExperimentConfig) -> str:
     """The table name of the old layout (one table per dataset and encoder set), for migration."""
     data = cfg.data.model_dump(mode="json", exclude=runtime_fields(DataConfig))
-    for added, default in (("classes", None), ("name", None), ("format", "auto"), ("columns", {})):
+    for added, default in (("classes", None), ("name", None), ("format", "auto"), ("columns", {}),
+                           ("attributes", [])):
         if data.get(added) == default:  # fields added later: their defaults keep the names
             data.pop(added, None)
     enc = {m: e.model_dump(mode="json", exclude=set(runtime_fields(EncoderConfig))
@@ -64,7 +65,8 @@ def legacy_store_name(cfg: ExperimentConfig) -> str:
 
 def entity_schema(modalities: list[str]) -> pa.Schema:
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("split", pa.string()),
-              pa.field("label", pa.int32()), pa.field("labels", pa.list_(pa.int32())), pa.field("source", pa.string())]
+              pa.field("label", pa.int32()), pa.field("labels", pa.list_(pa.int32())), pa.field("source", pa.string()),
+              pa.field("attrs", pa.string())]  # data.attributes as a JSON object (null: none kept)
     for m in modalities:  # stat: the file's (path, size, mtime) when its key was hashed, to skip re-hashing
         fields += [pa.field(f"{m}_key", pa.string()), pa.field(f"{m}_stat", pa.string())]
     return pa.schema(fields)
@@ -311,6 +313,8 @@ class FeatureStore:
         rows = rows.cast(schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
         if not self._has(self.dataset):
             self.db.create_table(self.dataset, schema=schema)
+        elif "attrs" not in (tbl := self.db.open_table(self.dataset)).schema.names:  # a store from before it
+            tbl.add_columns(pa.field("attrs", pa.string()))
         old = self.entity_arrow()
         new = pc.invert(pc.is_in(rows["id"], value_set=old["id"])) if old.num_rows else \
             pa.array(np.ones(rows.num_rows, bool))
@@ -486,6 +490,21 @@ class FeatureStore:
                 decode_tokens(rows[k], rows[f"n{k}"].fill_null(0).to_numpy(), getattr(meta, f"{k}_dim")[m],
                               getattr(meta, f"{k}_len")[m], back,
                               out=(out.arrays[f"{k}__{m}"][part], out.arrays[f"{k}_mask__{m}"][part]))
+
+    def attribute_values(self, split: str, ids: list[str], column: str) -> list[str | None]:
+        """The value of the kept source column ``column`` (``data.attributes``) of each of ``ids`` in ``split``,
+        from the (pinned) dataset table; a StoreError when the store keeps no such column."""
+        ent = self.entity_table()
+        kept = "attrs" in ent.schema.names
+        t = ent.search().where(filters.eq("split", split)).select(["id", "attrs"]).limit(None).to_arrow() \
+            if kept else None
+        # one JSON object per row, parsed in Python: only when a by_column mask is first made (then it is saved)
+        rows = [json.loads(a) if a else {} for a in t["attrs"].take(
+            pc.index_in(pa.array(ids, pa.string()), value_set=t["id"])).to_pylist()] if kept else []
+        if not any(column in r for r in rows):
+            raise StoreError(f"store {self.name} keeps no column {column!r} for {split}: add it to data.attributes "
+                             "and run mm extract again")
+        return [r.get(column) for r in rows]
 
     def _split_rows(self, split: str) -> tuple[pa.Table, dict[str, np.ndarray]]:
         """The dataset table's rows of ``split`` whose every modality is extracted, sorted by id (id, label,

@@ -36,9 +36,9 @@ class MaskStore:
         return db.open_table(self.name)
 
     def get(self, split: str, ids: list[str], pattern: MissingPattern, seed: int,
-            labels: list[str] | None = None) -> np.ndarray:
-        """[len(ids), M] presence (True = present) in ``ids`` order, created and saved on first use; ``labels``:
-        the rows' class names, for a pattern that depends on the class (``by_class``)."""
+            groups: list[str | None] | None = None) -> np.ndarray:
+        """[len(ids), M] presence (True = present) in ``ids`` order, created and saved on first use; ``groups``:
+        the rows' class names (``by_class``) or column values (``by_column``) for a pattern that depends on them."""
         mods = self.store.modalities
         # the dataset table version plus the ids read: a partly extracted store reads fewer ids at one version
         version = f"{self.store.meta.dataset_version}/{hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:8]}"
@@ -54,7 +54,7 @@ class MaskStore:
                     raise StoreError(f"saved masks for {split}/{pattern.key}/seed {seed} lack ids {missing[:5]}")
                 cols = np.stack([t[f"{m}_present"].to_numpy(zero_copy_only=False) for m in mods], 1)
                 return cols[pos.to_numpy()]
-            present = presence_mask(pattern, mods, len(ids), split, seed, labels)
+            present = presence_mask(pattern, mods, len(ids), split, seed, groups)
             tbl.add(pa.table({"dataset_version": [version] * len(ids), "split": [split] * len(ids),
                               "pattern": [pattern.key] * len(ids), "pattern_json": [pattern.model_dump_json()] * len(ids),
                               "seed": [seed] * len(ids), "id": ids,

@@ -44,8 +44,9 @@ class ScenarioReader:
         A noise pattern is the one exception: its noise is drawn over whole tensors (the draws of earlier
         versions, so its numbers stay), so that split is materialised with the noise added."""
         split = self.split(name)
-        present = self.masks.get(name, split.ids, pattern, self.seed,
-                                 self.class_names(split, pattern) if pattern.kind == "by_class" else None)
+        groups = self.class_names(split, pattern) if pattern.kind == "by_class" else \
+            self.store.attribute_values(name, split.ids, pattern.column) if pattern.kind == "by_column" else None
+        present = self.masks.get(name, split.ids, pattern, self.seed, groups)
         masked = MaskedSplit(split.batch, torch.from_numpy(present), self.placeholder, self.modalities)
         rng = noise_generator(pattern, name, self.seed)
         if rng is None:
