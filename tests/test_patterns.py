@@ -184,3 +184,16 @@ def test_missingness_driven_by_a_manifest_column_the_store_keeps(tmp_path):
     assert not present[groups == "north", 0].any() and present[groups == "south", 0].all()
     assert (~present[groups == None, 0]).sum() == round(0.5 * (groups == None).sum())  # noqa: E711
     assert present[:, 1].all()
+
+
+def test_the_mask_table_is_compacted_at_the_configured_fragment_count(colour_store):
+    """One commit per (split, pattern, seed): past ``store.max_fragments`` fragments the table is compacted."""
+    from stores.features.feature_store import FeatureStore
+    from stores.features.masks import MaskStore
+    cfg, report = colour_store
+    store = FeatureStore(cfg.store.root, report.store, max_fragments=2)
+    masks, ids = MaskStore(store), [f"x{i}" for i in range(10)]
+    for rate in (0.1, 0.2, 0.3, 0.4, 0.5):  # five new mask sets
+        masks.get("train", ids, MissingPattern(kind="per_modality", rates={"image": rate}), seed=7)
+        assert masks._table().stats()["fragment_stats"]["num_fragments"] <= 2
+    assert len(masks.table(seed=7)) == 50

@@ -136,8 +136,9 @@ class FeatureStore:
 
     def __init__(self, root: "Path | str | StoreLocation", name: str, read_cache: bool = True,
                  versions: dict[str, int] | None = None, dataset: str | None = None,
-                 views: dict[str, str] | None = None):
+                 views: dict[str, str] | None = None, max_fragments: int = 8):
         self.location = StoreLocation.of(root)
+        self.max_fragments = max_fragments  # store.max_fragments: the tables written outside extraction (masks)
         self.root, self.name = self.location.root, name
         self.db = self.location.connect()
         self.meta_path = self.location.file(f"{name}.json")
@@ -154,12 +155,13 @@ class FeatureStore:
         """The store a config reads; ``modalities`` (the dataset's) limits the views when known."""
         views = {m: view_name(m, e) for m, e in cfg.encoder_configs().items() if modalities is None or m in modalities}
         return cls(StoreLocation.for_config(cfg.store), store_name(cfg), read_cache=cfg.store.read_cache,
-                   versions=cfg.store.versions, dataset=cfg.data.dataset_name, views=views)
+                   versions=cfg.store.versions, dataset=cfg.data.dataset_name, views=views,
+                   max_fragments=cfg.store.max_fragments)
 
     def pin(self, versions: dict[str, int] | None = None) -> "FeatureStore":
         """The same store with every part pinned (default: at the versions it would read now)."""
         return FeatureStore(self.location, self.name, self.read_cache, versions or self.versions(), self.dataset,
-                            self.view_names)
+                            self.view_names, self.max_fragments)
 
     def _has(self, table: str) -> bool:
         """Whether ``table`` exists with a first commit: a table being created is listed (its folder) a moment

@@ -13,8 +13,6 @@ from stores.features import filters
 from stores.features.feature_store import FeatureStore, StoreError
 from stores.features.history import KEEP_EVERY_VERSION
 
-MAX_FRAGMENTS = 8  # (small: a few thousand rows per mask set)
-
 
 class MaskStore:
     """A Lance table ``<dataset>-masks`` with one row per (dataset_version, split, pattern, seed, id); the dataset
@@ -59,7 +57,7 @@ class MaskStore:
                               "pattern": [pattern.key] * len(ids), "pattern_json": [pattern.model_dump_json()] * len(ids),
                               "seed": [seed] * len(ids), "id": ids,
                               **{f"{m}_present": present[:, i] for i, m in enumerate(mods)}}, schema=self._schema()))
-            if tbl.stats()["fragment_stats"]["num_fragments"] > MAX_FRAGMENTS:  # one commit per split/pattern/seed
+            if tbl.stats()["fragment_stats"]["num_fragments"] > self.store.max_fragments:  # a commit a mask set
                 tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)
             return present
 
