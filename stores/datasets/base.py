@@ -9,7 +9,8 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -80,6 +81,14 @@ class StreamedRecords(Sequence):
 
 
 BATCH_RECORDS = 1024
+
+
+def groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last may be shorter): ``itertools.batched`` once the project requires
+    Python 3.12 (it supports 3.11)."""
+    it = iter(items)
+    while group := list(islice(it, size)):
+        yield group
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from .base import DatasetError
+from .base import DatasetError, groups
 
 BATCH_ROWS = 1024
 IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
@@ -80,13 +80,7 @@ def json_column(values: list[Any]) -> pa.Array:
 
 def _batches_of(rows: Iterable[dict], want: list[str]) -> Iterator[pa.RecordBatch]:
     """Rows (dicts) as record batches of ``BATCH_ROWS``, with the ``want`` columns the first row of each has."""
-    chunk: list[dict] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == BATCH_ROWS:
-            yield _batch(chunk, want)
-            chunk = []
-    if chunk:
+    for chunk in groups(rows, BATCH_ROWS):
         yield _batch(chunk, want)
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from models.config import EncoderConfig, ExperimentConfig
 from models.records import ExtractReport
 from stores.datasets import Dataset, load_dataset
+from stores.datasets.base import groups
 from stores.encoders.stream import encode_stream
 from stores.encoders import Encoder, build_encoder, encoder_fingerprint
 from stores.encoders.base import check_model_path
@@ -109,7 +110,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         index = {m: KeyIndex.of_table(views[m].table()) for m in mods}
         timing: Counter = Counter()
         bar = tqdm(total=work.num_rows, desc=f"extract {store.name}", disable=not progress, unit="item")
-        plan = _plan(_groups(_work_rows(ds, work), cfg.store.write_every), mods, index)
+        plan = _plan(groups(_work_rows(ds, work), cfg.store.write_every), mods, index)
         for window in _windows(plan, cfg):  # second pass over the source: only the rows that need writing
             encoded = _encoded(cfg, window, encoders, lambda m, pairs: [(k, ds.raw(m, ref)) for k, ref in pairs])
             for chunk, _ in window:
@@ -150,18 +151,6 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
 Chunk = tuple[list[dict], dict[str, list[tuple[str, Any]]]]
 
 
-def _groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """``items`` in lists of ``size`` (the last may be shorter); ``itertools.batched`` from Python 3.12."""
-    group: list[Any] = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def _work_rows(ds: Dataset, work: pa.Table) -> Iterator[dict]:
     """The ``work`` rows (dataset-table rows plus ``new_in_search``) in source order, each with its ``payload``
     (modality -> reference) read from a second pass over the source."""
@@ -200,7 +189,7 @@ def _windows(plan: Iterator[Chunk], cfg: ExperimentConfig) -> Iterator[list[Chun
     up to ``ray.window_rows`` rows per streaming Ray Data job, so a job's start-up is shared by many chunks while
     the raw inputs in flight stay bounded."""
     size = 1 if cfg.store.extract_engine == "local" else max(1, cfg.ray.window_rows // cfg.store.write_every)
-    return _groups(plan, size)
+    return groups(plan, size)
 
 
 def _encoded(cfg: ExperimentConfig, plan: list[Chunk], encoders: dict[str, Encoder],
