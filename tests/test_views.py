@@ -187,10 +187,21 @@ def test_gc_never_removes_a_pinned_version_unless_forced(logged):
     pinned = pinned_store_versions(cfg.tracking)
     assert {p["run_id"] for p in pinned} == {r for r, _ in runs.values()}
     versions = runs["early"][1]
+    table = open_store(cfg).entity_table()
+    import pyarrow as pa
+    table.add_columns(pa.field("scratch", pa.string()))  # two untagged versions after the pinned one
+    table.drop_columns(["scratch"])
+    between = {table.version - 1, table.version}
     report = gc(cfg.store.root, pinned, older_than_s=0)
     store = open_store(cfg)
     assert report["tables"][store.name]["removed"]  # the search table is not pinned: its old versions went
-    assert all(v < min(report["tables"][store.dataset]["pinned"]) for v in report["tables"][store.dataset]["removed"])
+    kept_pins = report["tables"][store.dataset]["pinned"]
+    assert not set(report["tables"][store.dataset]["removed"]) & set(kept_pins)
+    # only the pinned versions, the last extraction's (tagged) and the latest stay: versions after a pin go too
+    assert between <= set(report["tables"][store.dataset]["removed"])
+    table = store.db.open_table(store.dataset)
+    tagged = {int(t["version"]) for t in table.tags.list().values()}
+    assert {v["version"] for v in table.list_versions()} <= tagged | {table.version}
     assert versions["dataset"] in report["tables"][store.dataset]["pinned"]
     pinned_read = store.pin(versions).read_split("train")  # the pinned versions still read
     assert pinned_read.ids

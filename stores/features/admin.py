@@ -99,8 +99,9 @@ def _pins(pinned_runs: list[dict]) -> dict[str, set[int]]:
 def gc(root: Path | str | StoreLocation, pinned_runs: list[dict], force: bool = False, older_than_s: float = 3600.0,
        lock_timeout_s: float = 0.0) -> dict:
     """Remove Lance versions older than ``older_than_s`` and views no config uses. A version that a registered
-    model's run read (``pinned_runs``, from stores/tracking/lineage.py) is kept, with every later one, and tagged so
-    Lance refuses to delete it; ``force`` drops those tags and removes pinned versions and views too."""
+    model's run read (``pinned_runs``, from stores/tracking/lineage.py) is kept and tagged so Lance's cleanup
+    keeps it (and the files it reads); the unpinned versions between pins go. ``force`` drops those tags and
+    removes pinned versions and views too."""
     loc = StoreLocation.of(root)
     db = loc.connect()
     pins = {} if force else _pins(pinned_runs)
@@ -129,9 +130,7 @@ def _clean_table(loc: StoreLocation, tbl, pinned: set[int], older_than_s: float)
     for v in kept:
         if f"{PIN_TAG}{v}" not in tbl.tags.list():
             tbl.tags.create(f"{PIN_TAG}{v}", v)
-    age = timedelta(seconds=older_than_s)
-    if kept:  # keep the oldest pinned version and everything after it (1 s of slack for clock granularity)
-        age = max(age, datetime.now() - stamps[kept[0]] + timedelta(seconds=1))
+    age = timedelta(seconds=older_than_s)  # pinned versions are kept by their tags, whatever their age
     cutoff = datetime.now() - age
     for tag, t in list(tbl.tags.list().items()):  # the history of extractions older than the cutoff goes too
         if tag.startswith(RUN_TAG) and int(t["version"]) != tbl.version and stamps[int(t["version"])] < cutoff:
