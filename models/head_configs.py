@@ -57,10 +57,23 @@ class LoRASettings(BaseModel):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class LoRABackboneOption:
+    """For a head config whose ``backbone`` may be "encoder+lora": its label ``<name>-lora`` and the encoder
+    blocks it then takes where the store has them (a mixin: the field is the config's own)."""
+
+    @property
+    def label(self) -> str:
+        return self.name + ("-lora" if self.backbone == "encoder+lora" else "")
+
+    @property
+    def encoder_blocks(self) -> str:
+        return "optional" if self.backbone == "encoder+lora" else "none"
+
+
 Strategy = Literal["S-1", "S-2", "S-3", "all_present_rows"]  # SRMM's modality switching (004 §V-C)
 
 
-class FusionConfig(HeadConfig, LoRASettings):
+class FusionConfig(LoRABackboneOption, HeadConfig, LoRASettings):
     """``backbone``: "pooled_vector" (the papers' baselines) reads each modality's frozen pooled vector;
     "encoder+lora" (this project's extension, label ``<name>-lora``) replaces it, for every modality whose
     encoder has transformer blocks, by the class-token output of those blocks with LoRA, CMPT's stream exactly
@@ -72,14 +85,6 @@ class FusionConfig(HeadConfig, LoRASettings):
     dropout: float = Field(0.1, ge=0, lt=1)
     fill: Literal["placeholder", "zeros"] = "zeros"
     backbone: Literal["pooled_vector", "encoder+lora"] = "pooled_vector"
-
-    @property
-    def label(self) -> str:
-        return self.name + ("-lora" if self.backbone == "encoder+lora" else "")
-
-    @property
-    def encoder_blocks(self) -> str:
-        return "optional" if self.backbone == "encoder+lora" else "none"
 
 
 class EarlyFusionConfig(FusionConfig):
@@ -154,7 +159,7 @@ class SRMMConfig(HeadConfig):
     fusion: Literal["prob", "logit"] = "prob"
 
 
-class MMPConfig(HeadConfig, LoRASettings):
+class MMPConfig(LoRABackboneOption, HeadConfig, LoRASettings):
     """``backbone``: "frozen_output" projects the frozen encoders' cached output tokens and classifies them with a
     fusion transformer (the variant forced by cached features); "encoder+lora" (000 §III-B as written, label
     ``mmp-lora``) projects the embedding-layer tokens (Eq. 1) of every modality whose encoder has transformer
@@ -176,14 +181,6 @@ class MMPConfig(HeadConfig, LoRASettings):
     attn_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on attention maps: costly on CPU, off by default
     align_weight: float = Field(1.0, ge=0)
     smooth_l1_beta: float = Field(1.0, gt=0)
-
-    @property
-    def label(self) -> str:
-        return self.name + ("-lora" if self.backbone == "encoder+lora" else "")
-
-    @property
-    def encoder_blocks(self) -> str:
-        return "optional" if self.backbone == "encoder+lora" else "none"
 
 
 class CMPTConfig(HeadConfig, LoRASettings):
