@@ -105,8 +105,7 @@ class Dataset:
         if isinstance(self.records, StreamedRecords):
             yield from self.records.batches()
             return
-        for start in range(0, len(self.records), BATCH_RECORDS):
-            yield list(self.records[start : start + BATCH_RECORDS])
+        yield from groups(self.records, BATCH_RECORDS)
 
     def raw(self, modality: str, ref: Any) -> Any:
         """The raw input behind a payload reference (a path unless the adapter resolves it itself)."""

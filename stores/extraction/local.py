@@ -130,7 +130,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         changed = bool(work.num_rows) or bool(changes["removed"])
         trained = store.config_meta.get("index_trained_rows") if store.meta_path.exists() else None
         if changed:
-            store.compact(cfg.store.max_fragments)
+            store.compact()  # at store.max_fragments
             indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained)
             keep_run_versions(store.location, store.written_tables(), cfg.store.version_grace_s)
         else:

@@ -387,19 +387,19 @@ class FeatureStore:
         """The tables an extraction of this config writes: dataset, views, search."""
         return [n for n in dict.fromkeys([self.dataset, *self.view_names.values(), self.name]) if self._has(n)]
 
-    def compact(self, max_fragments: int) -> dict[str, int]:
-        """Merge the data files of each table this config writes (dataset, views, search, masks) whose latest version
-        holds more than ``max_fragments`` of them (Lance's compaction: a new version; older versions, and so
-        every version a run pinned, stay readable until ``mm store gc``). Returns the fragments per table after."""
-        out = {}
-        for name in [*self.written_tables(), self.dataset + "-masks"]:
-            if not self._has(name):
-                continue
-            tbl = self.db.open_table(name)
-            if tbl.stats()["fragment_stats"]["num_fragments"] > max_fragments:
-                tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)
-            out[name] = tbl.stats()["fragment_stats"]["num_fragments"]
-        return out
+    def compact(self) -> dict[str, int]:
+        """``compact_table`` on each table this config writes (dataset, views, search, masks). Returns the
+        fragments per table after."""
+        return {name: self.compact_table(self.db.open_table(name))
+                for name in [*self.written_tables(), self.dataset + "-masks"] if self._has(name)}
+
+    def compact_table(self, tbl) -> int:
+        """Merge ``tbl``'s data files when its latest version holds more than ``max_fragments`` of them (Lance's
+        compaction: a new version; older versions, and so every version a run pinned, stay readable until
+        ``mm store gc``). Returns its fragments after."""
+        if tbl.stats()["fragment_stats"]["num_fragments"] > self.max_fragments:
+            tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)
+        return tbl.stats()["fragment_stats"]["num_fragments"]
 
     # ------------------------------------------------------------------ reading
     def spec(self) -> ModalitySpec:

@@ -11,7 +11,6 @@ import pyarrow.compute as pc
 from models.patterns import MissingPattern, presence_mask
 from stores.features import filters
 from stores.features.feature_store import FeatureStore, StoreError
-from stores.features.history import KEEP_EVERY_VERSION
 
 
 class MaskStore:
@@ -57,8 +56,7 @@ class MaskStore:
                               "pattern": [pattern.key] * len(ids), "pattern_json": [pattern.model_dump_json()] * len(ids),
                               "seed": [seed] * len(ids), "id": ids,
                               **{f"{m}_present": present[:, i] for i, m in enumerate(mods)}}, schema=self._schema()))
-            if tbl.stats()["fragment_stats"]["num_fragments"] > self.store.max_fragments:  # a commit a mask set
-                tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)
+            self.store.compact_table(tbl)  # one commit a mask set
             return present
 
     def table(self, seed: int | None = None) -> pa.Table:
