@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,6 +63,10 @@ class MaskedSplit:
     placeholder: FeatureBatch
     modalities: list[str]
     rows: torch.Tensor | None = None
+    # called after each batch is gathered: the store passes one that drops a memory-mapped ``data``'s resident
+    # pages, so a pass over a split does not keep all of it mapped in the process. Not every few batches: the
+    # page cache maps large folios, and 128 random rows of a token split already map ~40 MB of it
+    release: Callable[[], None] | None = None
     _arrays: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)  # for _gather
     _fill: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
@@ -107,6 +112,8 @@ class MaskedSplit:
         than the gather itself at small batch sizes): one ``np.take`` per array, then each absent input's rows of
         the gathered copy set to its placeholder row."""
         out = {k: np.take(a, rows, axis=0) for k, a in self._arrays.items()}
+        if self.release is not None:
+            self.release()
         for i, m in enumerate(self.modalities):
             if len(gone := np.flatnonzero(~out["present"][:, i])):
                 for f in FIELDS:

@@ -2,6 +2,8 @@
 memory-maps, and training/evaluation build each batch from there with the missing pattern applied to the batch
 alone, so no step holds a whole split (or a masked copy of one) in memory; same values as the whole-split path."""
 import tracemalloc
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +239,38 @@ def test_a_cache_that_cannot_be_written_costs_speed_not_the_read(stream_store, t
         got = store.read_split("val", ("vec",))
     assert got.ids == _reference(stream_store, "val", ("vec",))["ids"].tolist()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-written left
+
+
+def _mapped_kb(folder) -> int:
+    """Resident KB of this process's mappings of files under ``folder`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and not line.startswith(("Rss", "Pss")):  # a mapping's first line
+            inside = len(head) >= 6 and head[5].startswith(str(folder))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux mappings")
+def test_a_pass_over_a_memory_mapped_split_leaves_none_of_it_in_the_process(stream_store, tmp_path):
+    """Shuffled batches from the split cache: after each batch, none of the split's memory-mapped pages is
+    resident in the process (dropped with MADV_DONTNEED, kept by the OS page cache), so the RSS of an epoch does
+    not grow with the split; the batches are those of the split read without release."""
+    from stores.features.scenarios import ScenarioReader
+    store = _fresh(stream_store, tmp_path / "cache")
+    reader = ScenarioReader(store, ("tok", "vec"), seed=0)
+    masked = reader.under("train", MissingPattern(kind="per_modality", rates={"image": 0.3}))
+    assert masked.release is not None
+    touched = float(sum(t.float().sum() for t in reader.split("train").batch.tensors().values()))  # all mapped
+    assert touched and _mapped_kb(tmp_path / "cache") > 1000
+    plain = batches(replace(masked, release=None), 32, torch.Generator().manual_seed(5))
+    n = 0
+    for got in batches(masked, 32, torch.Generator().manual_seed(5)):
+        assert _mapped_kb(tmp_path / "cache") == 0
+        ref = next(plain)  # the same batch read without release (which maps its pages again)
+        assert all(torch.equal(a, b) for a, b in zip(got.tensors().values(), ref.tensors().values()))
+        masked.release()
+        n += 1
+    assert n == -(-masked.size // 32) > 5

@@ -70,3 +70,47 @@ def test_a_source_streams_and_extraction_never_holds_its_payloads(bulky_source, 
     assert store.table.count_rows() == 3000
     again = extract(cfg, progress=False)  # re-reading the same shards: every input is hashed, none encoded
     assert again.added == 0 and again.skipped == 3000 and sum(again.encoded.values()) == 0
+
+
+def test_a_parquet_shard_streams_page_by_page_not_row_group_by_row_group(tmp_path):
+    """One row group of 96 MB of image bytes (``pq.write_table``'s default layout up to 1M rows): the reader's
+    Arrow memory stays a fraction of it (``pyarrow.dataset`` held 1.9x the row group)."""
+    import pyarrow.fs as pafs
+
+    from stores.datasets.readers import BATCH_ROWS, read_parquet
+    rng = np.random.default_rng(0)
+    n = 12_000
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "image": [rng.bytes(8_000) for _ in range(n)],
+                             "unused": [rng.bytes(100) for _ in range(n)]}), tmp_path / "one.parquet")
+    assert pq.ParquetFile(tmp_path / "one.parquet").metadata.num_row_groups == 1
+    base, peak, rows = pa.total_allocated_bytes(), 0, []
+    for batch in read_parquet(pafs.LocalFileSystem(), str(tmp_path / "one.parquet"), ["id", "image", "absent"]):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        assert batch.schema.names == ["id", "image"] and batch.num_rows <= BATCH_ROWS
+        rows += batch["id"].to_pylist()
+    assert rows == [f"r{i}" for i in range(n)]
+    assert peak < 96e6 / 2, f"{peak / 1e6:.1f} MB of Arrow memory for a 96 MB row group"
+
+
+def test_lance_metadata_cache_is_bounded_across_many_commits(tmp_path, monkeypatch):
+    """Every store connection shares one Lance session whose metadata cache is capped: 60 commits to a table
+    (an extraction commits one per write_every rows, each manifest listing every fragment so far) stay under the
+    cap, where Lance's default session grows past it."""
+    import lancedb
+
+    from stores.features import location
+    monkeypatch.setattr(location, "METADATA_CACHE_BYTES", 256 << 10)
+    monkeypatch.setattr(location, "_session", None)
+
+    def commits(db):
+        tbl = db.create_table("t", pa.table({"x": np.arange(10)}))
+        for i in range(60):
+            tbl.add(pa.table({"x": np.arange(10) + i}))
+            tbl.count_rows(), tbl.version  # reads the new version's manifest and fragments
+        return tbl.count_rows()
+
+    assert commits(location.StoreLocation.of(tmp_path / "capped").connect()) == 610
+    assert 0 < location.lance_session().size_bytes <= 256 << 10
+    default = lancedb.Session()
+    assert commits(lancedb.connect(tmp_path / "default", session=default)) == 610
+    assert default.size_bytes > 256 << 10

@@ -15,10 +15,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from .base import DatasetError, groups
 
 BATCH_ROWS = 1024
+BATCH_BYTES = 8 << 20  # a Parquet batch's rows hold about this much (24 KB images: 349 rows)
+PARQUET_BUFFER = 4 << 20  # bytes per column read at a time (one ranged GET on an object store)
 IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXT = ("wav", "flac")
 WEBDATASET_COLUMNS = ("id", "split", "label", "image", "text", "audio")
@@ -32,7 +35,22 @@ def _dataset_batches(dataset: pads.Dataset, want: list[str]) -> Iterator[pa.Reco
 
 
 def read_parquet(fs: pafs.FileSystem, path: str, want: list[str]) -> Iterator[pa.RecordBatch]:
-    yield from _dataset_batches(pads.dataset(path, filesystem=fs, format="parquet"), want)
+    """Page by page through a buffered stream, not row group by row group: ``pyarrow.dataset`` (and a pre-buffered
+    ``ParquetFile``) holds a whole row group's column chunks, and a shard written as one row group of image bytes
+    (``pq.write_table``'s default up to 1M rows) is then read whole (21 MB against 7 MB for a 16k-row shard)."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f, buffer_size=PARQUET_BUFFER, pre_buffer=False)
+        have = set(pf.schema_arrow.names)
+        yield from pf.iter_batches(batch_size=_batch_rows(pf.metadata), columns=[c for c in want if c in have])
+
+
+def _batch_rows(meta: pq.FileMetaData) -> int:
+    """Rows per batch: ``BATCH_ROWS``, fewer when the rows are large (photos), so a batch is about
+    ``BATCH_BYTES`` (from the first row group's uncompressed size)."""
+    if not meta.num_row_groups or not meta.row_group(0).num_rows:
+        return BATCH_ROWS
+    per_row = meta.row_group(0).total_byte_size / meta.row_group(0).num_rows
+    return int(max(1, min(BATCH_ROWS, BATCH_BYTES // max(per_row, 1))))
 
 
 def csv_header(fs: pafs.FileSystem, path: str) -> list[str]:

@@ -105,8 +105,11 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         else:
             stale_mask, is_new = np.ones(ent.num_rows, bool), pa.array(np.ones(ent.num_rows, bool))
         del in_search
-        work = ent.append_column("new_in_search", is_new).filter(stale_mask).slice(0, max_rows)
-        n_stale = int(stale_mask.sum())
+        # the rows to write, with only the columns the search table takes (a filtered copy); the rest goes
+        work = (ent.select(["id", *SEARCH_COLUMNS, *key_cols]).append_column("new_in_search", is_new)
+                .filter(stale_mask).slice(0, max_rows))
+        n_entities, n_stale = ent.num_rows, int(stale_mask.sum())
+        del ent, stale_mask, is_new
         index = {m: KeyIndex.of_table(views[m].table()) for m in mods}
         timing: Counter = Counter()
         bar = tqdm(total=work.num_rows, desc=f"extract {store.name}", disable=not progress, unit="item")
@@ -141,7 +144,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now(),
                "index_trained_rows": trained}
         store.write_meta(out)
-    return ExtractReport(store.name, meta.fingerprint, added, ent.num_rows - n_stale, out["rows"],
+    return ExtractReport(store.name, meta.fingerprint, added, n_entities - n_stale, out["rows"],
                          meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,
                          {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
                          {m: int(timing[m + "_n"]) for m in mods}, work.num_rows - added, len(changes["removed"]),

@@ -18,7 +18,7 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -124,6 +124,7 @@ def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 655
 class SplitFeatures:
     ids: list[str]
     batch: FeatureBatch
+    release: Callable[[], None] | None = None  # drops a memory-mapped batch's resident pages (split_cache.py)
 
 
 class FeatureStore:

@@ -25,6 +25,23 @@ import lancedb
 import pyarrow.fs as pafs
 from filelock import FileLock, Timeout
 
+# Lance's caches, one set per process. Its default 1 GB metadata cache keeps the manifest of every version it has
+# seen, and an extraction commits a version per write_every rows whose manifest lists every fragment so far: the
+# cache grew as N^2 (30 MB during a 64k-row extraction, 120 MB at 128k; issue 21). Readers need the latest
+# versions' manifests and file footers, a few MB for a compacted table.
+METADATA_CACHE_BYTES = 32 << 20
+INDEX_CACHE_BYTES = 1 << 30  # IVF-PQ partitions read by searches (Lance's default: 6 GB)
+_session: lancedb.Session | None = None
+
+
+def lance_session() -> lancedb.Session:
+    global _session
+    if _session is None:
+        _session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES,
+                                   metadata_cache_size_bytes=METADATA_CACHE_BYTES)
+    return _session
+
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 S3_ENV = {  # Lance's S3 option name <- the standard AWS variables, the first one set wins
     "aws_endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"),
@@ -122,8 +139,8 @@ class StoreLocation:
     def connect(self) -> lancedb.DBConnection:
         if self.local is not None:
             self.local.mkdir(parents=True, exist_ok=True)
-            return lancedb.connect(str(self.local))
-        return lancedb.connect(self.uri, storage_options=self.options)
+            return lancedb.connect(str(self.local), session=lance_session())
+        return lancedb.connect(self.uri, storage_options=self.options, session=lance_session())
 
     # ------------------------------------------------------------------ files (pyarrow.fs)
     @cached_property

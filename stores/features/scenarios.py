@@ -47,7 +47,8 @@ class ScenarioReader:
         groups = self.class_names(split, pattern) if pattern.kind == "by_class" else \
             self.store.attribute_values(name, split.ids, pattern.column) if pattern.kind == "by_column" else None
         present = self.masks.get(name, split.ids, pattern, self.seed, groups)
-        masked = MaskedSplit(split.batch, torch.from_numpy(present), self.placeholder, self.modalities)
+        masked = MaskedSplit(split.batch, torch.from_numpy(present), self.placeholder, self.modalities,
+                             release=split.release)
         rng = noise_generator(pattern, name, self.seed)
         if rng is None:
             return masked
