@@ -11,9 +11,7 @@ import time
 
 from flows import console as out
 from flows import prefect_server
-from flows.process_memory import return_freed_memory
 
-return_freed_memory()  # before the libraries allocate (flows/process_memory.py)
 out.quiet()  # before any third-party import; runs again in Prefect's worker processes (they import this module)
 if __import__("multiprocessing").parent_process() is not None:  # a Prefect worker: its own server ends with it
     prefect_server.bind_to_this_process()

@@ -93,14 +93,15 @@ def test_a_parquet_shard_streams_page_by_page_not_row_group_by_row_group(tmp_pat
 
 
 def test_lance_metadata_cache_is_bounded_across_many_commits(tmp_path, monkeypatch):
-    """Every store connection shares one Lance session whose metadata cache is capped: 60 commits to a table
-    (an extraction commits one per write_every rows, each manifest listing every fragment so far) stay under the
-    cap, where Lance's default session grows past it."""
+    """A store connection's Lance session caps its metadata cache: 60 commits to a table (an extraction commits
+    one per write_every rows, each manifest listing every fragment so far) stay under the cap, where Lance's
+    default session grows past it."""
     import lancedb
 
     from stores.features import location
     monkeypatch.setattr(location, "METADATA_CACHE_BYTES", 256 << 10)
-    monkeypatch.setattr(location, "_session", None)
+    sessions, real = [], lancedb.Session
+    monkeypatch.setattr(location.lancedb, "Session", lambda **kw: sessions.append(real(**kw)) or sessions[-1])
 
     def commits(db):
         tbl = db.create_table("t", pa.table({"x": np.arange(10)}))
@@ -110,7 +111,7 @@ def test_lance_metadata_cache_is_bounded_across_many_commits(tmp_path, monkeypat
         return tbl.count_rows()
 
     assert commits(location.StoreLocation.of(tmp_path / "capped").connect()) == 610
-    assert 0 < location.lance_session().size_bytes <= 256 << 10
-    default = lancedb.Session()
+    assert len(sessions) == 1 and 0 < sessions[0].size_bytes <= 256 << 10
+    default = real()
     assert commits(lancedb.connect(tmp_path / "default", session=default)) == 610
     assert default.size_bytes > 256 << 10

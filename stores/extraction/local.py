@@ -24,11 +24,15 @@ from stores.encoders.stream import encode_stream
 from stores.encoders import Encoder, build_encoder, encoder_fingerprint
 from stores.encoders.base import check_model_path
 from stores.extraction.entities import SEARCH_COLUMNS, entity_table
+from stores.extraction.heap import trim
 from stores.extraction.key_index import KeyIndex, appended_rowids
 from stores.features.feature_store import FeatureStore, StoreError
 from stores.features.history import keep_run_versions
 from stores.features.row_diff import absent_from, differs, duplicate_ids
 from stores.features.views import View, now, write_json
+
+
+TRIM_EVERY = 16  # chunks (commits) between two heap trims
 
 
 class LazyEncoders(dict):
@@ -77,6 +81,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
             raise StoreError(f"dataset table {store.dataset} holds modalities {store.dataset_meta['modalities']} "
                              f"but the source now has {mods}; set data.name to a new dataset name")
         ent = entity_table(ds, store.entity_arrow())  # first pass over the source: every input hashed
+        trim()  # (stores/extraction/heap.py: after each phase that allocates and frees large buffers)
         if dup := duplicate_ids(ent["id"]):
             raise StoreError(f"dataset {ds.name} has duplicate ids, e.g. {dup[:5]}")
         # with the ray engine the encoders here only name and create the views (placeholders): on the CPU
@@ -114,6 +119,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         timing: Counter = Counter()
         bar = tqdm(total=work.num_rows, desc=f"extract {store.name}", disable=not progress, unit="item")
         plan = _plan(groups(_work_rows(ds, work), cfg.store.write_every), mods, index)
+        commits = 0
         for window in _windows(plan, cfg):  # second pass over the source: only the rows that need writing
             encoded = _encoded(cfg, window, encoders, lambda m, pairs: [(k, ds.raw(m, ref)) for k, ref in pairs])
             for chunk, _ in window:
@@ -125,6 +131,8 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                     feats[m] = _view_features(views[m], encoders[m], m, chunk, new_inputs, index[m])
                 _write_search(store, chunk, feats, mods, vec_dim)
                 bar.update(len(chunk))
+                if (commits := commits + 1) % TRIM_EVERY == 0:
+                    trim()
             encoded.close()  # the ray engine's job ends here (or when an error unwinds this frame)
         bar.close()
 
@@ -133,8 +141,11 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         changed = bool(work.num_rows) or bool(changes["removed"])
         trained = store.config_meta.get("index_trained_rows") if store.meta_path.exists() else None
         if changed:
+            trim()
             store.compact()  # at store.max_fragments
+            trim()
             indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained)
+            trim()
             keep_run_versions(store.location, store.written_tables(), cfg.store.version_grace_s)
         else:
             indices = [i.name for i in tbl.list_indices()]

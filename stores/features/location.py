@@ -25,21 +25,17 @@ import lancedb
 import pyarrow.fs as pafs
 from filelock import FileLock, Timeout
 
-# Lance's caches, one set per process. Its default 1 GB metadata cache keeps the manifest of every version it has
-# seen, and an extraction commits a version per write_every rows whose manifest lists every fragment so far: the
-# cache grew as N^2 (30 MB during a 64k-row extraction, 120 MB at 128k; issue 21). Readers need the latest
-# versions' manifests and file footers, a few MB for a compacted table.
+# Lance's caches, per connection (as Lance's own default; one shared by the process would also serve a file's
+# cached footer after the file changed, which `mm store verify` must not). Its default 1 GB metadata cache keeps
+# the manifest of every version it has seen, and an extraction commits a version per write_every rows whose
+# manifest lists every fragment so far: the cache grew as N^2 (30 MB during a 64k-row extraction, 120 MB at
+# 128k; issue 21). Readers need the latest versions' manifests and file footers, a few MB for a compacted table.
 METADATA_CACHE_BYTES = 32 << 20
 INDEX_CACHE_BYTES = 1 << 30  # IVF-PQ partitions read by searches (Lance's default: 6 GB)
-_session: lancedb.Session | None = None
 
 
 def lance_session() -> lancedb.Session:
-    global _session
-    if _session is None:
-        _session = lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES,
-                                   metadata_cache_size_bytes=METADATA_CACHE_BYTES)
-    return _session
+    return lancedb.Session(index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES)
 
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
