@@ -1,7 +1,8 @@
 """One streaming reader per shard format: ``read(fs, path, want)`` yields the shard's rows as Arrow record batches
 of at most ``BATCH_ROWS`` rows, with those of the columns ``want`` the shard has, under its own column names
-(``sources.py`` maps, types and checks them). Parquet and CSV go through ``pyarrow.dataset``, Arrow IPC through
-``pyarrow.ipc``; JSONL and WebDataset tars have readers of their own (said why at each)."""
+(``sources.py`` maps, types and checks them; Parquet batches are fewer rows when rows are large, see
+``_batch_rows``). Parquet goes through ``pyarrow.parquet`` page by page, CSV and Arrow IPC through
+``pyarrow.dataset``; JSONL and WebDataset tars have readers of their own (said why at each)."""
 from __future__ import annotations
 
 import csv

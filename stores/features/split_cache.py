@@ -23,14 +23,21 @@ import torch
 from models.heads.base import FeatureBatch
 
 
-def release_pages(arrays: list[np.ndarray]) -> None:
-    """Drop the pages of these memory-mapped arrays from the process (``MADV_DONTNEED``): they stay in the OS page
-    cache, and a later read maps them back without touching the disk. A pass over a memory-mapped split otherwise
-    leaves every page it read resident in the process, and its RSS grows with the split (issue 21). The arrays
-    are mapped copy-on-write and never written, so no private page is lost."""
-    for a in arrays:
-        if isinstance(getattr(a, "_mmap", None), mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-            a._mmap.madvise(mmap.MADV_DONTNEED)
+def release_pages(maps: list[mmap.mmap]) -> None:
+    """Drop these mappings' pages from the process (``MADV_DONTNEED``): they stay in the OS page cache, and a
+    later read maps them back without touching the disk. A pass over a memory-mapped split otherwise leaves every
+    page it read resident in the process, and its RSS grows with the split (issue 21). The arrays are mapped
+    copy-on-write and never written, so no private page is lost."""
+    for m in maps:
+        m.madvise(mmap.MADV_DONTNEED)
+
+
+def _maps(arrays) -> list[mmap.mmap]:
+    """The mappings behind ``np.load(..., mmap_mode=...)`` arrays (none where the OS has no MADV_DONTNEED, or
+    for an empty array, which numpy does not map)."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return []
+    return [a._mmap for a in arrays if isinstance(getattr(a, "_mmap", None), mmap.mmap)]
 
 
 class SplitCache:
@@ -66,7 +73,7 @@ class SplitCache:
         except (OSError, ValueError, KeyError):  # damaged: entries appear whole (rename), so drop and rebuild
             shutil.rmtree(d, ignore_errors=True)
             return None
-        return ids, FeatureBatch.from_tensors(mapped), partial(release_pages, list(arrays.values()))
+        return ids, FeatureBatch.from_tensors(mapped), partial(release_pages, _maps(arrays.values()))
 
     @contextmanager
     def writer(self, versions: dict[str, int], split: str, inputs: tuple[str, ...]) -> Iterator["EntryWriter"]:
