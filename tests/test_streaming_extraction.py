@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,6 +16,7 @@ from stores.extraction import extract
 from stores.extraction import key_index
 from stores.extraction.key_index import PLANNED, UNKNOWN, KeyIndex
 from stores.features.feature_store import FeatureStore
+from stores.features.row_diff import IdIndex
 
 from conftest import manifest_config
 
@@ -32,6 +34,22 @@ def test_key_index_answers_membership_and_row_ids_across_merges(monkeypatch):
     assert (index.rowids(keys[40:]) == PLANNED).all() and len(index) == 50
     index.located(keys[40:], np.arange(200, 210))
     assert (index.rowids(keys) == np.r_[np.arange(30) * 7, np.arange(100, 110), np.arange(200, 210)]).all()
+
+
+def test_id_index_answers_as_pc_index_in_with_absent_ids_repeats_and_hash_collisions():
+    rng = np.random.default_rng(0)
+    column = pa.chunked_array([[f"id-{i}" for i in rng.integers(0, 400, 300)], [f"id-{i}" for i in range(50)]])
+    query = pa.array([f"id-{i}" for i in rng.integers(0, 600, 500)] + ["", "id-7"])
+
+    class Coarse(IdIndex):  # 3 hash values for 350 ids: nearly every lookup is a collision
+        CHUNK = 64
+        _hash = staticmethod(lambda s: hash(s) % 3)
+
+    expected = pc.index_in(query, value_set=column)
+    for index in (IdIndex(column), Coarse(column)):
+        got = index.index_in(query)
+        assert got.null_count == expected.null_count > 0 and got.equals(expected.cast(pa.int64()))
+    assert IdIndex(column).index_in(query.slice(0, 0)).to_pylist() == []
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +88,23 @@ def test_a_source_streams_and_extraction_never_holds_its_payloads(bulky_source, 
     assert store.table.count_rows() == 3000
     again = extract(cfg, progress=False)  # re-reading the same shards: every input is hashed, none encoded
     assert again.added == 0 and again.skipped == 3000 and sum(again.encoded.values()) == 0
+
+
+def test_an_extraction_looks_ids_up_in_time_linear_in_the_rows(bulky_source, tmp_path, tiny_hf, monkeypatch):
+    """Each pass over the source matches a batch's ids against a whole id column (the stored dataset table, the
+    rows to write): the column is hashed once, not once per batch (pc.index_in's value_set: N^2 / batch)."""
+    hashed = []
+    monkeypatch.setattr(IdIndex, "_hash", staticmethod(lambda s: hashed.append(1) or hash(s)))
+    cfg = manifest_config(tmp_path, bulky_source, data__name="bulky", store__write_every=256,
+                          encoders__image={"kind": "hf", "model": str(tiny_hf["image"])},
+                          encoders__text={"kind": "hf", "model": str(tiny_hf["text"])})
+    n_batches = len(list(load_dataset(cfg.data).batches()))
+    assert n_batches >= 9  # (24 KB image cells: batches of about 350 rows)
+    extract(cfg, progress=False)
+    assert len(hashed) == 3000 + 3000  # the rows to write once, then each source row's id once
+    hashed.clear()
+    extract(cfg, progress=False)  # a rerun: each id is matched against the stored dataset table; nothing to write
+    assert len(hashed) == 3000 + 3000
 
 
 def test_a_parquet_shard_streams_page_by_page_not_row_group_by_row_group(tmp_path):

@@ -10,12 +10,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from stores.datasets import Dataset, Record
 from stores.datasets.base import describe_ref
 from stores.encoders import LOAD_WORKERS
 from stores.features.feature_store import entity_schema
+from stores.features.row_diff import IdIndex
 from stores.features.views import ABSENT, content_key
 
 SEARCH_COLUMNS = ("split", "label", "labels", "source")
@@ -33,10 +33,11 @@ def entity_batches(ds: Dataset, old: pa.Table | None, pool: ThreadPoolExecutor) 
     """The dataset table's rows for each batch of ``ds``'s records: entity columns plus each modality's content
     key, re-hashed only when a file's stat differs from the one in ``old`` (the table as it is)."""
     schema = entity_schema(ds.modalities)
+    where = IdIndex(old["id"]) if old is not None and old.num_rows else None
     for recs in ds.batches():
         prev: dict[str, list] = {}
-        if old is not None and old.num_rows:
-            pos = pc.index_in(pa.array([r.id for r in recs], pa.string()), value_set=old["id"])
+        if where is not None:
+            pos = where.index_in(pa.array([r.id for r in recs], pa.string()))
             for m in ds.modalities:
                 prev[m] = list(zip(old[f"{m}_stat"].take(pos).to_pylist(), old[f"{m}_key"].take(pos).to_pylist()))
 

@@ -28,7 +28,7 @@ from stores.extraction.heap import trim
 from stores.extraction.key_index import KeyIndex, appended_rowids
 from stores.features.feature_store import FeatureStore, StoreError
 from stores.features.history import keep_run_versions
-from stores.features.row_diff import absent_from, differs, duplicate_ids
+from stores.features.row_diff import IdIndex, absent_from, differs, duplicate_ids
 from stores.features.views import View, now, write_json
 
 
@@ -170,9 +170,9 @@ def _work_rows(ds: Dataset, work: pa.Table) -> Iterator[dict]:
     (modality -> reference) read from a second pass over the source."""
     if not work.num_rows:
         return
-    ids = work["id"].combine_chunks()
+    where = IdIndex(work["id"])
     for recs in ds.batches():
-        pos = pc.index_in(pa.array([r.id for r in recs], pa.string()), value_set=ids)
+        pos = where.index_in(pa.array([r.id for r in recs], pa.string()))
         valid = pos.is_valid()  # (null: a row up to date)
         if not pc.any(valid).as_py():
             continue
