@@ -203,5 +203,9 @@ class CMPTConfig(HeadConfig, LoRASettings):
     attn_dropout: float = Field(0.0, ge=0, lt=1)
 
     @property
+    def label(self) -> str:  # every stream a trainable block: the ablation beside CMPT's own path
+        return self.name + ("-block" if self.backbone == "trainable_block" else "")
+
+    @property
     def encoder_blocks(self) -> str:
         return {"auto": "optional", "encoder": "required", "trainable_block": "none"}[self.backbone]

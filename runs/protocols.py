@@ -31,7 +31,7 @@ from runs.tune import tuned_path
 from stores.config_files import load_tuned, with_tree
 
 ROBUST, BASELINES = ("mmp", "cmpt", "srmm"), ("early", "late", "moddrop")
-HEADS = ["early", "late", "moddrop", "srmm", "mmp", "cmpt", "oracle"]
+HEADS = ["early", "late", "moddrop", "srmm", "mmp", "cmpt", "cmpt-block", "oracle"]
 PROTOCOLS = ["a", "b", "c", "d"]
 ETA = 0.7
 C_AVAILABLE = [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]  # protocol c
@@ -105,9 +105,12 @@ def head_specs(heads: list[str], modalities: list[str], with_blocks: list[str] =
     """Head configs; ``oracle`` expands to one oracle per modality, ``oracle-lora`` to one LoRA oracle per
     modality whose encoder has transformer blocks (``with_blocks``: the store's embedding-layer tokens), and
     ``<baseline>-lora`` to that baseline over LoRA streams and ``mmp-lora`` to MMP through the encoder (000
-    §III-B as written), none where no encoder has blocks."""
+    §III-B as written), none where no encoder has blocks; ``cmpt-block`` to CMPT with every stream a trainable
+    block, the ablation beside CMPT's own path (``cmpt``: the encoder's blocks with LoRA wherever it has them, 001
+    §3), none where no encoder has blocks (``cmpt`` is then that variant already)."""
     expand = {"oracle": [{"name": "oracle", "modality": m} for m in modalities],
               "oracle-lora": [{"name": "oracle", "modality": m, "backbone": "encoder+lora"} for m in with_blocks],
+              "cmpt-block": [{"name": "cmpt", "backbone": "trainable_block"}] if with_blocks else [],
               **{f"{b}-lora": [{"name": b, "backbone": "encoder+lora"}] if with_blocks else []
                  for b in (*BASELINES, "mmp")}}
     return [h for name in heads for h in expand.get(name, [{"name": name}])]

@@ -8,7 +8,7 @@ import optuna
 import pytest
 import torch
 
-from models.config import TrainConfig
+from models.config import ExperimentConfig, TrainConfig
 from stores.config_files import load_config
 from models.heads import HEADS, parse_head_config
 from models.patterns import MissingPattern, presence_mask
@@ -218,6 +218,17 @@ def test_protocol_heads_expand_oracles_per_modality_and_lora_oracles_where_the_e
                     {"name": "mmp", "backbone": "encoder+lora"}]
     assert parse_head_config(lora[0]).label == "moddrop-lora"
     assert _protocols().head_specs(["moddrop-lora"], ["image", "audio"], []) == []  # no encoder has blocks
+
+
+def test_cmpt_runs_its_own_path_and_the_trainable_block_rows_are_a_labelled_ablation_beside_it():
+    p = _protocols()
+    assert "cmpt-block" in p.HEADS  # the protocol tables carry the ablation by default
+    specs = p.head_specs(["cmpt", "cmpt-block"], ["image", "text"], ["text"])
+    assert specs == [{"name": "cmpt"}, {"name": "cmpt", "backbone": "trainable_block"}]
+    assert [parse_head_config(s).label for s in specs] == ["cmpt", "cmpt-block"]  # apart in the registry too
+    assert p.head_specs(["cmpt-block"], ["image", "audio"], []) == []  # no blocks: cmpt is that variant already
+    base = ExperimentConfig.model_validate({"data": {"dataset": "avmnist"}})
+    assert p.with_paper_rows(base, specs[1:], False) == specs[1:]  # no paper-constants row for an ablation
 
 
 def test_protocol_verdict_keeps_a_lora_baseline_apart_from_the_baseline_the_bar_is_against():
