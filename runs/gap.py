@@ -74,30 +74,38 @@ def gap_metrics(results: list[RunRow], metric: str) -> dict[str, dict[str, float
 
 def protection_horizon(results: list[RunRow], metric: str) -> dict[str, dict[str, float | None]]:
     """How far each head's protection reaches (this project's extension; MuteBench reports that dropout protects
-    only up to its training rate): per head variant (mean over its runs) and modality m, the lowest missing rate
-    of m in the test grid at which it falls below the oracle of the remaining modality (``oracle_<m>``) and
-    below modality dropout (``moddrop_<m>``) at that rate; None: not within the grid (or no reference run).
-    Two-modality datasets, heads trained on complete data. Keys as ``{variant: {"oracle_image": 0.5, ...}}``."""
+    only up to its training rate): per head variant and training pattern (mean over its runs) and modality m,
+    the lowest missing rate of m in the test grid at which it falls below the oracle of the remaining modality
+    (``oracle_<m>``) and below modality dropout (``moddrop_<m>``) at that rate; None: not within the grid (or no
+    reference run). Each reference is the one trained under the same pattern where the sweep has it (a head
+    trained under a class-dependent pattern against modality dropout trained under it too), else the one
+    trained complete. Two-modality datasets. Keys: the variant for a head trained complete, ``<variant> @
+    <train pattern>`` for one trained under a pattern; ``{variant: {"oracle_image": 0.5, ...}}``."""
     scenarios = sorted({s for r in results for s in r.scenarios})
     modalities = modalities_of(scenarios)
     if len(modalities) != 2:
         return {}
 
-    def mean_at(variant: str, scenario: str) -> float | None:
-        vals = [r.scenarios[scenario][metric] for r in results if r.train_pattern == "complete"
+    def mean_at(variant: str, train: str, scenario: str) -> float | None:
+        vals = [r.scenarios[scenario][metric] for r in results if r.train_pattern == train
                 and without_deviations(r.variant) == variant and metric in r.scenarios.get(scenario, {})]
         return float(np.mean(vals)) if vals else None
 
-    heads = sorted({r.variant for r in results if r.train_pattern == "complete" and not r.variant.startswith("oracle[")})
-    out: dict[str, dict[str, float | None]] = {h: {} for h in heads}
+    def trained_under(variant: str, train: str) -> str:
+        return train if any(without_deviations(r.variant) == variant and r.train_pattern == train
+                            for r in results) else "complete"
+
+    heads = sorted({(r.variant, r.train_pattern) for r in results if not r.variant.startswith("oracle[")})
+    out: dict[str, dict[str, float | None]] = {h if t == "complete" else f"{h} @ {t}": {} for h, t in heads}
     for m in modalities:
         rest = next(x for x in modalities if x != m)
         grid = [(rate, s) for rate in np.round(np.linspace(0, 1, 101), 2)
                 if (s := scenario_slug(MissingPattern(kind="per_modality", rates={m: float(rate)}), modalities))
                 in scenarios]
-        for h in heads:
+        for h, train in heads:
             for name, ref in (("oracle", oracle_variant(rest)), ("moddrop", MODDROP)):
-                below = [rate for rate, s in grid if (mine := mean_at(without_deviations(h), s)) is not None
-                         and (theirs := mean_at(ref, s)) is not None and mine < theirs]
-                out[h][f"{name}_{m}"] = float(below[0]) if below else None
+                ref_train = trained_under(ref, train)
+                below = [rate for rate, s in grid if (mine := mean_at(without_deviations(h), train, s)) is not None
+                         and (theirs := mean_at(ref, ref_train, s)) is not None and mine < theirs]
+                out[h if train == "complete" else f"{h} @ {train}"][f"{name}_{m}"] = float(below[0]) if below else None
     return out

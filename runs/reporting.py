@@ -68,7 +68,7 @@ def summary_table(results: list[RunRow], metric: str) -> str:
     for r in rows:
         values = [r.get(complete, ""), r.get("grid_mean", "")] + [r.get(gone[m], "") for m in modalities]
         values += [_ratio(r.get(f"gap_closed_{m}")) for m in modalities]
-        lines.append(f"| {head_label(r['head'])} | {r['train_pattern']} | " + " | ".join(cell(v) for v in values)
+        lines.append(f"| {head_label(r['head'])} | {md(r['train_pattern'])} | " + " | ".join(cell(v) for v in values)
                      + f" | {r['seeds']} |")
     return "\n".join(lines)
 
@@ -95,10 +95,15 @@ def cell(v) -> str:
     return f"{mean * 100:.1f}" + (f" ± {sd * 100:.1f}" if sd is not None else "")
 
 
+def md(text: str) -> str:
+    """Text for a Markdown table cell: a pattern's own "|" (``by_class[text|...]``) would split the cell."""
+    return text.replace("|", "\\|")
+
+
 def markdown_table(scenarios: list[str], rows: list[dict]) -> str:
     cols = columns(scenarios, rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(md(cell(r.get(c, ""))) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -164,7 +169,7 @@ def horizon_table(results: list[RunRow], metric: str) -> str:
              "falls below the unimodal oracle of the remaining modality, and below modality dropout; "
              "\"-\": not within the grid.", "", "| head | " + " | ".join(k.replace("_", ", no ") for k in keys) + " |",
              "|" + "---|" * (len(keys) + 1)]
-    lines += [f"| {h} | " + " | ".join("-" if v[k] is None else f"{v[k]:.0%}" for k in keys) + " |"
+    lines += [f"| {md(h)} | " + " | ".join("-" if v[k] is None else f"{v[k]:.0%}" for k in keys) + " |"
               for h, v in horizon.items()]
     return "\n".join(lines) + "\n\n"
 

@@ -140,6 +140,20 @@ def test_protection_horizon_is_the_first_test_rate_where_a_head_falls_below_each
                               "moddrop_text": None}
     report = write_report(runs, tmp_path, "horizon").read_text()
     assert "## Protection horizon" in report and "| early | 50% | 25% | - | - |" in report
+    # heads trained under a class-dependent pattern: against modality dropout trained under the same pattern,
+    # the oracle trained complete (none under that pattern)
+    by_class = MissingPattern(kind="by_class", modality="image", class_rates={"a": 0.9, "b": 0.1}).key
+    under = [run("moddrop", [0.9, 0.88, 0.86, 0.84, 0.82]), run("early", [0.93, 0.87, 0.84, 0.83, 0.83])]
+    for r in under:
+        r.train_pattern = by_class
+    horizon = protection_horizon(runs + under, "acc")
+    assert horizon[f"early @ {by_class}"]["moddrop_image"] == 0.25  # 0.87 < 0.88 (complete moddrop: 0.85)
+    assert horizon[f"early @ {by_class}"]["oracle_image"] is None  # never below the complete oracle's 0.8
+    assert horizon[f"moddrop @ {by_class}"]["moddrop_image"] is None
+    assert horizon["early"]["moddrop_image"] == 0.25 and horizon["early"]["oracle_image"] == 0.5  # unchanged
+    report = write_report(runs + under, tmp_path / "under", "horizon").read_text()
+    escaped = by_class.replace("|", "\\|")  # the pattern's own "|" would split a Markdown cell
+    assert f"| early @ {escaped} | - | 25% | - | - |" in report and f"| early | {escaped} |" in report
 
 
 def test_missingness_driven_by_a_manifest_column_the_store_keeps(tmp_path):
