@@ -33,7 +33,7 @@ from models.records import StoreInfo, StoreMeta
 from stores.features import filters
 from stores.features.history import KEEP_EVERY_VERSION
 from stores.features.location import StoreFile, StoreLocation
-from stores.features.row_diff import absent_from, differs
+from stores.features.row_diff import IdIndex, absent_from, differs
 from stores.features.split_cache import SplitArrays, SplitCache
 from stores.features.views import View, StoreError, fixed, now, view_name, write_json
 
@@ -109,14 +109,15 @@ def decode_tokens(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray, dim: int
 
 def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 65536) -> np.ndarray:
     """The Lance row id in ``view_table`` of each of ``keys`` (-1 where the view holds none). The view's keys are
-    streamed in batches and matched in Arrow (``pc.index_in`` against the distinct keys wanted), never gathered
+    streamed in batches and matched against the distinct keys wanted (an ``IdIndex``, built once), never gathered
     whole or into a Python dict; a key stored twice maps to its last row, as a dict of the scan would."""
     wanted = pc.unique(keys)
+    where = IdIndex(wanted)
     found = np.full(len(wanted), -1, np.int64)
     for b in view_table.search().select(["key"]).with_row_id(True).limit(None).to_batches(batch_rows):
-        at = pc.fill_null(pc.index_in(b["key"], value_set=wanted), -1).to_numpy()
+        at = pc.fill_null(where.index_in(b["key"]), -1).to_numpy()
         found[at[at >= 0]] = b["_rowid"].to_numpy()[at >= 0]
-    at = pc.fill_null(pc.index_in(keys, value_set=wanted), -1).to_numpy()
+    at = pc.fill_null(where.index_in(keys), -1).to_numpy()
     return np.where(at >= 0, found[at], -1)
 
 

@@ -68,9 +68,10 @@ class IdIndex:
             out[start:start + len(part)] = np.fromiter(map(self._hash, part), np.int64, len(part))
         return out
 
-    def index_in(self, query: pa.Array) -> pa.Array:
+    def index_in(self, query: pa.Array | pa.ChunkedArray) -> pa.Array:
         """The position in the column of each of ``query`` (its first occurrence), null where absent: what
         ``pc.index_in(query, value_set=column)`` returns."""
+        query = query.combine_chunks() if isinstance(query, pa.ChunkedArray) else query
         h = self._hashes(query)
         lo = np.searchsorted(self._h, h, "left")
         pos = np.full(len(h), -1, np.int64)

@@ -42,7 +42,8 @@ def content_key(modality: str, raw: Any) -> str:
         h.update(f"array|{raw.dtype}|{raw.shape}|".encode())
         h.update(np.ascontiguousarray(raw).tobytes())
     elif isinstance(raw, bytes):
-        h.update(b"bytes|" + raw)
+        h.update(b"bytes|")  # the same digest as of the concatenation, without copying the payload
+        h.update(raw)
     else:
         h.update(f"{'text' if modality == 'text' else 'path'}|{raw}".encode())
     return h.hexdigest()
