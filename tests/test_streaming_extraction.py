@@ -50,6 +50,8 @@ def test_id_index_answers_as_pc_index_in_with_absent_ids_repeats_and_hash_collis
         got = index.index_in(query)
         assert got.null_count == expected.null_count > 0 and got.equals(expected.cast(pa.int64()))
     assert IdIndex(column).index_in(query.slice(0, 0)).to_pylist() == []
+    with_null = pa.array(["a", None, "b", "a"])  # nulls match nulls, as pc.index_in's default
+    assert IdIndex(with_null).index_in(pa.array([None, "a", "c"])).to_pylist() == [1, 0, None]
 
 
 @pytest.fixture(scope="module")

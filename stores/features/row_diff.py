@@ -79,8 +79,8 @@ class IdIndex:
         hit[hit] = self._h[lo[hit]] == h[hit]
         pos[hit] = self._order[lo[hit]]
         if hit.any():
-            same = pc.equal(self._ids.take(pa.array(pos[hit])), query.filter(pa.array(hit)))
-            for i in np.flatnonzero(hit)[~same.to_numpy(zero_copy_only=False)]:  # another id, same hash
+            same = pc.fill_null(pc.equal(self._ids.take(pa.array(pos[hit])), query.filter(pa.array(hit))), False)
+            for i in np.flatnonzero(hit)[~same.to_numpy(zero_copy_only=False)]:  # another id, same hash (or null)
                 pos[i] = self._scan(query[i].as_py(), int(lo[i]))
         return pa.array(pos, mask=pos < 0)
 
