@@ -165,8 +165,9 @@ def horizon_table(results: list[RunRow], metric: str) -> str:
     if not any(v is not None for h in horizon.values() for v in h.values()):
         return ""
     keys = list(next(iter(horizon.values())))  # per modality: below the oracle, below modality dropout
-    lines = ["## Protection horizon", "", "The lowest test missing rate at which a head (trained on complete data) "
-             "falls below the unimodal oracle of the remaining modality, and below modality dropout; "
+    lines = ["## Protection horizon", "", "The lowest test missing rate at which a head (trained on complete data, "
+             "or under the pattern after its @) falls below the unimodal oracle of the remaining modality, and below "
+             "modality dropout (each trained under the same pattern where the sweep has one, else complete); "
              "\"-\": not within the grid.", "", "| head | " + " | ".join(k.replace("_", ", no ") for k in keys) + " |",
              "|" + "---|" * (len(keys) + 1)]
     lines += [f"| {md(h)} | " + " | ".join("-" if v[k] is None else f"{v[k]:.0%}" for k in keys) + " |"
