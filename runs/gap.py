@@ -96,7 +96,8 @@ def protection_horizon(results: list[RunRow], metric: str) -> dict[str, dict[str
                             for r in results) else "complete"
 
     heads = sorted({(r.variant, r.train_pattern) for r in results if not r.variant.startswith("oracle[")})
-    out: dict[str, dict[str, float | None]] = {h if t == "complete" else f"{h} @ {t}": {} for h, t in heads}
+    names = {(h, t): h if t == "complete" else f"{h} @ {t}" for h, t in heads}
+    out: dict[str, dict[str, float | None]] = {name: {} for name in names.values()}
     for m in modalities:
         rest = next(x for x in modalities if x != m)
         grid = [(rate, s) for rate in np.round(np.linspace(0, 1, 101), 2)
@@ -107,5 +108,5 @@ def protection_horizon(results: list[RunRow], metric: str) -> dict[str, dict[str
                 ref_train = trained_under(ref, train)
                 below = [rate for rate, s in grid if (mine := mean_at(without_deviations(h), train, s)) is not None
                          and (theirs := mean_at(ref, ref_train, s)) is not None and mine < theirs]
-                out[h if train == "complete" else f"{h} @ {train}"][f"{name}_{m}"] = float(below[0]) if below else None
+                out[names[h, train]][f"{name}_{m}"] = float(below[0]) if below else None
     return out

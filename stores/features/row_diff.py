@@ -47,7 +47,7 @@ class IdIndex:
 
     Own structure because Arrow keeps no reusable hash table: ``pc.index_in(batch, value_set=column)`` gives the
     same answer but hashes the whole column on every call, O(N) a batch, so a pass over N source rows in batches
-    of B cost O(N^2 / B) (1M ids in 350-row batches: 560 s a pass; ``python bench/id_lookup.py``)."""
+    of B cost O(N^2 / B) (1M ids in 350-row batches: 636 s a pass; ``python bench/id_lookup.py``)."""
 
     CHUNK = 65_536  # ids turned into Python strings at a time (to hash them)
 
