@@ -43,8 +43,8 @@ def test_trim_returns_the_freed_heap_pages_to_the_os():
 
 
 def test_extraction_trims_after_each_phase_and_every_few_commits(tmp_path, tiny_hf, monkeypatch):
-    """A real extraction of 36 rows in commits of 4: a trim after hashing, every TRIM_EVERY commits, and around
-    compaction and the index."""
+    """A real extraction of 36 rows in commits of 4: a trim after hashing, every TRIM_EVERY commits, before
+    compaction, after each of the 4 tables' compaction, after the index, and after each table's version pruning."""
     from conftest import make_manifest, manifest_config
     from stores.extraction import local
 
@@ -57,4 +57,4 @@ def test_extraction_trims_after_each_phase_and_every_few_commits(tmp_path, tiny_
                           encoders__text={"kind": "hf", "model": str(tiny_hf["text"])})
     report = local.extract(cfg, progress=False)
     assert report.rows == 36
-    assert len(calls) == 1 + 36 // 4 // 3 + 3
+    assert len(calls) == 1 + 36 // 4 // 3 + 1 + 4 + 1 + 4

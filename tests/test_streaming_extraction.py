@@ -93,8 +93,9 @@ def test_a_source_streams_and_extraction_never_holds_its_payloads(bulky_source, 
 
 
 def test_an_extraction_looks_ids_up_in_time_linear_in_the_rows(bulky_source, tmp_path, tiny_hf, monkeypatch):
-    """Each pass over the source matches a batch's ids against a whole id column (the stored dataset table, the
-    rows to write): the column is hashed once, not once per batch (pc.index_in's value_set: N^2 / batch)."""
+    """A rerun matches each source batch against the stored dataset and search tables: each table's ids and row
+    digests are hashed once, then each source row a constant number of times, not once per batch as with
+    pc.index_in's value_set (N^2 / batch). A first extraction has nothing to match."""
     hashed = []
     monkeypatch.setattr(IdIndex, "_hash", staticmethod(lambda s: hashed.append(1) or hash(s)))
     cfg = manifest_config(tmp_path, bulky_source, data__name="bulky", store__write_every=256,
@@ -103,10 +104,11 @@ def test_an_extraction_looks_ids_up_in_time_linear_in_the_rows(bulky_source, tmp
     n_batches = len(list(load_dataset(cfg.data).batches()))
     assert n_batches >= 9  # (24 KB image cells: batches of about 350 rows)
     extract(cfg, progress=False)
-    assert len(hashed) == 3000 + 3000  # the rows to write once, then each source row's id once
-    hashed.clear()
-    extract(cfg, progress=False)  # a rerun: each id is matched against the stored dataset table; nothing to write
-    assert len(hashed) == 3000 + 3000
+    assert len(hashed) == 0  # no stored table: every row is new, nothing is looked up
+    extract(cfg, progress=False)  # a rerun: nothing to write
+    # values hashed per row: the stored dataset table's id, its 9 other columns and the image stat (11), the
+    # search table's id and its 6 compared columns (7); each source row's id and columns against both (10 + 7)
+    assert len(hashed) == (11 + 7 + 17) * 3000
 
 
 def test_a_parquet_shard_streams_page_by_page_not_row_group_by_row_group(tmp_path):
@@ -152,3 +154,56 @@ def test_lance_metadata_cache_is_bounded_across_many_commits(tmp_path, monkeypat
     default = real()
     assert commits(lancedb.connect(tmp_path / "default", session=default)) == 610
     assert default.size_bytes > 256 << 10
+
+
+def test_a_rerun_never_holds_the_dataset_or_search_table_whole(tmp_path, tiny_hf, monkeypatch):
+    """The dataset and search tables hold each row's source (a whole text for a text input): a rerun compares the
+    source with them batch by batch through digests, so Arrow never holds a copy of either table (the old diff
+    held the stored dataset table, the new one and the search table's columns at once: over 3 copies)."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    n, width = 2000, 16_000
+    words = np.array([f"w{i}" for i in range(1000)])
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "split": ["train", "val", "test", "train"] * (n // 4),
+                             "label": [f"c{i % 2}" for i in range(n)],
+                             "text": [" ".join(rng.choice(words, width // 4)) for _ in range(n)]}),
+                   tmp_path / "long.parquet", row_group_size=100)
+    cfg = manifest_config(tmp_path, tmp_path / "long.parquet", modalities=("text",), data__name="long",
+                          store__write_every=512, encoders__text={"kind": "hf", "model": str(tiny_hf["text"])})
+    assert extract(cfg, progress=False).rows == n
+    from stores.datasets import readers
+    monkeypatch.setattr(readers, "BATCH_BYTES", 2 << 20)  # small source batches: what is measured is the diff
+    text_bytes = n * width  # about 32 MB: less than one copy of the texts (about 40 MB)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        base = pa.total_allocated_bytes()
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], pa.total_allocated_bytes() - base)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        again = extract(cfg, progress=False)
+    finally:
+        done.set()
+        sampler.join()
+    assert again.added == 0 and again.skipped == n
+    assert peak[0] < text_bytes, f"{peak[0] / 1e6:.0f} MB of Arrow memory for {text_bytes / 1e6:.0f} MB of texts"
+
+
+def test_row_digests_tell_nulls_empties_and_each_column_apart_and_name_the_ids_gone():
+    from stores.features.row_diff import RowDigests, row_digests
+
+    old = pa.table({"id": ["a", "b", "c", "d"], "text": ["x", "", None, "y"], "labels": [[1, 2], [], None, [12]]})
+    new = pa.table({"id": ["b", "a", "e", "d"], "text": ["", "x", "z", "y"], "labels": [None, [1, 2], [3], [1, 2]]})
+    d = row_digests(old, ["text", "labels"])
+    assert len(set(d.tolist())) == 4  # "" vs null, [] vs null, [1, 2] vs [12] all differ
+    assert (row_digests(old, ["text"]) != row_digests(old, ["labels"])).any()
+    state = RowDigests(old.to_batches(max_chunksize=3), {"row": ["text", "labels"], "text": ["text"]})
+    pos = state.match(new)
+    assert pos.tolist() == [1, 0, -1, 3]
+    assert state.differs(new, pos, "row").tolist() == [True, False, True, True]  # b: [] -> null; d: [12] -> [1, 2]
+    assert state.differs(new, pos, "text").tolist() == [False, False, True, False]
+    assert state.unseen_ids() == ["c"]

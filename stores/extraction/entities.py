@@ -1,12 +1,12 @@
-"""The dataset table's rows as Arrow, built from a stream of source records, and the Arrow comparisons that say
-what an extraction must write: ids new to a table, rows whose columns changed, ids gone from the source. One
-compact Arrow table of ids and content keys (about 200 bytes a row), never a Python object per row."""
+"""The dataset table's rows as Arrow, built from a stream of source records, and what an extraction must write
+to the search table, found as those rows stream past. Per row, only digests and ids are kept (``RowDigests``);
+the rows to write wait in a local spool, never a Python object per row."""
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -14,8 +14,9 @@ import pyarrow as pa
 from stores.datasets import Dataset, Record
 from stores.datasets.base import describe_ref
 from stores.encoders import LOAD_WORKERS
-from stores.features.feature_store import entity_schema
-from stores.features.row_diff import IdIndex
+from stores.features.feature_store import FeatureStore, entity_schema
+from stores.features.row_diff import RowDigests, row_digests
+from stores.features.spool import ArrowSpool
 from stores.features.views import ABSENT, content_key
 
 SEARCH_COLUMNS = ("split", "label", "labels", "source")
@@ -29,17 +30,38 @@ def _stat(raw: Any) -> str | None:
     return None
 
 
-def entity_batches(ds: Dataset, old: pa.Table | None, pool: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
+class KnownInputs:
+    """The content keys the dataset table already holds for file inputs whose stat has not changed, so a rerun
+    re-hashes no unchanged file. Compares 8-byte stat digests; reads only the keys it reuses back from Lance."""
+
+    def __init__(self, store: FeatureStore, old: RowDigests):
+        self.store, self.old = store, old
+
+    def keys(self, ids: list[str], m: str, stats: list[str | None]) -> list[str | None]:
+        """Per input, its stored key where the id is known and the file's stat unchanged, else None."""
+        if all(s is None for s in stats):  # no file inputs (inline bytes, arrays, absent)
+            return [None] * len(ids)
+        pos = self.old.match(pa.table({"id": pa.array(ids, pa.string())}))
+        col = f"{m}_stat"
+        same = (pos >= 0) & np.array([s is not None for s in stats], bool)
+        same &= row_digests(pa.table({col: pa.array(stats, pa.string())}), [col]) == \
+            self.old.digests[col][np.maximum(pos, 0)]
+        out: list[str | None] = [None] * len(ids)
+        where = np.flatnonzero(same)
+        for i, key in zip(where, self.store.entity_values(self.old.rowids[pos[where]], f"{m}_key")):
+            out[i] = key
+        return out
+
+
+def entity_batches(ds: Dataset, known: KnownInputs | None, pool: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
     """The dataset table's rows for each batch of ``ds``'s records: entity columns plus each modality's content
-    key, re-hashed only when a file's stat differs from the one in ``old`` (the table as it is)."""
+    key, hashed on ``pool`` (hashing frees the GIL) unless ``known`` holds it for an unchanged file."""
     schema = entity_schema(ds.modalities)
-    where = IdIndex(old["id"]) if old is not None and old.num_rows else None
     for recs in ds.batches():
-        prev: dict[str, list] = {}
-        if where is not None:
-            pos = where.index_in(pa.array([r.id for r in recs], pa.string()))
-            for m in ds.modalities:
-                prev[m] = list(zip(old[f"{m}_stat"].take(pos).to_pylist(), old[f"{m}_key"].take(pos).to_pylist()))
+        raws = {m: [None if r.payload.get(m) is None else ds.raw(m, r.payload[m]) for r in recs] for m in ds.modalities}
+        stats = {m: list(pool.map(_stat, raws[m])) if m != "text" else [None] * len(recs) for m in ds.modalities}
+        reuse = {m: known.keys([r.id for r in recs], m, stats[m]) if known is not None and m != "text"
+                 else [None] * len(recs) for m in ds.modalities}
 
         def row(i_r: tuple[int, Record]) -> dict:
             i, r = i_r
@@ -49,22 +71,53 @@ def entity_batches(ds: Dataset, old: pa.Table | None, pool: ThreadPoolExecutor) 
                                          if not isinstance(v, np.ndarray)}),
                    "attrs": json.dumps(r.attrs, sort_keys=True) if r.attrs else None}
             for m in ds.modalities:
-                ref = r.payload.get(m)
-                raw = None if ref is None else ds.raw(m, ref)
-                stat = _stat(raw) if m != "text" else None
-                if ref is None:
-                    key = ABSENT
-                elif stat is not None and m in prev and prev[m][i][0] == stat:
-                    key = prev[m][i][1]
-                else:
-                    key = content_key(m, raw)
-                out[f"{m}_key"], out[f"{m}_stat"] = key, stat
+                raw = raws[m][i]
+                key = ABSENT if r.payload.get(m) is None else reuse[m][i] or content_key(m, raw)
+                out[f"{m}_key"], out[f"{m}_stat"] = key, stats[m][i]
             return out
 
-        yield pa.RecordBatch.from_pylist(list(pool.map(row, enumerate(recs))), schema=schema)  # hashing frees the GIL
+        yield pa.RecordBatch.from_pylist(list(pool.map(row, enumerate(recs))), schema=schema)
 
 
-def entity_table(ds: Dataset, old: pa.Table | None) -> pa.Table:
+def entity_table(ds: Dataset) -> pa.Table:
+    """Every row at once (old store layouts, demo-sized: stores/extraction/migrate.py)."""
     with ThreadPoolExecutor(LOAD_WORKERS) as pool:
-        batches = list(entity_batches(ds, old, pool))
-    return pa.Table.from_batches(batches, schema=entity_schema(ds.modalities)).combine_chunks()
+        batches = list(entity_batches(ds, None, pool))
+    return pa.Table.from_batches(batches, schema=entity_schema(ds.modalities))
+
+
+def work_schema(modalities: list[str]) -> pa.Schema:
+    """The columns of a row to (re)write to the search table, plus whether its id is new to that table."""
+    ent = entity_schema(modalities)
+    return pa.schema([ent.field(c) for c in ("id", *SEARCH_COLUMNS, *(f"{m}_key" for m in modalities))]
+                     + [pa.field("new_in_search", pa.bool_())])
+
+
+class SearchDiff:
+    """The rows an extraction must (re)write to the search table, found as the dataset rows stream past: ids new
+    to it, or whose split, labels, source or content keys changed. They are spooled in source order (the order
+    the second pass over the source meets them); ``gone`` names the ids the search table holds and the source no
+    longer does."""
+
+    def __init__(self, current: RowDigests | None, modalities: list[str], spool: ArrowSpool):
+        self.current, self.spool = current, spool
+        self.columns = [*SEARCH_COLUMNS, *(f"{m}_key" for m in modalities)]
+        self.rows = self.stale = 0
+
+    def tap(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """``batches`` unchanged, each noted on its way past."""
+        for b in batches:
+            if self.current is None or not len(self.current):
+                stale = new = np.ones(b.num_rows, bool)
+            else:
+                pos = self.current.match(b)
+                stale, new = self.current.differs(b, pos, "row"), pos < 0
+            keep = pa.array(stale)
+            self.spool.add(b.select(["id", *self.columns]).filter(keep)
+                           .append_column("new_in_search", pa.array(new).filter(keep)))
+            self.rows += b.num_rows
+            self.stale += int(stale.sum())
+            yield b
+
+    def gone(self) -> list[str]:
+        return self.current.unseen_ids() if self.current is not None else []

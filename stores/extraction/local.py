@@ -9,11 +9,12 @@ import json
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
 from models.config import EncoderConfig, ExperimentConfig
@@ -23,12 +24,13 @@ from stores.datasets.base import groups
 from stores.encoders.stream import encode_stream
 from stores.encoders import Encoder, build_encoder, encoder_fingerprint
 from stores.encoders.base import check_model_path
-from stores.extraction.entities import SEARCH_COLUMNS, entity_table
+from stores.encoders import LOAD_WORKERS
+from stores.extraction.entities import SEARCH_COLUMNS, KnownInputs, SearchDiff, entity_batches, work_schema
 from stores.extraction.heap import trim
 from stores.extraction.key_index import KeyIndex, appended_rowids
 from stores.features.feature_store import FeatureStore, StoreError
 from stores.features.history import keep_run_versions
-from stores.features.row_diff import IdIndex, absent_from, differs, duplicate_ids
+from stores.features.spool import ArrowSpool
 from stores.features.views import View, now, write_json
 
 
@@ -65,8 +67,10 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
     and a rerun resumes without duplicates. ``max_rows`` stops after that many rows (incremental runs, tests).
 
     Memory does not grow with the source's payloads: the source is read twice as a stream of record batches
-    (once to hash every input into the dataset table's rows, once to encode the rows that need it), and what is
-    kept whole is compact: the dataset table's ids and content keys as Arrow, each view's keys as a ``KeyIndex``."""
+    (once to hash every input into the dataset table's rows, compared batch by batch with the stored dataset and
+    search tables, once to encode the rows that need it, spooled in between on local disk), and what is kept
+    whole is compact: each stored table's ids with 8-byte row digests (``RowDigests``), each view's keys as a
+    ``KeyIndex``."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data)
     enc_cfgs = cfg.encoder_configs()
@@ -76,14 +80,10 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         check_model_path(m, enc_cfgs[m].model)
     store = FeatureStore.for_config(cfg, ds.modalities)
     mods = ds.modalities
-    with store.writer_lock(cfg.store.lock_timeout_s):
+    with store.writer_lock(cfg.store.lock_timeout_s), ExitStack() as stack:
         if store.dataset_meta_path.exists() and store.dataset_meta["modalities"] != mods:
             raise StoreError(f"dataset table {store.dataset} holds modalities {store.dataset_meta['modalities']} "
                              f"but the source now has {mods}; set data.name to a new dataset name")
-        ent = entity_table(ds, store.entity_arrow())  # first pass over the source: every input hashed
-        trim()  # (stores/extraction/heap.py: after each phase that allocates and frees large buffers)
-        if dup := duplicate_ids(ent["id"]):
-            raise StoreError(f"dataset {ds.name} has duplicate ids, e.g. {dup[:5]}")
         # with the ray engine the encoders here only name and create the views (placeholders): on the CPU
         local = {"device": "cpu"} if cfg.store.extract_engine == "ray" else {}
         encoders = LazyEncoders({m: enc_cfgs[m].model_copy(update=local) for m in mods})
@@ -95,31 +95,27 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                 views[m].create(m, enc_cfgs[m], encoders[m].fingerprint, encoders[m].encode_placeholder().item())
         vec_dim = {m: views[m].meta["vec_dim"] for m in mods}
 
-        changes = store.sync_entities(ent, mods)
+        work = stack.enter_context(ArrowSpool(work_schema(mods)))  # (local disk: the rows to write)
+        # first pass over the source: every input hashed (unless a file's stat is unchanged), the dataset table
+        # brought up to date, and the rows the search table lacks or holds stale set aside in source order
+        old = store.entity_digests(mods)
+        diff = SearchDiff(store.search_digests([*SEARCH_COLUMNS, *(f"{m}_key" for m in mods)]), mods, work)
+        with ThreadPoolExecutor(LOAD_WORKERS) as pool:
+            known = KnownInputs(store, old) if old is not None else None
+            changes = store.sync_entities(diff.tap(entity_batches(ds, known, pool)), mods, old)
+        del old, known
+        trim()  # (stores/extraction/heap.py: after each phase that allocates and frees large buffers)
         _record_dataset(store, ds, cfg)
         if not store.meta_path.exists():  # readable as soon as its first rows land, even if this run dies
             store.write_meta({**store.meta.as_dict(), "kind": "config", "data_config": cfg.data.model_dump(mode="json"),
                               "created": now()})
-
-        in_search = store.search_arrow()
-        key_cols = [f"{m}_key" for m in mods]
-        if in_search is not None and in_search.num_rows:
-            stale_mask = differs(ent, in_search, [*SEARCH_COLUMNS, *key_cols])
-            store.delete_search(absent_from(in_search["id"], ent["id"]))
-            is_new = pc.invert(pc.is_in(ent["id"], value_set=in_search["id"]))
-        else:
-            stale_mask, is_new = np.ones(ent.num_rows, bool), pa.array(np.ones(ent.num_rows, bool))
-        del in_search
-        # the rows to write, with only the columns the search table takes (a filtered copy); the rest goes
-        work = (ent.select(["id", *SEARCH_COLUMNS, *key_cols]).append_column("new_in_search", is_new)
-                .filter(stale_mask).slice(0, max_rows))
-        n_entities, n_stale = ent.num_rows, int(stale_mask.sum())
-        del ent, stale_mask, is_new
+        store.delete_search(diff.gone())
         index = {m: KeyIndex.of_table(views[m].table()) for m in mods}
         timing: Counter = Counter()
-        bar = tqdm(total=work.num_rows, desc=f"extract {store.name}", disable=not progress, unit="item")
-        plan = _plan(groups(_work_rows(ds, work), cfg.store.write_every), mods, index)
-        commits = 0
+        n_work = min(work.num_rows, work.num_rows if max_rows is None else max_rows)
+        bar = tqdm(total=n_work, desc=f"extract {store.name}", disable=not progress, unit="item")
+        plan = _plan(groups(_work_rows(ds, work.batches(), n_work), cfg.store.write_every), mods, index)
+        commits = added = 0
         for window in _windows(plan, cfg):  # second pass over the source: only the rows that need writing
             encoded = _encoded(cfg, window, encoders, lambda m, pairs: [(k, ds.raw(m, ref)) for k, ref in pairs])
             for chunk, _ in window:
@@ -130,23 +126,22 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                     timing[m + "_n"] += len(new_inputs)
                     feats[m] = _view_features(views[m], encoders[m], m, chunk, new_inputs, index[m])
                 _write_search(store, chunk, feats, mods, vec_dim)
+                added += sum(r["new_in_search"] for r in chunk)
                 bar.update(len(chunk))
                 if (commits := commits + 1) % TRIM_EVERY == 0:
                     trim()
             encoded.close()  # the ray engine's job ends here (or when an error unwinds this frame)
         bar.close()
 
-        added = int(pc.sum(work["new_in_search"]).as_py() or 0)
         tbl = store.table
-        changed = bool(work.num_rows) or bool(changes["removed"])
+        changed = bool(n_work) or bool(changes.removed)
         trained = store.config_meta.get("index_trained_rows") if store.meta_path.exists() else None
         if changed:
             trim()
-            store.compact()  # at store.max_fragments
-            trim()
+            store.compact(after_each=trim)  # at store.max_fragments
             indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained)
             trim()
-            keep_run_versions(store.location, store.written_tables(), cfg.store.version_grace_s)
+            keep_run_versions(store.location, store.written_tables(), cfg.store.version_grace_s, after_each=trim)
         else:
             indices = [i.name for i in tbl.list_indices()]
         meta = store.meta
@@ -155,31 +150,35 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now(),
                "index_trained_rows": trained}
         store.write_meta(out)
-    return ExtractReport(store.name, meta.fingerprint, added, n_entities - n_stale, out["rows"],
+    return ExtractReport(store.name, meta.fingerprint, added, diff.rows - diff.stale, out["rows"],
                          meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,
                          {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
-                         {m: int(timing[m + "_n"]) for m in mods}, work.num_rows - added, len(changes["removed"]),
+                         {m: int(timing[m + "_n"]) for m in mods}, n_work - added, len(changes.removed),
                          meta.versions)
 
 
 Chunk = tuple[list[dict], dict[str, list[tuple[str, Any]]]]
 
 
-def _work_rows(ds: Dataset, work: pa.Table) -> Iterator[dict]:
-    """The ``work`` rows (dataset-table rows plus ``new_in_search``) in source order, each with its ``payload``
-    (modality -> reference) read from a second pass over the source."""
-    if not work.num_rows:
-        return
-    where = IdIndex(work["id"])
+def _work_rows(ds: Dataset, work: Iterator[pa.RecordBatch], limit: int) -> Iterator[dict]:
+    """The first ``limit`` spooled ``work`` rows (dataset-table rows plus ``new_in_search``, in source order),
+    each with its ``payload`` (modality -> reference) from a second pass over the source, met in the same order:
+    no index of either side is needed. The pass stops once the last work row is met."""
+    rows = (row for b in work for row in b.to_pylist())
+    todo = next(rows, None) if limit else None
+    done = 0
     for recs in ds.batches():
-        pos = where.index_in(pa.array([r.id for r in recs], pa.string()))
-        valid = pos.is_valid()  # (null: a row up to date)
-        if not pc.any(valid).as_py():
-            continue
-        rows = work.take(pos.filter(valid)).to_pylist()
-        for i, row in zip(np.flatnonzero(valid.to_numpy(zero_copy_only=False)), rows):
-            row["payload"] = recs[i].payload
-            yield row
+        for r in recs:
+            if todo is None:
+                return
+            if r.id == todo["id"]:
+                todo["payload"] = r.payload
+                yield todo
+                done += 1
+                todo = next(rows, None) if done < limit else None
+    if todo is not None:
+        raise StoreError(f"the source no longer holds row {todo['id']!r} that this extraction's first pass read "
+                         "(it changed during the run); the rows written so far are kept, a rerun resumes")
 
 
 def _plan(chunks: Iterable[list[dict]], mods: list[str], index: dict[str, KeyIndex]) -> Iterator[Chunk]:

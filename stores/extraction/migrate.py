@@ -28,7 +28,7 @@ def migrate_legacy(cfg: ExperimentConfig) -> dict:
     old = db.open_table(legacy).to_arrow()
     ph = db.open_table(legacy + "-placeholders").to_arrow()
     ds = load_dataset(cfg.data)
-    keys = {r["id"]: r for r in entity_table(ds, None).to_pylist()}  # (old layouts are demo-sized)
+    keys = {r["id"]: r for r in entity_table(ds).to_pylist()}  # (old layouts are demo-sized)
     enc_cfgs = cfg.encoder_configs()
     store = FeatureStore.for_config(cfg, ds.modalities)
     copied = {}

@@ -18,7 +18,7 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,8 @@ from models.records import StoreInfo, StoreMeta
 from stores.features import filters
 from stores.features.history import KEEP_EVERY_VERSION
 from stores.features.location import StoreFile, StoreLocation
-from stores.features.row_diff import IdIndex, absent_from, differs
+from stores.features.row_diff import IdIndex, RowDigests, duplicate_ids
+from stores.features.spool import ArrowSpool
 from stores.features.split_cache import SplitArrays, SplitCache
 from stores.features.views import View, StoreError, fixed, now, view_name, write_json
 
@@ -119,6 +120,15 @@ def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 655
         found[at[at >= 0]] = b["_rowid"].to_numpy()[at >= 0]
     at = pc.fill_null(where.index_in(keys), -1).to_numpy()
     return np.where(at >= 0, found[at], -1)
+
+
+@dataclass
+class EntityChanges:
+    """What ``sync_entities`` did: rows in the source, ids new to the dataset table, rows changed, ids removed."""
+    rows: int
+    new: int
+    changed: int
+    removed: list[str]
 
 
 @dataclass
@@ -297,52 +307,90 @@ class FeatureStore:
             yield
 
     # ------------------------------------------------------------------ writing (stores/extraction/local.py)
-    def entity_arrow(self) -> pa.Table | None:
-        """The latest dataset table (None before the first extraction)."""
+    @staticmethod
+    def _scan(tbl, columns: list[str], row_id: bool = False, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+        """A table's latest rows as a stream of record batches of ``columns`` (plus ``_rowid``); batches as the
+        source's (a ``source`` cell holds a whole text: 1,024 rows of 16 KB captions are 16 MB)."""
+        return tbl.search().select(columns).with_row_id(row_id).limit(None).to_batches(batch_rows)
+
+    def _dataset_table(self, modalities: list[str]):
+        """The dataset table, created empty (or given the columns added since it was written) as needed."""
+        if not self._has(self.dataset):
+            return self.db.create_table(self.dataset, schema=entity_schema(modalities))
+        tbl = self.db.open_table(self.dataset)
+        if "attrs" not in tbl.schema.names:  # a store from before it
+            tbl.add_columns(pa.field("attrs", pa.string()))
+        return tbl
+
+    def entity_digests(self, modalities: list[str]) -> RowDigests | None:
+        """The latest dataset table as ``RowDigests`` (None before the first extraction): ``row`` digests every
+        column but the id, ``<m>_stat`` each file modality's stat; with Lance row ids (``entity_values``)."""
         if not self._has(self.dataset):
             return None
-        tbl = self.db.open_table(self.dataset)
-        return tbl.search().limit(max(tbl.count_rows(), 1)).to_arrow()
+        cols = [f.name for f in entity_schema(modalities) if f.name != "id"]
+        return RowDigests(self._scan(self._dataset_table(modalities), ["id", *cols], row_id=True),
+                          {"row": cols, **{f"{m}_stat": [f"{m}_stat"] for m in modalities if m != "text"}})
+
+    def entity_values(self, rowids: np.ndarray, column: str) -> list:
+        """``column`` of the latest dataset table's rows at Lance ``rowids``, in the order given."""
+        if not len(rowids):
+            return []
+        got = self.db.open_table(self.dataset).take_row_ids([int(r) for r in rowids]).select([column]) \
+            .with_row_id().to_arrow()
+        order = np.argsort(got["_rowid"].to_numpy())
+        at = order[np.searchsorted(got["_rowid"].to_numpy()[order], rowids.astype(np.uint64))]
+        return got[column].take(pa.array(at)).to_pylist()
 
     def entities(self) -> dict[str, dict]:
-        """The latest dataset table as id -> row (small tables, tests; extraction compares in Arrow)."""
-        t = self.entity_arrow()
-        return {} if t is None else {r["id"]: r for r in t.to_pylist()}
-
-    def sync_entities(self, rows: "pa.Table | list[dict]", modalities: list[str]) -> dict[str, Any]:
-        """Make the dataset table hold exactly ``rows`` (one commit for new/changed, one for removed ids; the
-        previous versions keep the old rows), compared in Arrow. Returns how many ids are new and changed, and
-        the ids removed."""
-        schema = entity_schema(modalities)
-        rows = rows.cast(schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+        """The latest dataset table as id -> row (small tables, tests; extraction compares digests)."""
         if not self._has(self.dataset):
-            self.db.create_table(self.dataset, schema=schema)
-        elif "attrs" not in (tbl := self.db.open_table(self.dataset)).schema.names:  # a store from before it
-            tbl.add_columns(pa.field("attrs", pa.string()))
-        old = self.entity_arrow()
-        new = pc.invert(pc.is_in(rows["id"], value_set=old["id"])) if old.num_rows else \
-            pa.array(np.ones(rows.num_rows, bool))
-        write = differs(rows, old, [f.name for f in schema if f.name != "id"]) if old.num_rows else \
-            np.ones(rows.num_rows, bool)
-        n_new = int(pc.sum(new).as_py() or 0)
-        n_changed = int(write.sum()) - n_new
-        removed = absent_from(old["id"], rows["id"])
+            return {}
         tbl = self.db.open_table(self.dataset)
-        if n_changed:
-            tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows.filter(write))
-        elif n_new:
-            tbl.add(rows.filter(new))
+        return {r["id"]: r for r in tbl.search().limit(None).to_arrow().to_pylist()}
+
+    def sync_entities(self, rows: "pa.Table | list[dict] | Iterable[pa.RecordBatch]", modalities: list[str],
+                      old: RowDigests | None = None) -> "EntityChanges":
+        """Make the dataset table hold exactly ``rows`` (a table, dicts, or a stream of record batches, read
+        once). Each batch is compared with ``old`` (the table's digests, read here when not given); new and
+        changed rows wait in a local spool until the stream has ended and its ids proved unique, then land in
+        one commit (an append, or a merge on id when some changed), removed ids in another; earlier versions
+        keep the old rows. Holds the digests and the ids, never the rows of either side."""
+        schema = entity_schema(modalities)
+        if isinstance(rows, list):
+            rows = pa.Table.from_pylist(rows, schema=schema)
+        batches = rows.cast(schema).to_batches() if isinstance(rows, pa.Table) else rows
+        tbl = self._dataset_table(modalities)
+        if old is None:
+            old = self.entity_digests(modalities)
+        ids, n_new, n_changed = [], 0, 0
+        with ArrowSpool(schema) as write:
+            for b in batches:
+                ids.append(b["id"])
+                if old is None or not len(old):
+                    write.add(b)
+                    n_new += b.num_rows
+                    continue
+                pos = old.match(b)
+                changed = old.differs(b, pos, "row")
+                write.add(b.filter(pa.array(changed)))
+                n_new += int((pos < 0).sum())
+                n_changed += int((changed & (pos >= 0)).sum())
+            if dup := duplicate_ids(pa.chunked_array(ids, pa.string())):
+                raise StoreError(f"dataset {self.dataset} has duplicate ids, e.g. {dup[:5]}")
+            if n_changed:
+                tbl.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(write.reader())
+            elif n_new:
+                tbl.add(write.reader())
+        removed = old.unseen_ids() if old is not None else []
         if removed:
             tbl.delete(filters.isin("id", removed))
-        return {"new": n_new, "changed": n_changed, "removed": removed}
+        return EntityChanges(sum(len(i) for i in ids), n_new, n_changed, removed)
 
-    def search_arrow(self) -> pa.Table | None:
-        """The entity columns and keys the search table holds (to find rows that need an update)."""
+    def search_digests(self, columns: list[str]) -> RowDigests | None:
+        """This config's search table as ``RowDigests`` of ``columns`` (``row``); None before it exists."""
         if not self._has(self.name):
             return None
-        tbl = self.table
-        cols = ["id", "split", "label", "labels", "source"] + [f"{m}_key" for m in self.view_names]
-        return tbl.search().select(cols).limit(max(tbl.count_rows(), 1)).to_arrow()
+        return RowDigests(self._scan(self.table, ["id", *columns]), {"row": columns})
 
     def upsert_search(self, rows: list[dict], vec_dim: dict[str, int], new: bool) -> None:
         """One commit: append (``new``) or merge on id. Rows: entity columns, issues and per modality
@@ -389,11 +437,16 @@ class FeatureStore:
         """The tables an extraction of this config writes: dataset, views, search."""
         return [n for n in dict.fromkeys([self.dataset, *self.view_names.values(), self.name]) if self._has(n)]
 
-    def compact(self) -> dict[str, int]:
-        """``compact_table`` on each table this config writes (dataset, views, search, masks). Returns the
-        fragments per table after."""
-        return {name: self.compact_table(self.db.open_table(name))
-                for name in [*self.written_tables(), self.dataset + "-masks"] if self._has(name)}
+    def compact(self, after_each: Callable[[], object] = lambda: None) -> dict[str, int]:
+        """``compact_table`` on each table this config writes (dataset, views, search, masks), calling
+        ``after_each`` after each (the extraction hands the freed heap back between them). Returns the fragments
+        per table after."""
+        out = {}
+        for name in [*self.written_tables(), self.dataset + "-masks"]:
+            if self._has(name):
+                out[name] = self.compact_table(self.db.open_table(name))
+                after_each()
+        return out
 
     def compact_table(self, tbl) -> int:
         """Merge ``tbl``'s data files when its latest version holds more than ``max_fragments`` of them (Lance's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from datetime import timedelta
+from typing import Callable
 
 from stores.features.location import StoreLocation
 
@@ -40,9 +41,10 @@ def prune(loc: StoreLocation, name: str, older_than: timedelta) -> int:
     return int(stats.old_versions)
 
 
-def keep_run_versions(loc: StoreLocation, names: list[str], grace_s: float) -> dict[str, int]:
+def keep_run_versions(loc: StoreLocation, names: list[str], grace_s: float,
+                      after_each: Callable[[], object] = lambda: None) -> dict[str, int]:
     """At the end of an extraction: tag each table's final version and prune the untagged ones older than
-    ``grace_s``. Returns the versions each table keeps."""
+    ``grace_s``, calling ``after_each`` after each table. Returns the versions each table keeps."""
     db = loc.connect()
     out = {}
     for name in names:
@@ -50,4 +52,5 @@ def keep_run_versions(loc: StoreLocation, names: list[str], grace_s: float) -> d
         tag_run_version(tbl)
         prune(loc, name, timedelta(seconds=grace_s))
         out[name] = len(db.open_table(name).list_versions())
+        after_each()
     return out

@@ -29,8 +29,9 @@ from filelock import FileLock, Timeout
 # cached footer after the file changed, which `mm store verify` must not). Its default 1 GB metadata cache keeps
 # the manifest of every version it has seen, and an extraction commits a version per write_every rows whose
 # manifest lists every fragment so far: the cache grew as N^2 (30 MB during a 64k-row extraction, 120 MB at
-# 128k; issue 21). Readers need the latest versions' manifests and file footers, a few MB for a compacted table.
-METADATA_CACHE_BYTES = 32 << 20
+# 128k; issue 21). Readers need the latest versions' manifests and file footers, a few MB for a compacted table;
+# 8 MB took 30 MB off a 128k-row extraction's peak against 32 MB, at the same wall time (bench/RESULTS.md).
+METADATA_CACHE_BYTES = 8 << 20
 INDEX_CACHE_BYTES = 1 << 30  # IVF-PQ partitions read by searches (Lance's default: 6 GB)
 
 

@@ -1,7 +1,9 @@
-"""Row comparisons in Arrow between a table's new rows and its current ones (keyed by ``id``): which rows
-changed, which ids are gone, which ids repeat. Vectorised, so comparing a million rows holds no Python object
-per row."""
+"""Row comparisons between a table's new rows and its current ones (keyed by ``id``), through per-row digests:
+which rows changed, which ids are gone, which ids repeat. A table is kept as ids plus 8-byte digests, so comparing
+a million rows holds neither table nor a Python object per row."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -13,32 +15,23 @@ def duplicate_ids(ids: pa.ChunkedArray | pa.Array) -> list[str]:
     return counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
 
 
-def _comparable(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A column as a type ``not_equal`` accepts (lists of labels as text)."""
+def _comparable(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A column as text (lists of labels joined with ``|``), nulls kept."""
     if pa.types.is_list(col.type):
         return pc.binary_join(pc.cast(col, pa.list_(pa.string())), "|")
-    return col
+    return pc.cast(col, pa.string())
 
 
-def differs(new: pa.Table, old: pa.Table, columns: list[str]) -> np.ndarray:
-    """Per row of ``new``, whether any of ``columns`` differs from ``old``'s row with the same id (a row missing
-    from ``old`` differs); nulls compare equal to nulls."""
-    pos = pc.index_in(new["id"], value_set=old["id"])
-    out = pos.is_null().to_numpy(zero_copy_only=False).copy()
-    if out.all():
-        return out
-    at = old.take(pc.fill_null(pos, 0))
-    for c in columns:
-        a, b = _comparable(new[c]), _comparable(at[c])
-        ne = pc.fill_null(pc.not_equal(a, b), False)
-        ne = pc.or_(ne, pc.xor(pc.is_null(a), pc.is_null(b)))
-        out |= ne.to_numpy(zero_copy_only=False)
-    return out
-
-
-def absent_from(ids: pa.ChunkedArray | pa.Array, current: pa.ChunkedArray | pa.Array) -> list[str]:
-    """The ``ids`` not in ``current`` (rows to remove)."""
-    return ids.filter(pc.invert(pc.is_in(ids, value_set=current))).to_pylist() if len(ids) else []
+def row_digests(rows: pa.Table | pa.RecordBatch, columns: list[str]) -> np.ndarray:
+    """A 64-bit digest of each row's ``columns``: each value hashed as ``IdIndex`` hashes ids (salted per process:
+    digests compare within one process only; a null hashes as ``None``), the columns' hashes combined FNV-style.
+    Rows with equal values get equal digests; unequal ones differ but for a 2^-64 chance. A column at a time,
+    never a joined copy of the row (a ``source`` cell can hold a whole text)."""
+    out = np.full(rows.num_rows, 0xCBF29CE484222325, np.uint64)
+    with np.errstate(over="ignore"):
+        for c in columns:
+            out = (out ^ IdIndex.hashes(_comparable(rows[c])).view(np.uint64)) * np.uint64(0x100000001B3)
+    return out.view(np.int64)
 
 
 class IdIndex:
@@ -53,7 +46,7 @@ class IdIndex:
 
     def __init__(self, ids: pa.ChunkedArray | pa.Array):
         self._ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-        h = self._hashes(self._ids)
+        h = self.hashes(self._ids)
         self._order = np.argsort(h, kind="stable")  # equal hashes keep column order: the first occurrence wins
         self._h = h[self._order]
 
@@ -61,18 +54,21 @@ class IdIndex:
     def _hash(s: str) -> int:
         return hash(s)  # 64-bit, salted per process: enough for an index that lives in one process
 
-    def _hashes(self, ids: pa.Array) -> np.ndarray:
+    @classmethod
+    def hashes(cls, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Each value's 64-bit hash (nulls hash as ``None``)."""
+        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         out = np.empty(len(ids), np.int64)
-        for start in range(0, len(ids), self.CHUNK):
-            part = ids.slice(start, self.CHUNK).to_pylist()
-            out[start:start + len(part)] = np.fromiter(map(self._hash, part), np.int64, len(part))
+        for start in range(0, len(ids), cls.CHUNK):
+            part = ids.slice(start, cls.CHUNK).to_pylist()
+            out[start:start + len(part)] = np.fromiter(map(cls._hash, part), np.int64, len(part))
         return out
 
     def index_in(self, query: pa.Array | pa.ChunkedArray) -> pa.Array:
         """The position in the column of each of ``query`` (its first occurrence), null where absent: what
         ``pc.index_in(query, value_set=column)`` returns."""
         query = query.combine_chunks() if isinstance(query, pa.ChunkedArray) else query
-        h = self._hashes(query)
+        h = self.hashes(query)
         lo = np.searchsorted(self._h, h, "left")
         pos = np.full(len(h), -1, np.int64)
         hit = lo < len(self._h)
@@ -89,3 +85,43 @@ class IdIndex:
         collision: about N^2 / 2^65 pairs), -1 if none is ``value``."""
         end = int(np.searchsorted(self._h, self._h[lo], "right"))
         return next((int(p) for p in self._order[lo:end] if self._ids[int(p)].as_py() == value), -1)
+
+
+class RowDigests:
+    """A table's rows reduced to what a diff with new rows needs, read from a stream of its batches: where each
+    id is (an ``IdIndex``), named 64-bit digests of column groups (``row_digests``), the Lance row id when the
+    batches carry ``_rowid``, and which ids the new rows mentioned. About 40 bytes a row plus the ids, where the
+    table itself (texts, keys, JSON) runs to hundreds: a diff of a million rows never holds either table whole."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch], digests: dict[str, list[str]]):
+        ids, parts, rowids = [], {name: [] for name in digests}, []
+        for b in batches:
+            ids.append(b["id"])
+            for name, cols in digests.items():
+                parts[name].append(row_digests(b, cols))
+            if "_rowid" in b.schema.names:
+                rowids.append(b["_rowid"].to_numpy().astype(np.int64))
+        self.ids = pa.chunked_array(ids, pa.string()).combine_chunks()
+        self.index = IdIndex(self.ids)
+        self.digests = {name: np.concatenate(p) if p else np.empty(0, np.int64) for name, p in parts.items()}
+        self.columns = digests
+        self.rowids = np.concatenate(rowids) if rowids else None
+        self.seen = np.zeros(len(self.ids), bool)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def match(self, rows: pa.Table | pa.RecordBatch) -> np.ndarray:
+        """Each of ``rows``' position among this table's ids (-1: an id new to it), noted as seen."""
+        pos = pc.fill_null(self.index.index_in(rows["id"]), -1).to_numpy()
+        self.seen[pos[pos >= 0]] = True
+        return pos
+
+    def differs(self, rows: pa.Table | pa.RecordBatch, pos: np.ndarray, name: str) -> np.ndarray:
+        """Per row, whether its ``name`` columns differ from the row with its id (a new id differs)."""
+        mine = row_digests(rows, self.columns[name])
+        return (pos < 0) | (mine != self.digests[name][np.maximum(pos, 0)])
+
+    def unseen_ids(self) -> list[str]:
+        """The ids no ``match`` mentioned (rows gone from the source)."""
+        return self.ids.filter(pa.array(~self.seen)).to_pylist()
