@@ -15,7 +15,7 @@ from stores.datasets import Dataset, Record
 from stores.datasets.base import describe_ref
 from stores.encoders import LOAD_WORKERS
 from stores.features.feature_store import FeatureStore, entity_schema
-from stores.features.row_diff import RowDigests, row_digests
+from stores.features.row_diff import RowDigests, diff_rows, row_digests
 from stores.features.spool import ArrowSpool
 from stores.features.views import ABSENT, content_key
 
@@ -37,19 +37,23 @@ class KnownInputs:
     def __init__(self, store: FeatureStore, old: RowDigests):
         self.store, self.old = store, old
 
-    def keys(self, ids: list[str], m: str, stats: list[str | None]) -> list[str | None]:
-        """Per input, its stored key where the id is known and the file's stat unchanged, else None."""
-        if all(s is None for s in stats):  # no file inputs (inline bytes, arrays, absent)
-            return [None] * len(ids)
+    def keys(self, ids: list[str], stats: dict[str, list[str | None]]) -> dict[str, list[str | None]]:
+        """Per modality with file inputs in this batch, per input: its stored key where the id is known and the
+        file's stat unchanged, else None. The batch's ids are matched once for every modality."""
+        stats = {m: s for m, s in stats.items() if any(x is not None for x in s)}  # (inline bytes, text: none)
+        if not stats:
+            return {}
         pos = self.old.match(pa.table({"id": pa.array(ids, pa.string())}))
-        col = f"{m}_stat"
-        same = (pos >= 0) & np.array([s is not None for s in stats], bool)
-        same &= row_digests(pa.table({col: pa.array(stats, pa.string())}), [col]) == \
-            self.old.digests[col][np.maximum(pos, 0)]
-        out: list[str | None] = [None] * len(ids)
-        where = np.flatnonzero(same)
-        for i, key in zip(where, self.store.entity_values(self.old.rowids[pos[where]], f"{m}_key")):
-            out[i] = key
+        out = {}
+        for m, s in stats.items():
+            col = f"{m}_stat"
+            same = (pos >= 0) & np.array([x is not None for x in s], bool)
+            same &= row_digests(pa.table({col: pa.array(s, pa.string())}), [col]) == \
+                self.old.digests[col][np.maximum(pos, 0)]
+            out[m] = [None] * len(ids)
+            where = np.flatnonzero(same)
+            for i, key in zip(where, self.store.entity_values(self.old.rowids[pos[where]], f"{m}_key")):
+                out[m][i] = key
         return out
 
 
@@ -60,8 +64,7 @@ def entity_batches(ds: Dataset, known: KnownInputs | None, pool: ThreadPoolExecu
     for recs in ds.batches():
         raws = {m: [None if r.payload.get(m) is None else ds.raw(m, r.payload[m]) for r in recs] for m in ds.modalities}
         stats = {m: list(pool.map(_stat, raws[m])) if m != "text" else [None] * len(recs) for m in ds.modalities}
-        reuse = {m: known.keys([r.id for r in recs], m, stats[m]) if known is not None and m != "text"
-                 else [None] * len(recs) for m in ds.modalities}
+        reuse = known.keys([r.id for r in recs], stats) if known is not None else {}
 
         def row(i_r: tuple[int, Record]) -> dict:
             i, r = i_r
@@ -72,7 +75,7 @@ def entity_batches(ds: Dataset, known: KnownInputs | None, pool: ThreadPoolExecu
                    "attrs": json.dumps(r.attrs, sort_keys=True) if r.attrs else None}
             for m in ds.modalities:
                 raw = raws[m][i]
-                key = ABSENT if r.payload.get(m) is None else reuse[m][i] or content_key(m, raw)
+                key = ABSENT if r.payload.get(m) is None else (m in reuse and reuse[m][i]) or content_key(m, raw)
                 out[f"{m}_key"], out[f"{m}_stat"] = key, stats[m][i]
             return out
 
@@ -107,14 +110,10 @@ class SearchDiff:
     def tap(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """``batches`` unchanged, each noted on its way past."""
         for b in batches:
-            if self.current is None or not len(self.current):
-                stale = new = np.ones(b.num_rows, bool)
-            else:
-                pos = self.current.match(b)
-                stale, new = self.current.differs(b, pos, "row"), pos < 0
+            pos, stale = diff_rows(self.current, b)
             keep = pa.array(stale)
             self.spool.add(b.select(["id", *self.columns]).filter(keep)
-                           .append_column("new_in_search", pa.array(new).filter(keep)))
+                           .append_column("new_in_search", pa.array(pos < 0).filter(keep)))
             self.rows += b.num_rows
             self.stale += int(stale.sum())
             yield b

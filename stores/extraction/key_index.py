@@ -8,6 +8,7 @@ import hashlib
 from typing import Iterable
 
 import numpy as np
+from stores.features.feature_store import scan_batches
 from stores.features.views import StoreError
 
 PLANNED = -1  # a key this run will write (or just wrote) whose row id is not known yet
@@ -34,8 +35,7 @@ class KeyIndex:
     def of_table(cls, tbl, batch_rows: int = 65_536) -> "KeyIndex":
         """Every key of a view's Lance table (read as a stream of (key, row id) batches)."""
         digests, rowids = [], []
-        reader = tbl.search().select(["key"]).with_row_id(True).limit(max(tbl.count_rows(), 1)).to_batches(batch_rows)
-        for batch in reader:
+        for batch in scan_batches(tbl, ["key"], row_id=True, batch_rows=batch_rows):
             digests.append(digest(batch["key"].to_pylist()))
             rowids.append(batch["_rowid"].to_numpy().astype(np.int64))
         return cls(np.concatenate(digests) if digests else np.empty(0, np.uint64),

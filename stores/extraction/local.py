@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -112,7 +113,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         store.delete_search(diff.gone())
         index = {m: KeyIndex.of_table(views[m].table()) for m in mods}
         timing: Counter = Counter()
-        n_work = min(work.num_rows, work.num_rows if max_rows is None else max_rows)
+        n_work = work.num_rows if max_rows is None else min(work.num_rows, max_rows)
         bar = tqdm(total=n_work, desc=f"extract {store.name}", disable=not progress, unit="item")
         plan = _plan(groups(_work_rows(ds, work.batches(), n_work), cfg.store.write_every), mods, index)
         commits = added = 0
@@ -164,9 +165,8 @@ def _work_rows(ds: Dataset, work: Iterator[pa.RecordBatch], limit: int) -> Itera
     """The first ``limit`` spooled ``work`` rows (dataset-table rows plus ``new_in_search``, in source order),
     each with its ``payload`` (modality -> reference) from a second pass over the source, met in the same order:
     no index of either side is needed. The pass stops once the last work row is met."""
-    rows = (row for b in work for row in b.to_pylist())
-    todo = next(rows, None) if limit else None
-    done = 0
+    rows = islice((row for b in work for row in b.to_pylist()), limit)
+    todo = next(rows, None)
     for recs in ds.batches():
         for r in recs:
             if todo is None:
@@ -174,8 +174,7 @@ def _work_rows(ds: Dataset, work: Iterator[pa.RecordBatch], limit: int) -> Itera
             if r.id == todo["id"]:
                 todo["payload"] = r.payload
                 yield todo
-                done += 1
-                todo = next(rows, None) if done < limit else None
+                todo = next(rows, None)
     if todo is not None:
         raise StoreError(f"the source no longer holds row {todo['id']!r} that this extraction's first pass read "
                          "(it changed during the run); the rows written so far are kept, a rerun resumes")

@@ -33,7 +33,7 @@ from models.records import StoreInfo, StoreMeta
 from stores.features import filters
 from stores.features.history import KEEP_EVERY_VERSION
 from stores.features.location import StoreFile, StoreLocation
-from stores.features.row_diff import IdIndex, RowDigests, duplicate_ids
+from stores.features.row_diff import IdIndex, RowDigests, diff_rows, duplicate_ids
 from stores.features.spool import ArrowSpool
 from stores.features.split_cache import SplitArrays, SplitCache
 from stores.features.views import View, StoreError, fixed, now, view_name, write_json
@@ -108,6 +108,12 @@ def decode_tokens(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray, dim: int
     return x, mask
 
 
+def scan_batches(tbl, columns: list[str], row_id: bool = False, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+    """A Lance table's rows as a stream of record batches of ``columns`` (plus ``_rowid``). The default batch is
+    the source's (a dataset table's ``source`` cell holds a whole text: 1,024 rows of 16 KB captions are 16 MB)."""
+    return tbl.search().select(columns).with_row_id(row_id).limit(None).to_batches(batch_rows)
+
+
 def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 65536) -> np.ndarray:
     """The Lance row id in ``view_table`` of each of ``keys`` (-1 where the view holds none). The view's keys are
     streamed in batches and matched against the distinct keys wanted (an ``IdIndex``, built once), never gathered
@@ -115,7 +121,7 @@ def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 655
     wanted = pc.unique(keys)
     where = IdIndex(wanted)
     found = np.full(len(wanted), -1, np.int64)
-    for b in view_table.search().select(["key"]).with_row_id(True).limit(None).to_batches(batch_rows):
+    for b in scan_batches(view_table, ["key"], row_id=True, batch_rows=batch_rows):
         at = pc.fill_null(where.index_in(b["key"]), -1).to_numpy()
         found[at[at >= 0]] = b["_rowid"].to_numpy()[at >= 0]
     at = pc.fill_null(where.index_in(keys), -1).to_numpy()
@@ -307,12 +313,6 @@ class FeatureStore:
             yield
 
     # ------------------------------------------------------------------ writing (stores/extraction/local.py)
-    @staticmethod
-    def _scan(tbl, columns: list[str], row_id: bool = False, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
-        """A table's latest rows as a stream of record batches of ``columns`` (plus ``_rowid``); batches as the
-        source's (a ``source`` cell holds a whole text: 1,024 rows of 16 KB captions are 16 MB)."""
-        return tbl.search().select(columns).with_row_id(row_id).limit(None).to_batches(batch_rows)
-
     def _dataset_table(self, modalities: list[str]):
         """The dataset table, created empty (or given the columns added since it was written) as needed."""
         if not self._has(self.dataset):
@@ -328,7 +328,7 @@ class FeatureStore:
         if not self._has(self.dataset):
             return None
         cols = [f.name for f in entity_schema(modalities) if f.name != "id"]
-        return RowDigests(self._scan(self._dataset_table(modalities), ["id", *cols], row_id=True),
+        return RowDigests(scan_batches(self._dataset_table(modalities), ["id", *cols], row_id=True),
                           {"row": cols, **{f"{m}_stat": [f"{m}_stat"] for m in modalities if m != "text"}})
 
     def entity_values(self, rowids: np.ndarray, column: str) -> list:
@@ -366,12 +366,7 @@ class FeatureStore:
         with ArrowSpool(schema) as write:
             for b in batches:
                 ids.append(b["id"])
-                if old is None or not len(old):
-                    write.add(b)
-                    n_new += b.num_rows
-                    continue
-                pos = old.match(b)
-                changed = old.differs(b, pos, "row")
+                pos, changed = diff_rows(old, b)
                 write.add(b.filter(pa.array(changed)))
                 n_new += int((pos < 0).sum())
                 n_changed += int((changed & (pos >= 0)).sum())
@@ -390,7 +385,7 @@ class FeatureStore:
         """This config's search table as ``RowDigests`` of ``columns`` (``row``); None before it exists."""
         if not self._has(self.name):
             return None
-        return RowDigests(self._scan(self.table, ["id", *columns]), {"row": columns})
+        return RowDigests(scan_batches(self.table, ["id", *columns]), {"row": columns})
 
     def upsert_search(self, rows: list[dict], vec_dim: dict[str, int], new: bool) -> None:
         """One commit: append (``new``) or merge on id. Rows: entity columns, issues and per modality

@@ -87,6 +87,16 @@ class IdIndex:
         return next((int(p) for p in self._order[lo:end] if self._ids[int(p)].as_py() == value), -1)
 
 
+def diff_rows(state: "RowDigests | None", rows: pa.Table | pa.RecordBatch,
+              name: str = "row") -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``rows``' position among ``state``'s ids (-1: an id new to it, noted as seen otherwise) and
+    whether its ``name`` columns differ there. With no state (no table yet, or an empty one) every row is new."""
+    if state is None or not len(state):
+        return np.full(rows.num_rows, -1, np.int64), np.ones(rows.num_rows, bool)
+    pos = state.match(rows)
+    return pos, state.differs(rows, pos, name)
+
+
 class RowDigests:
     """A table's rows reduced to what a diff with new rows needs, read from a stream of its batches: where each
     id is (an ``IdIndex``), named 64-bit digests of column groups (``row_digests``), the Lance row id when the
