@@ -15,7 +15,7 @@ from models.config import EncoderConfig
 from models.device import resolve_device
 from models.errors import first_line
 
-from .base import (Encoded, Encoder, EncoderError, autocast, folder_revision, load_audio, load_image, load_text,
+from .base import (Encoded, Encoder, EncoderError, autocast, folder_revision, load_audio, load_image_uint8, load_text,
                    masked_mean, package_revision, split_tokens)
 
 # where transformers finds a model's commit (``extract_commit_hash``): a file under a hub cache's snapshots/<sha>/
@@ -178,7 +178,7 @@ class HFEncoder(Encoder):
         if self.modality == "text":
             return load_text(ref)
         if self.modality == "image":
-            return load_image(ref, self.cfg.image_size, self.cfg.max_image_pixels)
+            return load_image_uint8(ref, self.cfg.image_size, self.cfg.max_image_pixels)
         return load_audio(ref, getattr(self.proc, "sampling_rate", 16000))
 
     @torch.inference_mode()
@@ -188,8 +188,9 @@ class HFEncoder(Encoder):
             inputs = self.proc(items, padding=True, truncation=True, max_length=self.cfg.max_length,
                                return_tensors="pt")
         elif self.modality == "image":
-            inputs = self.proc(images=[x.permute(1, 2, 0).numpy() for x in items], return_tensors="pt",
-                               do_rescale=False)
+            # uint8 HWC, as the processor expects from PIL: bit-identical pixel values to [0, 1] floats with
+            # do_rescale=False (its resize converts those back to uint8 for PIL), without the two conversions
+            inputs = self.proc(images=[x.numpy() for x in items], return_tensors="pt")
         else:
             sr = getattr(self.proc, "sampling_rate", 16000)
             inputs = self.proc([a[: int(self.cfg.audio_seconds * sr)] for a in items], sampling_rate=sr,
