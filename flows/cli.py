@@ -290,6 +290,7 @@ def cmd_deploy(args) -> None:
     serve_deployments([load_config(c, args.set) for c in args.configs])
 
 
+ENCODING_COMMANDS = {"extract", "pipeline"}  # build the configured encoders
 FLOW_COMMANDS = {"extract", "migrate", "train", "reproduce", "evaluate", "sweep", "pipeline", "deploy", "tune",
                  "protocol"}
 
@@ -417,7 +418,10 @@ def main(argv: list[str] | None = None) -> None:
     from models.config import ConfigError
     if hasattr(args, "config") and hasattr(args, "set"):  # a bad value is refused before the heavy imports below
         try:
-            _cfg(args)
+            cfg = _cfg(args)
+            if args.cmd in ENCODING_COMMANDS:
+                from stores.config_files import check_encoder_paths
+                check_encoder_paths(cfg)
         except ConfigError as e:
             if args.debug:
                 raise

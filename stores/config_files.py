@@ -131,3 +131,25 @@ def load_tuned(path: Path) -> dict:
     tree = yaml.safe_load(Path(path).read_text()) or {}
     tree.pop("extends", None)
     return tree
+
+
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a Hugging Face id (``org/name``): absolute, relative with ./ or ../, ~, or with
+    more than one separator."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or Path(model).expanduser().exists()
+
+
+def missing_model_path(modality: str, model: str | None) -> str | None:
+    """The one-line error for an encoder model given as a local path that does not exist, else None."""
+    if model and looks_like_path(model) and not Path(model).expanduser().exists():
+        return (f"encoders.{modality}.model: {model} does not exist (a local model file or folder, or a Hugging "
+                "Face id such as sentence-transformers/all-MiniLM-L6-v2)")
+    return None
+
+
+def check_encoder_paths(cfg: ExperimentConfig) -> None:
+    """ConfigError for the first configured encoder whose model path does not exist: checked by the CLI before
+    the heavy imports (a wrong path costs a second, not a Prefect start), again where an encoder is built."""
+    for modality, enc in cfg.encoder_configs().items():
+        if why := missing_model_path(modality, enc.model):
+            raise ConfigError(why)

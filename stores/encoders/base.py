@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.errors import ConfigError
+from stores.config_files import missing_model_path
 from torch import nn
 
 
@@ -35,16 +36,9 @@ class EncoderError(ConfigError):
     offline, a file of another model): one line naming ``encoders.<modality>.model``, exit 2, never retried."""
 
 
-def looks_like_path(model: str) -> bool:
-    """A local path rather than a Hugging Face id (``org/name``): absolute, relative with ./ or ../, ~, or with
-    more than one separator."""
-    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or Path(model).expanduser().exists()
-
-
 def check_model_path(modality: str, model: str | None) -> None:
-    if model and looks_like_path(model) and not Path(model).expanduser().exists():
-        raise EncoderError(f"encoders.{modality}.model: {model} does not exist (a local model file or folder, "
-                           "or a Hugging Face id such as sentence-transformers/all-MiniLM-L6-v2)")
+    if why := missing_model_path(modality, model):
+        raise EncoderError(why)
 
 
 @dataclass
