@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stores.features import filters
-from stores.features.feature_store import FeatureStore, StoreError, decode_tokens
+from stores.features.feature_store import MAX_INDEX_DELTAS, FeatureStore, StoreError, decode_tokens
 from stores.features.views import tokens
 
 
@@ -163,9 +163,18 @@ def test_ann_index_and_recall(tmp_path):
     [index] = store.table.list_indices()
     assert store.table.index_stats(index.name).num_unindexed_rows == 0
     assert recall(more[:20]) >= 0.8
+    # ... as a delta index of their own (the trained part is not rewritten), merged once MAX_INDEX_DELTAS gather
+    parts = [store.table.index_stats(index.name).num_indices]
+    for k in range(MAX_INDEX_DELTAS):
+        more = add(2600 + 10 * k, 10)
+        assert store.update_index(1000, 2.0, 2000) == (["text_vec"], 2000)
+        parts.append(store.table.index_stats(index.name).num_indices)
+        assert store.table.index_stats(index.name).num_unindexed_rows == 0
+    assert parts == [2, 3, 4, 5, 6, 7, 8, 1, 2]
+    assert recall(more) >= 0.8
     # grown 2x since training: trained again on every row
-    add(2600, 1400)
-    assert store.update_index(1000, 2.0, 2000) == (["text_vec"], 4000)
+    add(2680, 1400)
+    assert store.update_index(1000, 2.0, 2000) == (["text_vec"], 4080)
 
 
 def test_second_writer_gets_clear_error(tmp_path):

@@ -128,6 +128,9 @@ def key_rows(view_table, keys: pa.ChunkedArray | pa.Array, batch_rows: int = 655
     return np.where(at >= 0, found[at], -1)
 
 
+MAX_INDEX_DELTAS = 8  # an IVF-PQ index's parts (one per incremental extraction) before they are merged
+
+
 @dataclass
 class EntityChanges:
     """What ``sync_entities`` did: rows in the source, ids new to the dataset table, rows changed, ids removed."""
@@ -419,7 +422,7 @@ class FeatureStore:
         indexed = {c for i in tbl.list_indices() for c in i.columns}
         wanted = {f"{m}_vec": view for m, view in self.views().items()}
         if trained_rows and set(wanted) <= indexed and n < trained_rows * retrain_growth:
-            tbl.optimize(cleanup_older_than=KEEP_EVERY_VERSION)  # (it also compacts the table: pooled vectors only)
+            self._add_to_index(tbl)
             return sorted(wanted), trained_rows
         for column, view in wanted.items():
             dim = view.meta["vec_dim"]
@@ -427,6 +430,20 @@ class FeatureStore:
             tbl.create_index(column, config=IvfPq(distance_type="cosine", num_partitions=max(1, int(np.sqrt(n))),
                                                   num_sub_vectors=sub), replace=True)
         return sorted(wanted), n
+
+    def _add_to_index(self, tbl) -> None:
+        """The rows no index covers go into a new delta index of each column (Lance's ``optimize_indices`` with
+        ``num_indices_to_merge=0``: cost in the new rows); an index of ``MAX_INDEX_DELTAS`` parts is merged
+        into one instead. Merging on every run (lancedb's ``optimize``) rewrote the whole index each time: 2.3 s
+        against 0.2 s for 1,280 new rows on a 128k-row table, so an incremental run cost O(N)."""
+        import lance  # (pylance: lancedb's optimize always merges)
+
+        ds = lance.dataset(f"{self.location.uri}/{self.name}.lance", storage_options=self.location.options or None)
+        for index in tbl.list_indices():
+            if (stats := tbl.index_stats(index.name)) is None or not stats.num_unindexed_rows:
+                continue
+            merge = stats.num_indices if stats.num_indices >= MAX_INDEX_DELTAS else 0
+            ds.optimize.optimize_indices(index_names=[index.name], num_indices_to_merge=merge)
 
     def written_tables(self) -> list[str]:
         """The tables an extraction of this config writes: dataset, views, search."""
