@@ -11,9 +11,14 @@ import torch
 from models.config import EncoderConfig
 from stores.encoders.stream import ABSENT_REASON, decode_workers, encode_stream
 from stores.encoders import build_encoder
-from stores.encoders.base import LOAD_WORKERS, Encoded, Encoder, load_image, masked_mean
+from stores.encoders.base import LOAD_WORKERS, Encoded, Encoder, load_image_uint8, masked_mean
 
 from conftest import make_manifest
+
+
+def float_image(ref, size: int) -> torch.Tensor:
+    """The former host path both encoders had: [3, size, size] float in [0, 1]."""
+    return load_image_uint8(ref, size).permute(2, 0, 1).float() / 255.0
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def image_refs(tmp_path_factory):
 def test_uint8_path_gives_the_float_path_features_exactly(image_refs):
     enc = build_encoder("image", EncoderConfig(kind="efficientnet_lite0", device="cpu"))
     good = image_refs[2:10]
-    x = torch.stack([load_image(r, 224) for r in good])  # the former float32 host path
+    x = torch.stack([float_image(r, 224) for r in good])  # the former float32 host path
     with torch.inference_mode():
         fmap = torch.cat([enc.net.forward_features(c) for c in
                           ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last).split(4)])
@@ -54,7 +59,7 @@ def test_hf_image_uint8_path_gives_the_float_path_features_exactly(tiny_hf, imag
     enc = build_encoder("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=size))
     good = image_refs[2:10]
     assert enc.load(good[0]).dtype == torch.uint8 and enc.load(good[0]).shape == (size, size, 3)
-    old = enc.proc(images=[load_image(r, size).permute(1, 2, 0).numpy() for r in good], return_tensors="pt",
+    old = enc.proc(images=[float_image(r, size).permute(1, 2, 0).numpy() for r in good], return_tensors="pt",
                    do_rescale=False)  # the former path: [0, 1] floats
     with torch.inference_mode():
         hidden = enc.model(**old, output_hidden_states=True).last_hidden_state

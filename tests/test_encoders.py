@@ -6,7 +6,7 @@ import torch
 from conftest import DATASETS, write_wav
 from models.config import EncoderConfig
 from stores.encoders import BadInput, build_encoder
-from stores.encoders.base import load_audio, load_image, load_text
+from stores.encoders.base import load_audio, load_image_uint8, load_text
 
 
 def test_efficientnet_lite0_real_weights_recognise_a_shoe():
@@ -85,7 +85,7 @@ def test_hf_encoder_errors_are_clear(tmp_path, monkeypatch):
 def test_bad_raw_inputs(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
     with pytest.raises(BadInput, match="unreadable image"):
-        load_image(str(tmp_path / "trunc.jpg"), 32)
+        load_image_uint8(str(tmp_path / "trunc.jpg"), 32)
     (tmp_path / "zero.wav").write_bytes(b"")
     with pytest.raises(BadInput, match="unreadable audio"):
         load_audio(str(tmp_path / "zero.wav"))

@@ -78,11 +78,6 @@ def load_image_uint8(ref: Any, size: int, max_pixels: int = MAX_IMAGE_PIXELS) ->
     return torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BICUBIC)))  # writable copy
 
 
-def load_image(ref: Any, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """[3, size, size] float in [0, 1] (see ``load_image_uint8``)."""
-    return load_image_uint8(ref, size, max_pixels).permute(2, 0, 1).float() / 255.0
-
-
 def stage_uint8(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Stack uint8 HWC images and copy them to ``device``: through pinned memory, asynchronously, on CUDA."""
     x = torch.stack(items)

@@ -436,9 +436,7 @@ class FeatureStore:
         ``num_indices_to_merge=0``: cost in the new rows); an index of ``MAX_INDEX_DELTAS`` parts is merged
         into one instead. Merging on every run (lancedb's ``optimize``) rewrote the whole index each time: 2.3 s
         against 0.2 s for 1,280 new rows on a 128k-row table, so an incremental run cost O(N)."""
-        import lance  # (pylance: lancedb's optimize always merges)
-
-        ds = lance.dataset(f"{self.location.uri}/{self.name}.lance", storage_options=self.location.options or None)
+        ds = self.location.lance_dataset(self.name)  # (lancedb's optimize always merges)
         for index in tbl.list_indices():
             if (stats := tbl.index_stats(index.name)) is None or not stats.num_unindexed_rows:
                 continue

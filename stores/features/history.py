@@ -32,9 +32,7 @@ def tag_run_version(tbl) -> int:
 def prune(loc: StoreLocation, name: str, older_than: timedelta) -> int:
     """Remove the untagged versions of table ``name`` older than ``older_than`` (and the files only they used);
     returns how many went."""
-    import lance  # (imported here: pylance is only needed by the writers that clean up)
-
-    ds = lance.dataset(f"{loc.uri}/{name}.lance", storage_options=loc.options or None)
+    ds = loc.lance_dataset(name)
     with warnings.catch_warnings():  # an age of 0 is the caller's choice (tests, `mm store gc --older-than 0`)
         warnings.simplefilter("ignore", UserWarning)
         stats = ds.cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)

@@ -139,6 +139,13 @@ class StoreLocation:
             return lancedb.connect(str(self.local), session=lance_session())
         return lancedb.connect(self.uri, storage_options=self.options, session=lance_session())
 
+    def lance_dataset(self, name: str):
+        """Table ``name`` as a pylance dataset, for what lancedb does not expose (version cleanup that keeps
+        tags, delta index updates). pylance is imported here: only the writers need it."""
+        import lance
+
+        return lance.dataset(f"{self.uri}/{name}.lance", storage_options=self.options or None)
+
     # ------------------------------------------------------------------ files (pyarrow.fs)
     @cached_property
     def _fs(self) -> tuple[pafs.FileSystem, str]:

@@ -65,7 +65,7 @@ class SplitCache:
         return self.root / self.key(versions) / f"{split}-{'-'.join(sorted(inputs))}"
 
     def load(self, versions: dict[str, int], split: str, inputs: tuple[str, ...]
-             ) -> tuple[list[str], FeatureBatch, Callable[[], None]] | None:
+             ) -> tuple[list[str], FeatureBatch, Callable[[], None] | None] | None:
         """The cached split as copy-on-write memory-mapped tensors, with the function that drops their resident
         pages (``release_pages``; None for a split under ``RELEASE_ABOVE_BYTES``), or None (absent, or damaged
         and dropped)."""
