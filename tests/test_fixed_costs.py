@@ -16,6 +16,7 @@ def trained(tiny_hf, tmp_path_factory):
     """An `early` head trained and logged by the run layer (what the train task runs) on a 36-row store of the
     tiny HF encoders, with every ``mlflow.pyfunc.load_model`` call made during training and logging recorded."""
     import mlflow.pyfunc
+    import mlflow.utils.environment
 
     from runs.train import train_and_evaluate
     from stores.extraction import extract
@@ -33,8 +34,10 @@ def trained(tiny_hf, tmp_path_factory):
         loads.append(args[0] if args else kwargs.get("model_uri"))
         return real(*args, **kwargs)
 
+    checked = []  # MLflow's environment-vs-requirements check (see test_logging_skips_the_requirements_check)
     mp = pytest.MonkeyPatch()
     mp.setattr(mlflow.pyfunc, "load_model", recording_load)
+    mp.setattr(mlflow.utils.environment, "warn_dependency_requirement_mismatches", checked.append)
     try:
         tracker = Tracker(cfg.tracking, cfg.data.dataset_name)
         with tracker.live_run(cfg) as run:
@@ -42,14 +45,37 @@ def trained(tiny_hf, tmp_path_factory):
     finally:
         mp.undo()
     uri = f"models:/{tracker.model_name(cfg.head.label)}/1"
-    return cfg, uri, loads
+    return cfg, uri, loads, checked
 
 
 def test_training_logs_the_model_without_loading_it_back(trained):
     """MLflow's log_model validates an input example by loading the model (its encoders too) and predicting it,
     in the training process; the project logs the example without that load."""
-    _, _, loads = trained
+    _, _, loads, _ = trained
     assert loads == []
+
+
+def test_logging_skips_the_requirements_check_but_pins_the_installed_versions(trained, tmp_path):
+    """MLflow checks a model's requirements against the running environment by mapping every installed
+    distribution's files to modules (1.3 s a logged model); ours are read from that environment, so the check
+    is skipped, and the pins are still the installed versions."""
+    import importlib.metadata as md
+
+    import mlflow
+
+    cfg, uri, _, checked = trained
+    assert checked == []
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    pins = dict(line.split("==") for line in (local / "requirements.txt").read_text().split() if "==" in line)
+    assert pins["torch"] == md.version("torch").split("+")[0] and pins["lancedb"] == md.version("lancedb")
+    import mlflow.utils.environment as env
+
+    from stores.tracking.pyfunc import requirements_unchecked
+    check = env.warn_dependency_requirement_mismatches
+    with requirements_unchecked():
+        assert env.warn_dependency_requirement_mismatches is not check
+    assert env.warn_dependency_requirement_mismatches is check  # restored after the call
 
 
 def test_the_logged_model_keeps_its_input_example_for_the_ui_and_the_server(trained, tmp_path):
@@ -58,7 +84,7 @@ def test_the_logged_model_keeps_its_input_example_for_the_ui_and_the_server(trai
 
     from stores.tracking.pyfunc import input_example
 
-    cfg, uri, _ = trained
+    cfg, uri, *_ = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
     model = Model.load(local)
@@ -76,7 +102,7 @@ def test_the_logged_model_answers_its_stored_serving_example(trained, tmp_path):
     import mlflow
     from mlflow.models import predict
 
-    cfg, uri, _ = trained
+    cfg, uri, *_ = trained
     mlflow.set_tracking_uri(cfg.tracking.uri)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
     out = tmp_path / "predictions.json"
