@@ -80,6 +80,9 @@ class ExtractReport:
     updated: int = 0  # rows whose split, label, source or content changed
     removed: int = 0  # rows no longer in the source (kept in older versions)
     versions: dict[str, int] = field(default_factory=dict)
+    # seconds spent building encoders (their imports and weights): a cost of any run that encodes something,
+    # independent of the row count; 0 when nothing needed encoding
+    encoder_load_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -28,6 +28,7 @@ def small(tmp_path):
     cfg = manifest_config(tmp_path, manifest, store__write_every=4)
     first = extract(cfg, progress=False)
     assert first.encoded == {"image": 12, "text": 3}  # three distinct colour texts: one view row each
+    assert first.encoder_load_s > 0  # building both encoders, reported apart from the per-row cost
     return cfg, manifest, first
 
 
@@ -44,8 +45,9 @@ def test_switching_the_text_encoder_extracts_only_text(small, tiny_hf):
     assert a.views()["image"].name == b.views()["image"].name and a.name != b.name
     assert b.meta.tok_dim["text"] == 32 and a.meta.tok_dim["text"] == 384
     assert b.read_split("train", ("vec",)).ids == a.read_split("train", ("vec",)).ids
-    # both configs keep working side by side; rerunning either encodes nothing
-    assert extract(cfg, progress=False).encoded == {"image": 0, "text": 0}
+    # both configs keep working side by side; rerunning either encodes nothing, and builds no encoder
+    again = extract(cfg, progress=False)
+    assert again.encoded == {"image": 0, "text": 0} and again.encoder_load_s == 0
 
 
 def test_split_and_label_changes_extract_nothing(small):

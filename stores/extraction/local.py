@@ -45,9 +45,12 @@ class LazyEncoders(dict):
     def __init__(self, configs: dict[str, EncoderConfig]):
         super().__init__()
         self.configs = configs
+        self.load_seconds = 0.0  # building them: imports and weights
 
     def __missing__(self, m: str) -> Encoder:
+        t0 = time.perf_counter()
         self[m] = build_encoder(m, self.configs[m])
+        self.load_seconds += time.perf_counter() - t0
         return self[m]
 
 
@@ -155,7 +158,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                          meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,
                          {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
                          {m: int(timing[m + "_n"]) for m in mods}, n_work - added, len(changes.removed),
-                         meta.versions)
+                         meta.versions, encoders.load_seconds)
 
 
 Chunk = tuple[list[dict], dict[str, list[tuple[str, Any]]]]
