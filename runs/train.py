@@ -9,18 +9,19 @@ import numpy as np
 import torch
 
 from models.config import ExperimentConfig
-from models.features import take
+from models.features import Split, take
 from models.heads import FeatureBatch, Head, build_head
 from models.calibration import fit_temperature, presence_key
 from models.paper import deviations
 from models.metrics import classification_metrics, expected_calibration_error, primary_metric, robustness_auc
 from models.patterns import MissingPattern, robustness_grid, scenario_slug
 from models.records import RunResult, Scenario
-from models.training import FitResult, fit, predict
+from models.training import FitResult, fit
 from stores.encoders import load_backbones
 from stores.features.feature_store import FeatureStore, StoreError, open_store
 from stores.features.masks import MaskStore
 from stores.features.scenarios import ScenarioReader
+from runs.scenario_logits import ScenarioLogits
 
 # deterministic cuBLAS kernels (train.deterministic) need this before CUDA's first call
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -44,14 +45,21 @@ def check_store(cfg: ExperimentConfig, store: FeatureStore) -> None:
         p.check_modalities(store.modalities)
 
 
-def evaluate_grid(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> list[Scenario]:
+def scenario_logits(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> ScenarioLogits:
+    """``head``'s logits under missing patterns (saved masks, seed = cfg.seed), each split scored once per set
+    of kept modalities: what the evaluation grid and the calibration share."""
+    return ScenarioLogits(head, ScenarioReader(store, tuple(head.inputs), cfg.seed), cfg.train)
+
+
+def evaluate_grid(cfg: ExperimentConfig, head: Head, store: FeatureStore,
+                  logits: ScenarioLogits | None = None) -> list[Scenario]:
     """Test-split metrics of ``head`` under every evaluation pattern (saved masks, seed = cfg.seed)."""
-    reader = ScenarioReader(store, tuple(head.inputs), cfg.seed)
-    mods = reader.modalities
+    logits = logits or scenario_logits(cfg, head, store)
+    mods = logits.reader.modalities
     scenarios = []
     for pattern in evaluation_patterns(cfg, mods):
-        test = reader.under("test", pattern)
-        metrics = classification_metrics(predict(head, test, cfg.train), test.y, head.spec.task)
+        out, test = logits.under("test", pattern)
+        metrics = classification_metrics(out, test.y, head.spec.task)
         scenarios.append(Scenario(pattern, scenario_slug(pattern, mods), metrics))
     return scenarios
 
@@ -97,33 +105,45 @@ def fit_head(cfg: ExperimentConfig, store: FeatureStore, on_epoch=None) -> tuple
     return head, result
 
 
-def evaluate(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> tuple[list[Scenario], dict[str, float]]:
+def evaluate(cfg: ExperimentConfig, head: Head, store: FeatureStore,
+             logits: ScenarioLogits | None = None) -> tuple[list[Scenario], dict[str, float]]:
     """``head``'s test scenarios (``evaluate_grid``) and their summary (``summarize``)."""
-    scenarios = evaluate_grid(cfg, head, store)
+    scenarios = evaluate_grid(cfg, head, store, logits)
     return scenarios, summarize(scenarios, store.meta.task, store.modalities, cfg.eval.test_rates)
 
 
-def calibrate(cfg: ExperimentConfig, head: Head, store: FeatureStore) -> tuple[dict[str, float], dict[str, float]]:
+def calibrate(cfg: ExperimentConfig, head: Head, store: FeatureStore,
+              logits: ScenarioLogits | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """One temperature per set of present modalities (complete data, each modality absent), fitted on the
     validation split (``models.calibration``), and the ECE before and after it on validation and test
     (``ece/<split>_<before|after>/<present modalities>``). Multi-class heads only."""
     if head.spec.task != "multiclass":
         return {}, {}
-    reader = ScenarioReader(store, tuple(head.inputs), cfg.seed)
-    mods = reader.modalities
+    logits = logits or scenario_logits(cfg, head, store)
+    mods = logits.reader.modalities
     temperatures, metrics = {}, {}
     for pattern in [MissingPattern(), *(MissingPattern(kind="absent", modality=m) for m in mods)]:
         key = presence_key([m for m in mods if pattern.kind == "complete" or m != pattern.modality])
-        val = used_rows(reader.under("val", pattern), head, mods)
-        if val.size == 0:
+        val_logits, val_y = used_logits(*logits.under("val", pattern), head, mods)
+        if len(val_y) == 0:
             continue
-        temperatures[key] = t = fit_temperature(predict(head, val, cfg.train), val.y)
-        for split, batch in (("val", val), ("test", used_rows(reader.under("test", pattern), head, mods))):
-            logits, y = predict(head, batch, cfg.train), batch.y.numpy()
+        temperatures[key] = t = fit_temperature(val_logits, val_y)
+        for split, (out, y) in (("val", (val_logits, val_y)),
+                                ("test", used_logits(*logits.under("test", pattern), head, mods))):
             for when, scale in (("before", 1.0), ("after", t)):
-                prob = torch.softmax(logits / scale, -1).numpy()
-                metrics[f"ece/{split}_{when}/{key}"] = expected_calibration_error(prob, y)
+                prob = torch.softmax(out / scale, -1).numpy()
+                metrics[f"ece/{split}_{when}/{key}"] = expected_calibration_error(prob, y.numpy())
     return temperatures, metrics
+
+
+def used_logits(logits: torch.Tensor, data: Split, head: Head, modalities: list[str]) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """The logits and labels of ``used_rows``: the rows a head limited to some modalities can score."""
+    used = getattr(head, "modalities_used", None)
+    if not used:
+        return logits, data.y
+    rows = torch.from_numpy(np.flatnonzero(data.present[:, [modalities.index(m) for m in used]].any(1).numpy()))
+    return logits[rows], data.y[rows]
 
 
 def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None, on_epoch=None) -> RunResult:
@@ -131,9 +151,10 @@ def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None,
     t0 = time.perf_counter()
     store = (store or open_store(cfg)).pin()  # one set of Lance versions for the whole run, logged with it
     head, result = fit_head(cfg, store, on_epoch)
-    scenarios, summary = evaluate(cfg, head, store)
+    logits = scenario_logits(cfg, head, store)  # test and val scored once per set of kept modalities
+    scenarios, summary = evaluate(cfg, head, store, logits)
     summary[f"val_{primary_metric(store.meta.task)}"] = result.best_score
-    temperatures, calibration = calibrate(cfg, head, store)
+    temperatures, calibration = calibrate(cfg, head, store, logits)
     variant, named = run_variant(cfg, head, store.modalities)
     return RunResult(cfg, store.info(), result, scenarios, summary, head.cpu(), variant, time.perf_counter() - t0,
                      mask_tables={f"seed{cfg.seed}": MaskStore(store).table(seed=cfg.seed)},
