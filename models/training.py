@@ -91,6 +91,7 @@ class FitResult:
     seconds: float
     epochs_run: int
     history: list[dict] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's wall time, its validation included
 
 
 def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfig, seed: int,
@@ -110,9 +111,10 @@ def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfi
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(seed)
     task, key = head.spec.task, primary_metric(head.spec.task)
-    best, best_state, best_epoch, bad, history = -math.inf, None, -1, 0, []
+    best, best_state, best_epoch, bad, history, epoch_seconds = -math.inf, None, -1, 0, [], []
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
+        t_epoch = time.perf_counter()
         head.train()
         total = aux_total = 0.0
         stats: dict[str, float] = {}
@@ -138,8 +140,9 @@ def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfi
         row = {"epoch": epoch, "train_loss": total / train.size, "aux_loss": aux_total / train.size,
                **{name: value / train.size for name, value in stats.items()}, f"val_{key}": score, **({f"val_{key}/{n}": v for n, v in scores.items()} if len(scores) > 1 else {})}
         history.append(row)
+        epoch_seconds.append(time.perf_counter() - t_epoch)
         if on_epoch:
-            on_epoch(row)
+            on_epoch({**row, "seconds": epoch_seconds[-1]})  # logged as train/seconds (the history stays timeless)
         if score > best:
             best, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()})
@@ -149,4 +152,4 @@ def fit(head: Head, train: Split, val: Split | dict[str, Split], cfg: TrainConfi
                 break
     if best_state is not None:
         head.load_state_dict(best_state)
-    return FitResult(best_epoch, best, time.perf_counter() - t0, len(history), history)
+    return FitResult(best_epoch, best, time.perf_counter() - t0, len(history), history, epoch_seconds)

@@ -67,6 +67,10 @@ def test_run_is_open_while_training_with_live_epochs(colours_model):
     fit_s = run.data.metrics["fit/seconds"]
     assert (run.info.end_time - run.info.start_time) / 1000 >= fit_s
     assert max(m.timestamp for m in loss) <= run.info.end_time
+    # each epoch's wall time (its validation included), a point per epoch, together the fit's time
+    seconds = client.get_metric_history(out.run_id, "train/seconds")
+    assert sorted(m.step for m in seconds) == sorted(m.step for m in loss) and all(m.value > 0 for m in seconds)
+    assert sum(m.value for m in seconds) <= fit_s
 
 
 def test_registered_model_serves_outside_the_repo(colours_model, tmp_path):

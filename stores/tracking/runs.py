@@ -193,8 +193,8 @@ class Tracker:
     def log_run(self, result: RunResult, extra_tags: dict[str, str] | None = None) -> str:
         """Log an already finished run (e.g. from a benchmark): epochs, results and model in one go."""
         with self.live_run(result.config, extra_tags) as run:
-            for row in result.fit.history:
-                run.log_epoch(row)
+            for row, seconds in zip(result.fit.history, result.fit.epoch_seconds):
+                run.log_epoch({**row, "seconds": seconds})
             run.finish(result)
             return run.run_id
 
