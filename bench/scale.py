@@ -268,8 +268,8 @@ def bench_size(n: int, tmp: Path, models: dict[str, Path], env: dict[str, str], 
     r["noop"] = mm(["extract", "-c", cfg, "--no-dvc", "--json"], env, "mm extract (0 new rows)")
     for kind, head in zip(("vector", "token"), heads):
         res = mm(["train", "-c", cfg, "--set", f"head.name={head}", "--json"], env, f"mm train {head}")
-        res["fit_seconds"] = fit_seconds(tmp, json_of(res["stdout"]).get("run_id"))
-        res["last_epoch_seconds"] = last_epoch_seconds(tmp, json_of(res["stdout"]).get("run_id"))
+        run_id = json_of(res["stdout"]).get("run_id")
+        res["fit_seconds"], res["last_epoch_seconds"] = fit_seconds(tmp, run_id), last_epoch_seconds(tmp, run_id)
         r[f"train_{kind}"] = res
     r["plain_encode"] = measured(this("encode", str(work / "shards"), str(work / "plain"), str(models["image"]),
                                       str(models["text"])), env, "plain loop encode to .npy")

@@ -78,14 +78,20 @@ def summarize(scenarios: list[Scenario], task: str, modalities: list[str], test_
     return summary
 
 
-def used_rows(data: FeatureBatch, head: Head, modalities: list[str]) -> FeatureBatch:
-    """Rows where one of the modalities the head is limited to (``modalities_used``, e.g. the unimodal oracle's)
-    is present; every row for heads that use all modalities."""
+def used_index(data: Split, head: Head, modalities: list[str]) -> torch.Tensor | None:
+    """Positions of the rows where one of the modalities the head is limited to (``modalities_used``, e.g. the
+    unimodal oracle's) is present; None (every row) for heads that use all modalities."""
     used = getattr(head, "modalities_used", None)
     if not used:
-        return data
+        return None
     cols = [modalities.index(m) for m in used]
-    return take(data, torch.from_numpy(np.flatnonzero(data.present[:, cols].any(1).numpy())))
+    return torch.from_numpy(np.flatnonzero(data.present[:, cols].any(1).numpy()))
+
+
+def used_rows(data: Split, head: Head, modalities: list[str]) -> Split:
+    """The rows of ``data`` the head can score (``used_index``)."""
+    rows = used_index(data, head, modalities)
+    return data if rows is None else take(data, rows)
 
 
 def fit_head(cfg: ExperimentConfig, store: FeatureStore, on_epoch=None) -> tuple[Head, FitResult]:
@@ -138,12 +144,9 @@ def calibrate(cfg: ExperimentConfig, head: Head, store: FeatureStore,
 
 def used_logits(logits: torch.Tensor, data: Split, head: Head, modalities: list[str]) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
-    """The logits and labels of ``used_rows``: the rows a head limited to some modalities can score."""
-    used = getattr(head, "modalities_used", None)
-    if not used:
-        return logits, data.y
-    rows = torch.from_numpy(np.flatnonzero(data.present[:, [modalities.index(m) for m in used]].any(1).numpy()))
-    return logits[rows], data.y[rows]
+    """The logits and labels of the rows the head can score (``used_index``)."""
+    rows = used_index(data, head, modalities)
+    return (logits, data.y) if rows is None else (logits[rows], data.y[rows])
 
 
 def train_and_evaluate(cfg: ExperimentConfig, store: FeatureStore | None = None, on_epoch=None) -> RunResult:
