@@ -62,6 +62,24 @@ def cmd_extract(args) -> None:
           lambda r: out.key_values(r, title="extraction"))
 
 
+def unchanged_extraction(args) -> bool:
+    """``mm extract`` on a store whose record shows it up to date with unchanged shards
+    (stores/extraction/freshness.py): the extraction's report without a flow run, and the DVC version when asked,
+    made by the same call as the flow's task. False: the flow must run (and starts only then)."""
+    if args.max_rows is not None:
+        return False
+    from models.records import Extraction
+    from stores.extraction.freshness import unchanged_report
+    if (report := unchanged_report(_cfg(args))) is None:
+        return False
+    version = None
+    if not args.no_dvc:
+        from stores.features import versioning
+        version = versioning.version_store(_cfg(args).store, True)
+    _show(args, Extraction(report, version).as_dict(), lambda r: out.key_values(r, title="extraction"))
+    return True
+
+
 def cmd_info(args) -> None:
     from models.errors import first_line
     from stores.features.admin import overview
@@ -434,7 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     from stores.health import ServiceUnreachable
 
     try:
-        if args.cmd in FLOW_COMMANDS:  # `mm serve`'s server when it runs, else a temporary one ending with this
+        if args.cmd == "extract" and unchanged_extraction(args):
+            pass
+        elif args.cmd in FLOW_COMMANDS:  # `mm serve`'s server when it runs, else a temporary one ending with this
             with prefect_server.flow_api():
                 check_prefect_api(args.connect_timeout)
                 args.fn(args)

@@ -260,3 +260,68 @@ def test_an_unreadable_shard_fails_mm_extract_in_one_line(extracted, items, tiny
         main(["extract", "-c", str(tmp_path / "c.yaml"), "--no-dvc"])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after Prefect's own log of the failed flow
     assert e.value.code == 2 and err.startswith(f"error: manifest shard {folder / 'part-1.parquet'} cannot be read (")
+
+
+# ------------------------------------------------------------------ a rerun on unchanged shards (#21 fixed costs)
+def test_an_unchanged_shard_source_is_answered_from_the_stores_record(extracted):
+    """After a complete extraction whose inputs were all inside the shards, a rerun on the same shards gets the
+    report the extraction itself gives with nothing to do, without reading the source; sources whose inputs are
+    per-item files (a CSV of paths) or in object storage always run the extraction."""
+    from stores.extraction import extract
+    from stores.extraction.freshness import unchanged_report
+    for name in ("parquet", "webdataset", "hf"):
+        cfg = extracted[name][0]
+        noop = extract(cfg, progress=False)
+        assert sum(noop.encoded.values()) == 0 and noop.added == 0
+        fast = unchanged_report(cfg)
+        assert fast is not None, name
+        assert {**fast.as_dict(), "seconds": 0} == {**noop.as_dict(), "seconds": 0}, name
+    for name in ("files", "s3"):
+        extract(extracted[name][0], progress=False)
+        assert unchanged_report(extracted[name][0]) is None, name
+
+
+def test_a_changed_shard_or_store_is_extracted_again(items, tiny_hf, tmp_path):
+    import shutil
+    from stores.extraction import extract
+    from stores.extraction.freshness import unchanged_report
+    from stores.features.feature_store import FeatureStore
+    shards = shutil.copytree(items["root"] / "parquet", tmp_path / "shards")
+    cfg = tiny_config(tmp_path, shards, tiny_hf, data__name="changing")
+    extract(cfg, progress=False, max_rows=5)  # a partial run leaves work: no record
+    assert unchanged_report(cfg) is None
+    extract(cfg, progress=False)
+    assert unchanged_report(cfg) is not None
+    rows = items["rows"]
+    half = len(rows) // 2  # one title changes in the second shard (same file name, new bytes)
+    pq.write_table(table([{**r, "text": "a brand new title"} if r["id"] == rows[half]["id"] else r
+                          for r in rows[half:]]), shards / "part-00001.parquet")
+    assert unchanged_report(cfg) is None
+    again = extract(cfg, progress=False)
+    assert again.encoded == {"image": 0, "text": 1} and again.updated == 1
+    assert unchanged_report(cfg) is not None
+    os.utime(shards / "part-00000.parquet")  # touched, same bytes: the extraction runs, and encodes nothing
+    assert unchanged_report(cfg) is None
+    assert sum(extract(cfg, progress=False).encoded.values()) == 0 and unchanged_report(cfg) is not None
+    FeatureStore.for_config(cfg).table.delete(f"id = '{rows[0]['id']}'")  # a write from outside the extraction
+    assert unchanged_report(cfg) is None
+    assert extract(cfg, progress=False).added == 1 and unchanged_report(cfg) is not None
+    other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": 6})})  # another data config
+    assert unchanged_report(other) is None
+
+
+def test_mm_extract_on_unchanged_shards_starts_no_flow_run(extracted, tmp_path):
+    """The CLI answers from the record before any Prefect server is involved: with PREFECT_API_URL naming a port
+    where nothing listens (which a flow run would fail on), it still reports the extraction, in ~the import's
+    time (bench/scale.py)."""
+    import subprocess
+    import sys
+    import yaml
+    cfg = extracted["parquet"][0]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "extract", "-c", str(tmp_path / "c.yaml"), "--no-dvc",
+                           "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout[proc.stdout.find("{"):])
+    assert report["added"] == 0 and report["skipped"] == N + 1 and report["encoded"] == {"image": 0, "text": 0}

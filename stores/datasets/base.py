@@ -99,6 +99,9 @@ class Dataset:
     records: Sequence[Record]  # a list, or StreamedRecords for a source read batch by batch
     task: str = "multiclass"
     resolvers: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # modality -> ref -> raw input
+    # a local sharded source's shards as [path, size, mtime_ns] (``Source.listing``): an extraction that read no
+    # input from its own file records it, so a rerun on unchanged shards can skip (stores/extraction/freshness.py)
+    listing: Callable[[], list[list]] | None = None
 
     def batches(self) -> Iterator[list[Record]]:
         """The records in source order, a batch at a time (a streamed source holds only one batch)."""

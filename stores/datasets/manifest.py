@@ -95,7 +95,8 @@ def manifest(cfg: DataConfig) -> Dataset:
                    for i in rows]
 
     return Dataset(cfg.source_name, mods, classes, StreamedRecords(batches, n if keep is None else int(keep.sum())),
-                   task="multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass"))
+                   task="multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass"),
+                   listing=None if source.remote else source.listing)
 
 
 def _rows_with(names: pa.ChunkedArray, label: str) -> pa.Array:

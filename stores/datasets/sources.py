@@ -163,6 +163,11 @@ class Source:
         return [Shard(f"{folder}/{d['filename']}", self._url(f"{folder}/{d['filename']}"), "arrow", split)
                 for d in state.get("_data_files", [])]
 
+    def listing(self) -> list[list]:
+        """Each shard's [path, size, modification time in ns], in reading order."""
+        infos = self.fs.get_file_info([s.path for s in self.shards])
+        return [[s.url, i.size, i.mtime_ns] for s, i in zip(self.shards, infos)]
+
     # ------------------------------------------------------------------ what the source holds
     @cached_property
     def columns(self) -> list[str]:

@@ -4,6 +4,7 @@ the rows to write wait in a local spool, never a Python object per row."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -57,12 +58,17 @@ class KnownInputs:
         return out
 
 
-def entity_batches(ds: Dataset, known: KnownInputs | None, pool: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
+def entity_batches(ds: Dataset, known: KnownInputs | None, pool: ThreadPoolExecutor,
+                   seen: Counter | None = None) -> Iterator[pa.RecordBatch]:
     """The dataset table's rows for each batch of ``ds``'s records: entity columns plus each modality's content
-    key, hashed on ``pool`` (hashing frees the GIL) unless ``known`` holds it for an unchanged file."""
+    key, hashed on ``pool`` (hashing frees the GIL) unless ``known`` holds it for an unchanged file. ``seen``
+    counts the image/audio inputs that are not inline bytes (``"external"``: a path, or one refused)."""
     schema = entity_schema(ds.modalities)
     for recs in ds.batches():
         raws = {m: [None if r.payload.get(m) is None else ds.raw(m, r.payload[m]) for r in recs] for m in ds.modalities}
+        if seen is not None:
+            seen["external"] += sum(x is not None and not isinstance(x, bytes)
+                                    for m, xs in raws.items() if m != "text" for x in xs)
         stats = {m: list(pool.map(_stat, raws[m])) if m != "text" else [None] * len(recs) for m in ds.modalities}
         reuse = known.keys([r.id for r in recs], stats) if known is not None else {}
 

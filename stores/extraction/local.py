@@ -26,6 +26,7 @@ from stores.encoders.stream import encode_stream
 from stores.encoders import Encoder, build_encoder, encoder_fingerprint
 from stores.encoders.base import check_model_path
 from stores.encoders import LOAD_WORKERS
+from . import freshness
 from stores.extraction.entities import SEARCH_COLUMNS, KnownInputs, SearchDiff, entity_batches, work_schema
 from stores.extraction.heap import trim
 from stores.extraction.key_index import KeyIndex, appended_rowids
@@ -77,6 +78,7 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
     ``KeyIndex``."""
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data)
+    listing = ds.listing() if ds.listing else None  # the shards as this run reads them (freshness.record)
     enc_cfgs = cfg.encoder_configs()
     if missing := [m for m in ds.modalities if m not in enc_cfgs]:
         raise StoreError(f"no encoder configured for modalities {missing} of dataset {ds.name}")
@@ -104,9 +106,10 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         # brought up to date, and the rows the search table lacks or holds stale set aside in source order
         old = store.entity_digests(mods)
         diff = SearchDiff(store.search_digests([*SEARCH_COLUMNS, *(f"{m}_key" for m in mods)]), mods, work)
+        seen: Counter = Counter()
         with ThreadPoolExecutor(LOAD_WORKERS) as pool:
             known = KnownInputs(store, old) if old is not None else None
-            changes = store.sync_entities(diff.tap(entity_batches(ds, known, pool)), mods, old)
+            changes = store.sync_entities(diff.tap(entity_batches(ds, known, pool, seen)), mods, old)
         del old, known
         trim()  # (stores/extraction/heap.py: after each phase that allocates and frees large buffers)
         _record_dataset(store, ds, cfg)
@@ -153,7 +156,12 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
                "missing_counts": _missing_counts(store, mods), "rows": tbl.count_rows(), "updated": now(),
                "created": store.config_meta.get("created", now()) if store.meta_path.exists() else now(),
                "index_trained_rows": trained}
-        store.write_meta(out)
+        # complete, every input inside the source's shards, and no shard changed while this run read them
+        complete = n_work == work.num_rows and not seen["external"] and listing is not None and ds.listing() == listing
+        fresh = freshness.record(cfg, store, listing if complete else None, {
+            "fingerprint": meta.fingerprint, "source_rows": diff.rows, "rows": out["rows"],
+            "missing_counts": out["missing_counts"], "indices": indices})
+        store.write_meta({**out, **({freshness.KEY: fresh} if fresh else {})})
     return ExtractReport(store.name, meta.fingerprint, added, diff.rows - diff.stale, out["rows"],
                          meta.versions["dataset"], out["missing_counts"], time.perf_counter() - t_start,
                          {m: timing[m + "_n"] / timing[m + "_s"] for m in mods if timing[m + "_s"]}, indices,
