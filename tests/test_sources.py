@@ -271,7 +271,7 @@ def test_an_unchanged_shard_source_is_answered_from_the_stores_record(extracted)
     from stores.extraction.freshness import unchanged_report
     for name in ("parquet", "webdataset", "hf"):
         cfg = extracted[name][0]
-        noop = extract(cfg, progress=False)
+        noop = extract(cfg, progress=False, use_record=False)  # the extraction's own pass over the source
         assert sum(noop.encoded.values()) == 0 and noop.added == 0
         fast = unchanged_report(cfg)
         assert fast is not None, name
@@ -308,6 +308,15 @@ def test_a_changed_shard_or_store_is_extracted_again(items, tiny_hf, tmp_path):
     assert extract(cfg, progress=False).added == 1 and unchanged_report(cfg) is not None
     other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": 6})})  # another data config
     assert unchanged_report(other) is None
+    # every extraction path trusts the record as make and rsync trust a listing: bytes rewritten with the same
+    # size and the old mtime put back are not read (the pass over the source would fail on them)
+    shard = shards / "part-00000.parquet"
+    st = shard.stat()
+    shard.write_bytes(b"\0" * st.st_size)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert extract(cfg, progress=False).skipped == len(rows)
+    with pytest.raises(DatasetError, match="part-00000.parquet cannot be read"):
+        extract(cfg, progress=False, use_record=False)
 
 
 def test_mm_extract_on_unchanged_shards_starts_no_flow_run(extracted, tmp_path):

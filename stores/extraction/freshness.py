@@ -4,7 +4,9 @@ After a complete extraction of a local sharded source whose every image/audio in
 (Parquet or Arrow bytes, WebDataset samples; text is always inline), the store's config meta records the shards'
 listing (path, size, modification time in ns), the data config, the encoders' fingerprints and the tables' Lance
 versions (``record``). A later ``mm extract`` whose listing, configs and versions are all equal has nothing to
-do: the shards' bytes are the whole input, and nothing has written to the tables since (``unchanged_report``).
+do: the shards' bytes are the whole input, and nothing has written to the tables since (``unchanged_report``,
+which ``extract`` asks first, and ``mm extract`` before it starts any flow). Like make or rsync it trusts the
+listing: bytes rewritten with the same size and the old mtime put back are not seen.
 Anything else runs the extraction as before: a source that names per-item files (only a stat of every file would
 show their changes, which is the extraction's own first pass), an object-store source (its listing has second
 resolution), a partial run (``--max-rows``), any difference or any doubt. So ``mm extract`` on an unchanged
@@ -54,7 +56,7 @@ def unchanged_report(cfg: ExperimentConfig) -> ExtractReport | None:
         source = Source(cfg.data)
         if source.remote:
             return None
-        store = FeatureStore.for_config(cfg, source.modalities)
+        store = FeatureStore.for_config(cfg)  # its modalities from the dataset table's record: no shard is read
         if not store.meta_path.exists() or not (rec := store.config_meta.get(KEY)):
             return None
         mods = store.modalities

@@ -66,16 +66,21 @@ def encode_items(encoder: Encoder, modality: str, items: Iterable[tuple[str, Any
         yield key, feats if feats is not None else reason
 
 
-def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None = None) -> ExtractReport:
+def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None = None,
+            use_record: bool = True) -> ExtractReport:
     """Bring the store up to date with the source and the config's encoders. Each ``store.write_every`` rows
     are one atomic commit per view and one to the search table, so a crash loses at most the batch in flight
     and a rerun resumes without duplicates. ``max_rows`` stops after that many rows (incremental runs, tests).
+    A store whose record shows unchanged shards is answered from it (``freshness``; ``use_record=False`` reads
+    the source regardless).
 
     Memory does not grow with the source's payloads: the source is read twice as a stream of record batches
     (once to hash every input into the dataset table's rows, compared batch by batch with the stored dataset and
     search tables, once to encode the rows that need it, spooled in between on local disk), and what is kept
     whole is compact: each stored table's ids with 8-byte row digests (``RowDigests``), each view's keys as a
     ``KeyIndex``."""
+    if use_record and max_rows is None and (unchanged := freshness.unchanged_report(cfg)) is not None:
+        return unchanged
     t_start = time.perf_counter()
     ds = load_dataset(cfg.data)
     listing = ds.listing() if ds.listing else None  # the shards as this run reads them (freshness.record)
