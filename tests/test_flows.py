@@ -97,6 +97,10 @@ def test_predict_from_champion_with_a_missing_modality(pipeline_run):
     model = mlflow.pyfunc.load_model("models:/avmnist-early@champion")
     df = model.predict(pd.DataFrame([{"image": None, "audio": clip}]))
     assert list(df.columns)[:2] == ["label", "prob"]
+    # a request packs the inputs its head reads: MMP's tokens, only pooled vectors for a vector head
+    assert set(pred.features([{"audio": clip, "image": None}]).tok) == {"image", "audio"}
+    vec = load_predictor("models:/avmnist-early@champion", cfg.tracking).features([{"audio": clip, "image": None}])
+    assert set(vec.vec) == {"image", "audio"} and not vec.tok and not vec.emb
 
 
 def test_train_results_are_cached_by_content(pipeline_run):

@@ -111,7 +111,7 @@ class Predictor:
             pick = lambda field, i: (getattr(out, field)[idx.index(i)] if i in idx else getattr(ph, field)[0])  # noqa: E731
             batch.vec[m] = torch.from_numpy(np.stack([pick("vec", i) for i in range(len(samples))]).astype(np.float32))
             for kind, dim, length in (("tok", meta.tok_dim, meta.tok_len), ("emb", meta.emb_dim, meta.emb_len)):
-                if m in dim:
+                if m in dim and kind in self.head.inputs:  # a vector head reads no tokens: none are packed
                     blobs, lengths = tokens([pick(kind, i) for i in range(len(samples))])
                     x, mask = decode_tokens(blobs, lengths.to_numpy(), dim[m], length[m])
                     getattr(batch, kind)[m], getattr(batch, f"{kind}_mask")[m] = torch.from_numpy(x), torch.from_numpy(mask)
