@@ -57,8 +57,9 @@ def _sweep_output(args, cfg, swept, extra: dict | None = None) -> None:
 
 
 def cmd_extract(args) -> None:
+    """Runs after ``main`` asked the store's record (``unchanged_extraction``), so the flow does not ask again."""
     from flows.extraction import extract_flow
-    _show(args, extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows).as_dict(),
+    _show(args, extract_flow(_cfg(args), version=not args.no_dvc, max_rows=args.max_rows, use_record=False).as_dict(),
           lambda r: out.key_values(r, title="extraction"))
 
 

@@ -10,9 +10,12 @@ from tasks.extraction import extract_features, migrate_store, version_store
 
 
 @flow(name="extract")
-def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int | None = None) -> Extraction:
-    """Extract features into the LanceDB store (resumable), then version it with DVC."""
-    return Extraction(extract_features(config, max_rows=max_rows), version_store(config) if version else None)
+def extract_flow(config: ExperimentConfig, version: bool = True, max_rows: int | None = None,
+                 use_record: bool = True) -> Extraction:
+    """Extract features into the LanceDB store (resumable), then version it with DVC. ``use_record=False``: the
+    caller has already asked the store's record (``mm extract``), so the extraction does not ask it again."""
+    return Extraction(extract_features(config, max_rows=max_rows, use_record=use_record),
+                      version_store(config) if version else None)
 
 
 @flow(name="migrate")

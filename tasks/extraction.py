@@ -14,9 +14,9 @@ from .common import retry_transient
 
 
 @task(name="extract-features", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def extract_features(cfg: ExperimentConfig, max_rows: int | None = None) -> ExtractReport:
+def extract_features(cfg: ExperimentConfig, max_rows: int | None = None, use_record: bool = True) -> ExtractReport:
     """Resumable: a retry (or rerun) continues where the last attempt stopped."""
-    return extract(cfg, progress=True, max_rows=max_rows)
+    return extract(cfg, progress=True, max_rows=max_rows, use_record=use_record)
 
 
 @task(name="migrate-store", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
