@@ -1,12 +1,16 @@
 """Serving a registered model (issue 23): a bounded burst on loopback against ``mlflow models serve``.
 
     python bench/serving.py [--rows 256] [--workers 1 2] [--max-batch 1 32] [--requests 160] [--clients 8]
+                            [--reuse /tmp/servebench-XXXX]
 
 Trains one ``early`` head on ``--rows`` real Fashion pairs (EfficientNet-Lite0 + MiniLM, 3 epochs), registers it,
 then for each ``--workers`` and ``--max-batch`` value (``MM_SERVE_MAX_BATCH``: 1 answers each request alone, as
-before micro-batching) serves it with ``mlflow models serve --env-manager local -w N`` on 127.0.0.1 and measures: the time until the server answers its first request (the encoders load at start), single-client
-latency (p50 over 20 requests), ``--clients`` concurrent clients (p50, p99, requests/s over ``--requests``), and
-the status of each bad payload. Each request is one sample: an inline JPEG (base64) and a product title.
+before micro-batching) serves it with ``mlflow models serve --env-manager local -w N`` on 127.0.0.1 and measures:
+the time until the server answers its first request (the encoders load at start), single-client latency (p50
+over 20 requests), ``--clients`` concurrent clients (p50, p99, requests/s over ``--requests``), and the status
+of each bad payload. Each request is one sample: an inline JPEG (base64) and a product title. The server's CPU
+seconds per request and the cores the server and the clients kept busy say how much of a small machine the load
+generator itself took (it runs on the same cores). ``--reuse``: serve the model an earlier run trained there.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -77,16 +82,34 @@ def serve(model: str, tracking: str, workers: int, max_batch: int, port: int, tm
 
 
 def burst(url: str, payload: bytes, n: int, clients: int) -> tuple[list[float], float, list[int]]:
-    """``n`` requests from ``clients`` threads: latencies (s), wall time, status codes."""
+    """``n`` requests from ``clients`` threads: latencies (s), wall time, status codes. Each thread keeps one
+    HTTP client (a keep-alive connection, as a real client would): a new ``httpx.Client`` per request costs
+    more CPU than the request itself (an SSL context each), taken from the server's cores on a small machine."""
+    local = threading.local()
+
     def one(_):
-        with httpx.Client(timeout=120) as c:
-            t = time.perf_counter()
-            r = c.post(url, content=payload, headers={"Content-Type": "application/json"})
-            return time.perf_counter() - t, r.status_code
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=120)
+        t = time.perf_counter()
+        r = local.client.post(url, content=payload, headers={"Content-Type": "application/json"})
+        return time.perf_counter() - t, r.status_code
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         got = list(pool.map(one, range(n)))
     return [g[0] for g in got], time.perf_counter() - t0, [g[1] for g in got]
+
+
+def cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of the processes in a process group (the model server's)."""
+    pids = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -102,9 +125,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--port", type=int, default=5091)
+    ap.add_argument("--reuse", type=Path, help="an earlier run's folder: serve the model it trained")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="servebench-"))
-    model, tracking = train(args.rows, tmp)
+    if args.reuse:
+        sys.path.insert(0, str(ROOT))
+        tmp, model = args.reuse.resolve(), "models:/servebench@champion"
+        tracking = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="servebench-"))
+        model, tracking = train(args.rows, tmp)
+        print(f"trained in {tmp} (--reuse it)", file=sys.stderr)
     from bench.scaling import DATA  # importable once train() put the checkout on the path
     photo = next((DATA / "fashion" / "images").glob("*.jpg"))
     good = body([{"image": "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode(),
@@ -113,7 +143,8 @@ def main() -> None:
                                              "text": None}]
     lines = [f"rows {args.rows}, {os.cpu_count()} CPU cores; one sample a request (inline JPEG + title)", "",
              "| workers | max batch | ready after start (s) | first request (s) | 1 client p50 (ms) | "
-             f"{args.clients} clients p50 (ms) | p99 (ms) | req/s | errors |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{args.clients} clients p50 (ms) | p99 (ms) | req/s | server CPU per request (ms) | server / client "
+             "cores busy | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     statuses: dict[str, str] = {}
     for w, b in [(w, b) for w in args.workers for b in args.max_batch]:
         url = f"http://127.0.0.1:{args.port}"
@@ -132,11 +163,14 @@ def main() -> None:
             ready = time.perf_counter() - t0
             first, _, _ = burst(f"{url}/invocations", good, 1, 1)
             single, _, _ = burst(f"{url}/invocations", good, 20, 1)
+            server0, client0 = cpu_seconds(proc.pid), os.times()
             lat, wall, codes = burst(f"{url}/invocations", good, args.requests, args.clients)
+            server, client = cpu_seconds(proc.pid) - server0, os.times()
+            client = client.user + client.system - client0.user - client0.system
             errors = sum(c != 200 for c in codes)
             lines.append(f"| {w} | {b} | {ready:.1f} | {first[0]:.2f} | {statistics.median(single) * 1000:.0f} | "
                          f"{pct(lat, 50) * 1000:.0f} | {pct(lat, 99) * 1000:.0f} | {args.requests / wall:.1f} | "
-                         f"{errors} |")
+                         f"{server / args.requests * 1000:.0f} | {server / wall:.2f} / {client / wall:.2f} | {errors} |")
             for name, records in BAD.items():
                 r = httpx.post(f"{url}/invocations", content=body(records), timeout=120,
                                headers={"Content-Type": "application/json"})

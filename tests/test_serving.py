@@ -153,3 +153,48 @@ def test_micro_batcher_batches_concurrent_requests_and_keeps_errors_apart():
     worker.join(5)
     assert not worker.is_alive() and quick.worker is None
     assert quick.submit([{"x": "b"}]) == ["B"]
+
+
+def test_micro_batcher_waits_for_the_callers_it_just_answered_but_not_for_a_lone_one():
+    """A batch smaller than the last one waits (up to ``max_wait_s``) for more: the callers just answered send
+    again, and without the wait six clients alternated batches of five and one. A lone caller pays that wait at
+    most once: after a batch of one, the next runs at once."""
+    import threading
+    import time
+
+    from stores.tracking.batching import MicroBatcher
+    calls: list[list[str]] = []
+    hold = threading.Event()
+
+    def fn(samples):
+        calls.append([s["x"] for s in samples])
+        if len(calls) == 1:
+            hold.wait(5)
+        return [s["x"] for s in samples]
+
+    def seen(batch: list[str], within: float = 5.0) -> float:
+        t0 = time.monotonic()
+        while batch not in calls and time.monotonic() - t0 < within:
+            time.sleep(0.005)
+        return time.monotonic() - t0
+
+    batcher = MicroBatcher(fn, max_wait_s=3.0)
+    with ThreadPoolExecutor(4) as pool:
+        pool.submit(batcher.submit, [{"x": "lead"}])
+        seen(["lead"])
+        three = [pool.submit(batcher.submit, [{"x": f"r{i}"}]) for i in range(3)]
+        while batcher.pending.qsize() < 3:
+            time.sleep(0.005)
+        hold.set()
+        assert [f.result(10) for f in three] == [["r0"], ["r1"], ["r2"]]
+        assert calls[1] == ["r0", "r1", "r2"]  # the last batch held three samples
+        a = pool.submit(batcher.submit, [{"x": "a"}])
+        time.sleep(0.2)  # "a" is taken and waits for the next two (the old batcher ran it alone here)
+        rest = [pool.submit(batcher.submit, [{"x": x}]) for x in ("b", "c")]
+        assert a.result(10) == ["a"] and [f.result(10) for f in rest] == [["b"], ["c"]]
+        assert calls[2] == ["a", "b", "c"]
+        # a lone caller: waits out the window once (the batch before held three), then runs at once
+        lone = pool.submit(batcher.submit, [{"x": "d"}])
+        assert seen(["d"]) > 2.5 and lone.result(10) == ["d"]
+        again = pool.submit(batcher.submit, [{"x": "e"}])
+        assert seen(["e"]) < 2.0 and again.result(10) == ["e"]

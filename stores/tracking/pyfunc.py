@@ -26,7 +26,8 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
         """The head and, at start rather than at the first request, its encoders. Server-side paths are read
         only under the folders in ``MM_SERVE_ROOTS`` (``:``-separated, none by default): clients send inline
         data (base64 bytes, text, audio samples). Concurrent requests are answered in micro-batches of up to
-        ``MM_SERVE_MAX_BATCH`` samples (32; 1 runs each request alone)."""
+        ``MM_SERVE_MAX_BATCH`` samples (32; 1 runs each request alone); a batch smaller than the last one waits
+        up to ``MM_SERVE_MAX_WAIT_MS`` (20) for the requests of the callers just answered."""
         import os
 
         from stores.tracking.batching import MicroBatcher
@@ -37,7 +38,8 @@ class MissingRobustClassifier(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_files(a["config"], a["meta"], a["state"], roots=roots)
         for m in self.predictor.meta.modalities:
             self.predictor.encoder(m)
-        self.batcher = MicroBatcher(self.predictor.predict, int(os.environ.get("MM_SERVE_MAX_BATCH", "32")))
+        self.batcher = MicroBatcher(self.predictor.predict, int(os.environ.get("MM_SERVE_MAX_BATCH", "32")),
+                                    max_wait_s=float(os.environ.get("MM_SERVE_MAX_WAIT_MS", "20")) / 1000)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         samples = model_input.astype(object).where(model_input.notna(), None).to_dict("records")
