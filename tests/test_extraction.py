@@ -122,3 +122,19 @@ def test_mask_table_is_saved_and_reused(colour_store):
     t = masks.table(seed=3)  # seed 3 is this test's own; other tests share the session store
     assert set(t.column_names) >= {"dataset_version", "split", "pattern", "seed", "id", "image_present"}
     assert t.num_rows == len(ids)  # reused, not re-added
+
+
+def test_map_chunks_keeps_order_with_one_task_per_chunk():
+    """The dataset rows of a batch are built in a few chunks on the pool, in order, whatever the batch size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stores.extraction.entities import map_chunks
+
+    with ThreadPoolExecutor(2) as pool:
+        for n in (0, 1, 2, 3, 7, 100):
+            submitted = []
+            real = pool.submit
+            pool.submit = lambda *a, **k: submitted.append(1) or real(*a, **k)  # count the pool's tasks
+            assert map_chunks(pool, lambda x: x * x, list(range(n)), parts=2) == [x * x for x in range(n)]
+            pool.submit = real
+            assert len(submitted) == min(n, 2)
