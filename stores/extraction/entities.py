@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from stores.datasets import Dataset, Record
-from stores.datasets.base import describe_ref
+from stores.datasets.base import describe_ref, groups
 from stores.encoders import LOAD_WORKERS
 from stores.features.feature_store import FeatureStore, entity_schema
 from stores.features.row_diff import RowDigests, diff_rows, row_digests
@@ -63,8 +63,7 @@ def map_chunks(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequen
     """``[fn(x) for x in items]`` on ``pool``, one task per contiguous chunk (``parts`` of them), not per item: a
     future per row (the pool's ``map``) cost more than the row itself for small inline inputs (py-spy at 128k
     rows: 4-5% of an extraction in ``submit`` and ``Future``)."""
-    step = max(1, -(-len(items) // max(1, parts)))
-    chunks = [items[i:i + step] for i in range(0, len(items), step)]
+    chunks = groups(items, max(1, -(-len(items) // max(1, parts))))
     return [y for out in pool.map(lambda chunk: [fn(x) for x in chunk], chunks) for y in out]
 
 
