@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import optuna
+from typing import TYPE_CHECKING, Any, Callable
 
 from models.config import ExperimentConfig
 from models.heads import parse_head_config
@@ -17,6 +15,9 @@ from models.search_spaces import SEARCH_SPACE
 from runs.train import fit_head
 from stores.config_files import nest, with_tree, write_tuned
 from stores.features.feature_store import FeatureStore
+
+if TYPE_CHECKING:  # imported where a search runs: 0.3 s that `mm train` (flows.pipeline imports this) need not pay
+    import optuna
 
 FitFn = Callable[..., tuple[Any, Any]]  # (cfg, store, on_epoch) -> (head, FitResult); reads train + val only
 
@@ -73,6 +74,8 @@ def tune_head(cfg: ExperimentConfig, head: str, store: FeatureStore, fit_fn: Fit
     """``cfg.tune.n_trials`` trials of ``head`` (seeded TPE over SEARCH_SPACE[head]). Each trial fits on train
     and returns its best-epoch validation score; the pruner sees the per-epoch validation scores. ``fit_fn``
     gets the trial's config, the store and the per-epoch callback, nothing from the test split."""
+    import optuna
+
     base = head_base(cfg, head)
     key = f"val_{primary_metric(store.meta.task)}"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2) if cfg.tune.prune

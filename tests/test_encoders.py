@@ -272,3 +272,41 @@ def test_an_extraction_with_nothing_to_encode_loads_no_encoder(colour_store, mon
     cfg, _ = colour_store
     report = extract(cfg, progress=False)
     assert report.added == 0 and built == []
+
+
+def test_batched_pixels_equal_the_image_processor(tiny_hf):
+    """ViT's and CLIP's processors (resize and crop that leave the loaded size as it is, rescale, normalise) as one
+    batched lookup: the processor's pixel values bit for bit; another size falls back to the processor."""
+    from transformers import CLIPImageProcessorPil
+
+    from stores.encoders.pixels import PixelPath
+
+    rng = np.random.default_rng(0)
+    batch = lambda n, s: [torch.from_numpy(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for _ in range(n)]  # noqa
+    image = build_encoder("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=32))
+    clip = CLIPImageProcessorPil()  # shortest_edge 224, center crop 224, CLIP's mean and std
+    for proc, size in ((image.proc, 32), (clip, 224), (CLIPImageProcessorPil(do_rescale=False, image_std=0.25), 224)):
+        path, items = PixelPath.of(proc), batch(3, size)
+        ours = path(items, torch.device("cpu"))
+        assert path.verified
+        assert torch.equal(ours, proc(images=[x.numpy() for x in items], return_tensors="pt")["pixel_values"])
+        assert path(batch(2, size + 8), torch.device("cpu")) is None  # the processor would resize: not this path
+    items = [image.load(x.numpy()) for x in batch(4, 40)]
+    fast = image.encode(items)
+    image.pixels = None  # the processor itself
+    slow = image.encode(items)
+    assert np.array_equal(fast.vec, slow.vec) and all(np.array_equal(a, b) for a, b in zip(fast.tok, slow.tok))
+
+
+def test_batched_pixels_that_differ_from_the_processor_give_way_to_it(tiny_hf):
+    """The path checks its first batch against the processor: a difference (here a corrupted lookup), and the
+    processor's values are returned, then and from then on."""
+    from stores.encoders.pixels import PixelPath
+
+    image = build_encoder("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=32))
+    path = PixelPath.of(image.proc)
+    path.table = path.table + 1e-3
+    items = [torch.full((32, 32, 3), v, dtype=torch.uint8) for v in (0, 128, 255)]
+    ref = image.proc(images=[x.numpy() for x in items], return_tensors="pt")["pixel_values"]
+    assert torch.equal(path(items, torch.device("cpu")), ref) and not path.verified
+    assert path(items, torch.device("cpu")) is None

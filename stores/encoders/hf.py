@@ -17,6 +17,7 @@ from models.errors import first_line
 
 from .base import (Encoded, Encoder, EncoderError, autocast, folder_revision, load_audio, load_image_uint8, load_text,
                    masked_mean, package_revision, split_tokens)
+from .pixels import PixelPath
 
 # where transformers finds a model's commit (``extract_commit_hash``): a file under a hub cache's snapshots/<sha>/
 HUB_SNAPSHOT = re.compile(r"snapshots/[0-9a-f]{40}/")
@@ -136,6 +137,7 @@ class HFEncoder(Encoder):
         elif modality == "image":
             from transformers import AutoImageProcessor
             self.proc = AutoImageProcessor.from_pretrained(model_id)
+            self.pixels = PixelPath.of(self.proc)
         else:
             from transformers import AutoFeatureExtractor
             self.proc = AutoFeatureExtractor.from_pretrained(model_id)
@@ -189,8 +191,11 @@ class HFEncoder(Encoder):
                                return_tensors="pt")
         elif self.modality == "image":
             # uint8 HWC, as the processor expects from PIL: bit-identical pixel values to [0, 1] floats with
-            # do_rescale=False (its resize converts those back to uint8 for PIL), without the two conversions
-            inputs = self.proc(images=[x.numpy() for x in items], return_tensors="pt")
+            # do_rescale=False (its resize converts those back to uint8 for PIL), without the two conversions;
+            # the same values as one batched expression where the processor's steps are known (pixels.py)
+            pixels = self.pixels(items, self.device) if self.pixels is not None else None
+            inputs = {"pixel_values": pixels} if pixels is not None else \
+                self.proc(images=[x.numpy() for x in items], return_tensors="pt")
         else:
             sr = getattr(self.proc, "sampling_rate", 16000)
             inputs = self.proc([a[: int(self.cfg.audio_seconds * sr)] for a in items], sampling_rate=sr,
