@@ -192,7 +192,7 @@ class HFEncoder(Encoder):
         elif self.modality == "image":
             # uint8 HWC, as the processor expects from PIL: bit-identical pixel values to [0, 1] floats with
             # do_rescale=False (its resize converts those back to uint8 for PIL), without the two conversions;
-            # the same values as one batched expression where the processor's steps are known (pixels.py)
+            # the same values as one batched lookup where the processor's steps are known (pixels.py)
             pixels = self.pixels(items, self.device) if self.pixels is not None else None
             inputs = {"pixel_values": pixels} if pixels is not None else \
                 self.proc(images=[x.numpy() for x in items], return_tensors="pt")
