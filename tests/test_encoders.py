@@ -285,7 +285,9 @@ def test_batched_pixels_equal_the_image_processor(tiny_hf):
     batch = lambda n, s: [torch.from_numpy(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for _ in range(n)]  # noqa
     image = build_encoder("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=32))
     clip = CLIPImageProcessorPil()  # shortest_edge 224, center crop 224, CLIP's mean and std
-    for proc, size in ((image.proc, 32), (clip, 224), (CLIPImageProcessorPil(do_rescale=False, image_std=0.25), 224)):
+    # no rescaling, a NumPy mean and a scalar std
+    odd = CLIPImageProcessorPil(do_rescale=False, image_mean=np.array([0.1, 0.2, 0.3]), image_std=0.25)
+    for proc, size in ((image.proc, 32), (clip, 224), (odd, 224)):
         path, items = PixelPath.of(proc), batch(3, size)
         ours = path(items, torch.device("cpu"))
         assert path.verified

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,16 @@ def _keeps(target: tuple[int, int] | int | None, hw: tuple[int, int]) -> bool:
     return target == hw or (isinstance(target, int) and hw == (target, target))
 
 
+def _per_channel(c: Any) -> torch.Tensor:
+    """A mean or std (a number, or one per RGB channel) as a [3, 1] float32 column, as NumPy casts it."""
+    t = torch.from_numpy(np.asarray(c, dtype=np.float32).reshape(-1))
+    if t.numel() == 1:
+        t = t.expand(3)
+    if t.numel() != 3:
+        raise ValueError(f"{t.numel()} channel statistics for RGB images")
+    return t[:, None]
+
+
 class PixelPath:
     """``pixel_values`` for a batch of uint8 HWC images, or None where this path does not apply."""
 
@@ -53,11 +64,7 @@ class PixelPath:
         v = (v * float(proc.rescale_factor)).float() if proc.do_rescale else v.float()
         v = v[None, :].expand(3, 256)
         if proc.do_normalize:
-            mean, std = (torch.tensor(c if isinstance(c, (list, tuple)) else [c] * 3, dtype=torch.float32)[:, None]
-                         for c in (proc.image_mean, proc.image_std))
-            if mean.shape[0] != 3 or std.shape[0] != 3:
-                raise ValueError("not 3 channels")
-            v = (v - mean) / std
+            v = (v - _per_channel(proc.image_mean)) / _per_channel(proc.image_std)
         self.table = v.contiguous().flatten()  # [3 * 256]: channel c's value x at c * 256 + x
         self.offsets = torch.arange(3) * 256
 
@@ -76,7 +83,7 @@ class PixelPath:
             return None
         try:
             return cls(proc)
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, RuntimeError):
             return None
 
     def applies(self, hw: tuple[int, int]) -> bool:
