@@ -288,11 +288,11 @@ def test_batched_pixels_equal_the_image_processor(tiny_hf):
     # no rescaling, a NumPy mean and a scalar std
     odd = CLIPImageProcessorPil(do_rescale=False, image_mean=np.array([0.1, 0.2, 0.3]), image_std=0.25)
     for proc, size in ((image.proc, 32), (clip, 224), (odd, 224)):
-        path, items = PixelPath.of(proc), batch(3, size)
-        ours = path(items, torch.device("cpu"))
+        path, items = PixelPath.of(proc, torch.device("cpu")), batch(3, size)
+        ours = path(items)
         assert path.verified
         assert torch.equal(ours, proc(images=[x.numpy() for x in items], return_tensors="pt")["pixel_values"])
-        assert path(batch(2, size + 8), torch.device("cpu")) is None  # the processor would resize: not this path
+        assert path(batch(2, size + 8)) is None  # the processor would resize: not this path
     items = [image.load(x.numpy()) for x in batch(4, 40)]
     fast = image.encode(items)
     image.pixels = None  # the processor itself
@@ -306,9 +306,9 @@ def test_batched_pixels_that_differ_from_the_processor_give_way_to_it(tiny_hf):
     from stores.encoders.pixels import PixelPath
 
     image = build_encoder("image", EncoderConfig(kind="hf", model=str(tiny_hf["image"]), image_size=32))
-    path = PixelPath.of(image.proc)
+    path = PixelPath.of(image.proc, torch.device("cpu"))
     path.table = path.table + 1e-3
     items = [torch.full((32, 32, 3), v, dtype=torch.uint8) for v in (0, 128, 255)]
     ref = image.proc(images=[x.numpy() for x in items], return_tensors="pt")["pixel_values"]
-    assert torch.equal(path(items, torch.device("cpu")), ref) and not path.verified
-    assert path(items, torch.device("cpu")) is None
+    assert torch.equal(path(items), ref) and not path.verified
+    assert path(items) is None

@@ -137,7 +137,7 @@ class HFEncoder(Encoder):
         elif modality == "image":
             from transformers import AutoImageProcessor
             self.proc = AutoImageProcessor.from_pretrained(model_id)
-            self.pixels = PixelPath.of(self.proc)
+            self.pixels = PixelPath.of(self.proc, self.device)
         else:
             from transformers import AutoFeatureExtractor
             self.proc = AutoFeatureExtractor.from_pretrained(model_id)
@@ -193,7 +193,7 @@ class HFEncoder(Encoder):
             # uint8 HWC, as the processor expects from PIL: bit-identical pixel values to [0, 1] floats with
             # do_rescale=False (its resize converts those back to uint8 for PIL), without the two conversions;
             # the same values as one batched lookup where the processor's steps are known (pixels.py)
-            pixels = self.pixels(items, self.device) if self.pixels is not None else None
+            pixels = self.pixels(items) if self.pixels is not None else None
             inputs = {"pixel_values": pixels} if pixels is not None else \
                 self.proc(images=[x.numpy() for x in items], return_tensors="pt")
         else:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .base import stage_uint8
+
 log = logging.getLogger(__name__)
 
 
@@ -57,19 +59,19 @@ def _per_channel(c: Any) -> torch.Tensor:
 class PixelPath:
     """``pixel_values`` for a batch of uint8 HWC images, or None where this path does not apply."""
 
-    def __init__(self, proc: Any):
-        self.proc, self.verified, self.refused = proc, False, False
+    def __init__(self, proc: Any, device: torch.device):
+        self.proc, self.device, self.verified, self.refused = proc, device, False, False
         # every uint8 value's output per channel, computed once with the processor's own operations and rounding
         v = torch.arange(256, dtype=torch.float64)
         v = (v * float(proc.rescale_factor)).float() if proc.do_rescale else v.float()
         v = v[None, :].expand(3, 256)
         if proc.do_normalize:
             v = (v - _per_channel(proc.image_mean)) / _per_channel(proc.image_std)
-        self.table = v.contiguous().flatten()  # [3 * 256]: channel c's value x at c * 256 + x
-        self.offsets = torch.arange(3) * 256
+        # [3 * 256] on the encoder's device, once: channel c's value for x at c * 256 + x
+        self.table, self.offsets = v.contiguous().flatten().to(device), (torch.arange(3) * 256).to(device)
 
     @classmethod
-    def of(cls, proc: Any) -> "PixelPath | None":
+    def of(cls, proc: Any, device: torch.device) -> "PixelPath | None":
         """A path for ``proc`` when its class runs PilBackend's generic steps and pads nothing; else None."""
         try:
             from transformers.image_processing_backends import PilBackend
@@ -82,7 +84,7 @@ class PixelPath:
         if not generic or getattr(proc, "do_pad", None) or getattr(proc, "model_input_names", None) != ["pixel_values"]:
             return None
         try:
-            return cls(proc)
+            return cls(proc, device)
         except (AttributeError, TypeError, ValueError, RuntimeError):
             return None
 
@@ -93,15 +95,12 @@ class PixelPath:
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, W, 3] uint8 -> [B, 3, H, W] float32: a lookup in ``table`` (the processor's values exactly)."""
-        idx = x.long() + self.offsets.to(x.device)
-        return self.table.to(x.device)[idx].permute(0, 3, 1, 2).contiguous()
+        return self.table[x.long() + self.offsets].permute(0, 3, 1, 2).contiguous()
 
-    def __call__(self, items: list[torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    def __call__(self, items: list[torch.Tensor]) -> torch.Tensor | None:
         if not items or any(x.shape != items[0].shape for x in items) or not self.applies(tuple(items[0].shape[:2])):
             return None
-        from .base import stage_uint8
-
-        out = self.compute(stage_uint8(items, device))  # uint8 crosses to the device: a quarter of float32's bytes
+        out = self.compute(stage_uint8(items, self.device))  # uint8 crosses to the device: a quarter of float32's bytes
         if not self.verified:
             ref = self.proc(images=[x.numpy() for x in items], return_tensors="pt")["pixel_values"].to(out.device)
             if ref.shape != out.shape or not torch.equal(ref, out):
