@@ -41,7 +41,8 @@ def test_every_numeric_field_with_a_range_is_checked():
     from models.config import ConfigError
     from stores.config_files import load_config
     for bad in ["train.batch_size=0", "train.patience=0", "train.warmup_frac=1.5", "sweep.max_parallel=0",
-                "store.write_every=0", "store.lock_timeout_s=-1", "tracking.connect_timeout_s=0", "data.limit=0",
+                "store.write_every=0", "store.index_kmeans_iterations=0", "store.lock_timeout_s=-1",
+                "tracking.connect_timeout_s=0", "data.limit=0",
                 "encoders.image.batch_size=0", "data.val_fraction=1", "sweep.seeds=[-1]", "eval.test_rates=[]"]:
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             load_config(None, ["data.dataset=fashion", bad])

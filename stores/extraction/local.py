@@ -151,7 +151,8 @@ def extract(cfg: ExperimentConfig, progress: bool = True, max_rows: int | None =
         if changed:
             trim()
             store.compact(after_each=trim)  # at store.max_fragments
-            indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained)
+            indices, trained = store.update_index(cfg.store.index_min_rows, cfg.store.index_retrain_growth, trained,
+                                                  cfg.store.index_kmeans_iterations)
             trim()
             keep_run_versions(store.location, store.written_tables(), cfg.store.version_grace_s, after_each=trim)
         else:

@@ -409,7 +409,8 @@ class FeatureStore:
         if ids and self._has(self.name):
             self.table.delete(filters.isin("id", ids))
 
-    def update_index(self, min_rows: int, retrain_growth: float, trained_rows: int | None) -> tuple[list[str], int | None]:
+    def update_index(self, min_rows: int, retrain_growth: float, trained_rows: int | None,
+                     kmeans_iterations: int = 10) -> tuple[list[str], int | None]:
         """IVF-PQ cosine index on each pooled vector column of the search table once it has ``min_rows`` rows.
         Trained (centroids and codebooks) when there is none or the table has grown ``retrain_growth`` times since
         ``trained_rows``; otherwise the new rows are added to the existing index (Lance's ``optimize_indices``),
@@ -428,7 +429,8 @@ class FeatureStore:
             dim = view.meta["vec_dim"]
             sub = next(s for s in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if s and dim % s == 0)
             tbl.create_index(column, config=IvfPq(distance_type="cosine", num_partitions=max(1, int(np.sqrt(n))),
-                                                  num_sub_vectors=sub), replace=True)
+                                                  num_sub_vectors=sub, max_iterations=kmeans_iterations),
+                             replace=True)
         return sorted(wanted), n
 
     def _add_to_index(self, tbl) -> None:
