@@ -317,13 +317,17 @@ def fixed_costs(tmp: Path, models: dict[str, Path], env: dict[str, str], vector_
     out["query"] = [mm(["query", "-c", cfg, "--id", "r0", "--modality", "image"], env, "mm query --id")
                     for _ in range(repeat)]
     # the first run creates the MLflow sqlite database (its schema migrations, once per tracking URI); the
-    # repeated ones are what every later `mm train` pays
-    train = lambda label: mm(["train", "-c", cfg, "--set", f"head.name={vector_head}", "--json"], env,  # noqa: E731
-                             f"mm train {vector_head} (200 rows{label})")
-    out["train_first"] = train(", first: a new tracking database")
-    out["train"] = [train("") for _ in range(repeat)]
-    for run in [out["train_first"], *out["train"]]:
+    # repeated ones are what every later `mm train` pays. Each with its own seed: the same config again would be
+    # answered by the flow's result cache (the run it logged before), without training
+    train = lambda label, seed: mm(["train", "-c", cfg, "--set", f"head.name={vector_head}", "--set", f"seed={seed}",
+                                    "--json"], env, f"mm train {vector_head} (200 rows, seed {seed}{label})")  # noqa: E731
+    out["train_first"] = train(", first: a new tracking database", 0)
+    out["train"] = [train("", seed) for seed in range(1, repeat + 1)]
+    runs = [out["train_first"], *out["train"]]
+    for run in runs:
         run["fit_seconds"] = fit_seconds(tmp, json_of(run["stdout"]).get("run_id"))
+    if len({json_of(r["stdout"]).get("run_id") for r in runs}) < len(runs):
+        raise SystemExit("mm train answered a repeated run from its cache: the fixed cost would not include training")
     return out
 
 
