@@ -319,8 +319,9 @@ def fixed_costs(tmp: Path, models: dict[str, Path], env: dict[str, str], vector_
     # the first run creates the MLflow sqlite database (its schema migrations, once per tracking URI); the
     # repeated ones are what every later `mm train` pays. Each with its own seed: the same config again would be
     # answered by the flow's result cache (the run it logged before), without training
-    train = lambda label, seed: mm(["train", "-c", cfg, "--set", f"head.name={vector_head}", "--set", f"seed={seed}",
-                                    "--json"], env, f"mm train {vector_head} (200 rows, seed {seed}{label})")  # noqa: E731
+    def train(label: str, seed: int) -> dict:
+        return mm(["train", "-c", cfg, "--set", f"head.name={vector_head}", "--set", f"seed={seed}", "--json"], env,
+                  f"mm train {vector_head} (200 rows, seed {seed}{label})")
     out["train_first"] = train(", first: a new tracking database", 0)
     out["train"] = [train("", seed) for seed in range(1, repeat + 1)]
     runs = [out["train_first"], *out["train"]]

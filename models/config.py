@@ -210,8 +210,8 @@ class StoreConfig(Strict):
     # were trained; until then an extraction adds its new rows to the existing index (Lance's optimize_indices)
     index_retrain_growth: float = Field(2.0, ge=1)
     # k-means iterations training the index's IVF centroids (Lance's default: 50; faiss trains IVF with 10). 10
-    # halved the build (100k x 384-d: 50 -> 23 s; 300k: 60 -> 34 s) at equal recall@10 (0.94-0.97 with nprobes 20
-    # and re-ranking): bench/RESULTS.md, "Issue 21, eleventh pass"
+    # halved the build (100k x 384-d: 48 -> 21 s; 300k: 60 -> 34 s) at the same recall@10 with nprobes 20 and
+    # re-ranking: bench/RESULTS.md, "Issue 21, eleventh pass"
     index_kmeans_iterations: int = Field(10, ge=1, le=1000, json_schema_extra=RUNTIME)
     # an extraction compacts each table it wrote whose latest version holds more data files (fragments) than this
     max_fragments: int = Field(8, ge=1)

@@ -414,8 +414,9 @@ class FeatureStore:
         """IVF-PQ cosine index on each pooled vector column of the search table once it has ``min_rows`` rows.
         Trained (centroids and codebooks) when there is none or the table has grown ``retrain_growth`` times since
         ``trained_rows``; otherwise the new rows are added to the existing index (Lance's ``optimize_indices``),
-        so an incremental extraction pays for its new rows, not for the table. Returns the indexed columns and the
-        row count the index was trained on."""
+        so an incremental extraction pays for its new rows, not for the table. The IVF centroids are trained with
+        ``kmeans_iterations`` k-means iterations. Returns the indexed columns and the row count the index was
+        trained on."""
         tbl = self.table
         n = tbl.count_rows()
         if n < min_rows:
