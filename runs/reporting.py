@@ -117,16 +117,15 @@ def json_rows(scenarios: list[str], rows: list[dict]) -> list[dict]:
 
 
 def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str = "acc") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no process-wide backend (see Tracker._artifacts)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     scenarios, rows = aggregate(results, metric)
     table = markdown_table(scenarios, rows)
     modalities = sorted({part.split("-")[0] for s in scenarios for part in s.split("/") if "-" in part
                          and part.split("-")[1].isdigit()})
-    fig, axes = plt.subplots(1, max(1, len(modalities)), figsize=(5 * max(1, len(modalities)), 4.6), squeeze=False)
+    fig = Figure(figsize=(5 * max(1, len(modalities)), 4.6))
+    axes = fig.subplots(1, max(1, len(modalities)), squeeze=False)
     for ax, m in zip(axes[0], modalities):
         for r in rows:
             pts = []
@@ -144,7 +143,6 @@ def write_report(results: list[RunRow], out_dir: Path, title: str, metric: str =
     fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 5), 1, 1))
     fig.savefig(out_dir / "robustness.png", dpi=110)
-    plt.close(fig)
     md = f"# {title}\n\nTest {metric} (%, mean ± sd when there is more than one seed). Scenario columns give " \
          f"each modality's missing rate at test.\n\n{table}\n\n{horizon_table(results, metric)}" \
          f"![robustness](robustness.png)\n"

@@ -132,3 +132,23 @@ def test_result_tables_print_bracketed_head_variants_whole(capsys):
     note("source: Puma [bold] Shoes")
     out = capsys.readouterr().out
     assert variant in out and "cmpt[text:encoder+lora]" in out and "Puma [bold] Shoes" in out
+
+
+def test_report_figures_leave_matplotlibs_process_state_alone(tmp_path):
+    """The run's and the report's figures are drawn with matplotlib's object API: no pyplot, so no process-wide
+    backend switch or figure registry (a caller's plots and concurrent training threads are left alone)."""
+    import sys
+    script = f"""
+import sys
+from models.records import RunRow
+from runs.reporting import write_report
+rows = [RunRow(v, "complete", 0, {{"image-000/text-000": {{"acc": a}}, "image-100/text-000": {{"acc": a - 0.2}}}},
+               {{"grid_mean_acc": a - 0.1}}) for v, a in (("early", 0.9), ("mmp", 0.8))]
+report = write_report(rows, __import__("pathlib").Path({str(tmp_path)!r}), "t")
+assert (report.parent / "robustness.png").stat().st_size > 1000
+print("pyplot" if "matplotlib.pyplot" in sys.modules else "no-pyplot")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["no-pyplot"]  # (matplotlib.get_backend() would itself import pyplot)

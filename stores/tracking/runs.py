@@ -199,9 +199,9 @@ class Tracker:
             return run.run_id
 
     def _artifacts(self, result: RunResult, out: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # matplotlib's object API, not pyplot: no process-wide backend or figure registry, so concurrent
+        # training tasks (threads) and a caller's own plots are left alone
+        from matplotlib.figure import Figure
 
         (out / "config.yaml").write_text(yaml.safe_dump(result.config.model_dump(mode="json"), sort_keys=False))
         rows = [{"scenario": s.slug, "pattern": s.pattern.key, **{k: v for k, v in s.metrics.items()
@@ -210,7 +210,8 @@ class Tracker:
         (out / "per_class.json").write_text(json.dumps({s.slug: s.metrics.get("per_class_f1") for s in result.scenarios}))
         key = next(k for k in ("acc", "auroc", "f1_macro") if k in result.scenarios[0].metrics)
         mods = result.store.encoders.keys()
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         for m in mods:
             pts = [(0.0, result.scenarios[0].metrics[key])] + [
                 (s.pattern.rates[m], s.metrics[key]) for s in result.scenarios
@@ -220,22 +221,21 @@ class Tracker:
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "robustness_curve.png", dpi=110)
-        plt.close(fig)
         complete = result.scenarios[0].metrics
         if "per_class_f1" in complete:
-            fig, ax = plt.subplots(figsize=(max(5, len(complete["per_class_f1"]) * 0.3), 3.5))
+            fig = Figure(figsize=(max(5, len(complete["per_class_f1"]) * 0.3), 3.5))
+            ax = fig.subplots()
             ax.bar(range(len(complete["per_class_f1"])), complete["per_class_f1"])
             ax.set(xlabel="class", ylabel="F1 (complete test)")
             fig.tight_layout()
             fig.savefig(out / "per_class_f1.png", dpi=110)
-            plt.close(fig)
         if "confusion" in complete:
-            fig, ax = plt.subplots(figsize=(5, 5))
+            fig = Figure(figsize=(5, 5))
+            ax = fig.subplots()
             ax.imshow(np.asarray(complete["confusion"]), cmap="Blues")
             ax.set(xlabel="predicted", ylabel="true", title="confusion (complete test)")
             fig.tight_layout()
             fig.savefig(out / "confusion_matrix.png", dpi=110)
-            plt.close(fig)
         for name, table in result.mask_tables.items():  # the presence masks this run saw
             pq.write_table(table, out / f"masks_{name}.parquet")
 
