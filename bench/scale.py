@@ -325,9 +325,10 @@ def fixed_costs(tmp: Path, models: dict[str, Path], env: dict[str, str], vector_
     out["train_first"] = train(", first: a new tracking database", 0)
     out["train"] = [train("", seed) for seed in range(1, repeat + 1)]
     runs = [out["train_first"], *out["train"]]
-    for run in runs:
-        run["fit_seconds"] = fit_seconds(tmp, json_of(run["stdout"]).get("run_id"))
-    if len({json_of(r["stdout"]).get("run_id") for r in runs}) < len(runs):
+    run_ids = [json_of(run["stdout"]).get("run_id") for run in runs]
+    for run, run_id in zip(runs, run_ids):
+        run["fit_seconds"] = fit_seconds(tmp, run_id)
+    if len(set(run_ids)) < len(runs):
         raise SystemExit("mm train answered a repeated run from its cache: the fixed cost would not include training")
     return out
 

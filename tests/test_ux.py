@@ -135,8 +135,9 @@ def test_result_tables_print_bracketed_head_variants_whole(capsys):
 
 
 def test_report_figures_leave_matplotlibs_process_state_alone(tmp_path):
-    """The run's and the report's figures are drawn with matplotlib's object API: no pyplot, so no process-wide
-    backend switch or figure registry (a caller's plots and concurrent training threads are left alone)."""
+    """The report's figure is drawn with matplotlib's object API (as the run's are, ``Tracker._artifacts``): no
+    pyplot, so no process-wide backend switch or figure registry (a caller's plots and concurrent training
+    threads are left alone)."""
     import sys
     script = f"""
 import sys

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import torch
 from lancedb.index import IvfPq
 
-from models.config import DataConfig, EncoderConfig, ExperimentConfig, runtime_fields
+from models.config import DataConfig, EncoderConfig, ExperimentConfig, StoreConfig, runtime_fields
 from models.heads.base import FeatureBatch, ModalitySpec
 from models.records import StoreInfo, StoreMeta
 
@@ -410,7 +410,8 @@ class FeatureStore:
             self.table.delete(filters.isin("id", ids))
 
     def update_index(self, min_rows: int, retrain_growth: float, trained_rows: int | None,
-                     kmeans_iterations: int = 10) -> tuple[list[str], int | None]:
+                     kmeans_iterations: int = StoreConfig.model_fields["index_kmeans_iterations"].default
+                     ) -> tuple[list[str], int | None]:
         """IVF-PQ cosine index on each pooled vector column of the search table once it has ``min_rows`` rows.
         Trained (centroids and codebooks) when there is none or the table has grown ``retrain_growth`` times since
         ``trained_rows``; otherwise the new rows are added to the existing index (Lance's ``optimize_indices``),
