@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
+from flows import collector, prefect_server
 from flows import console as out
-from flows import prefect_server
 
 out.quiet()  # before any third-party import; runs again in Prefect's worker processes (they import this module)
 if __import__("multiprocessing").parent_process() is not None:  # a Prefect worker: its own server ends with it
@@ -312,6 +312,7 @@ def cmd_deploy(args) -> None:
 ENCODING_COMMANDS = {"extract", "pipeline"}  # build the configured encoders
 FLOW_COMMANDS = {"extract", "migrate", "train", "reproduce", "evaluate", "sweep", "pipeline", "deploy", "tune",
                  "protocol"}
+PIPELINE = ("flows.pipeline",)  # what the training commands import (flows.collector imports it first)
 
 
 def check_prefect_api(timeout_s: float) -> None:
@@ -352,15 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable result on stdout, no progress display")
     common.add_argument("--debug", action="store_true", help="full tracebacks and third-party logs")
 
-    def add(name, fn, help_, parent=sub):
+    def add(name, fn, help_, parent=sub, needs: tuple[str, ...] = ()):
+        """``needs``: the modules ``fn`` imports beyond ``main``'s own (flows.collector imports them first)."""
         sp = parent.add_parser(name, help=help_, parents=[common])
         sp.add_argument("-c", "--config", help="YAML experiment file (configs/*.yaml)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override, e.g. --set head.name=srmm --set train.epochs=5")
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=fn, needs=needs)
         return sp
 
-    sp = add("extract", cmd_extract, "extract features into the LanceDB store (resumable) and version with DVC")
+    sp = add("extract", cmd_extract, "extract features into the LanceDB store (resumable) and version with DVC",
+             needs=("flows.extraction",))
     sp.add_argument("--no-dvc", action="store_true")
     sp.add_argument("--max-rows", type=_positive)
     store = sub.add_parser("store", help="store commands").add_subparsers(dest="store_cmd", required=True)
@@ -371,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="also remove versions registered runs read")
     sp.add_argument("--older-than", type=float, default=3600.0, metavar="S",
                     help="keep versions younger than S seconds (readers may still use them; default 3600)")
-    add("migrate", cmd_migrate, "convert an old-layout store into views (no re-encoding)", parent=store)
-    sp = add("query", cmd_query, "nearest neighbours of an id, a text, an image or an audio clip")
+    add("migrate", cmd_migrate, "convert an old-layout store into views (no re-encoding)", parent=store,
+        needs=("flows.extraction",))
+    sp = add("query", cmd_query, "nearest neighbours of an id, a text, an image or an audio clip",
+             needs=("stores.encoders",))
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--id")
     src.add_argument("--text")
@@ -387,28 +392,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exact", action="store_true", help="bypass the ANN index")
     sp.add_argument("--nprobes", type=_positive, default=20,
                     help="IVF partitions scanned (more: higher recall, slower)")
-    add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow")
-    sp = add("reproduce", cmd_reproduce, "re-run a logged run on the store versions it read; compare metrics")
+    add("train", cmd_train, "train one head under one pattern and seed; evaluate; register in MLflow",
+        needs=PIPELINE)
+    sp = add("reproduce", cmd_reproduce, "re-run a logged run on the store versions it read; compare metrics",
+             needs=PIPELINE)
     sp.add_argument("run_id")
     add("tune", cmd_tune, "equal-budget Optuna search per head (tune.heads) on the validation split; "
-                          "writes configs/tuned/<dataset>-<head>.yaml")
-    sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid")
+                          "writes configs/tuned/<dataset>-<head>.yaml", needs=("flows.tuning",))
+    sp = add("evaluate", cmd_evaluate, "evaluate a registered model on the scenario grid", needs=PIPELINE)
     sp.add_argument("--model", required=True, help="e.g. models:/avmnist-mmp@champion")
-    add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions")
-    sp = add("pipeline", cmd_pipeline, "extract -> DVC -> sweep -> report")
+    add("sweep", cmd_sweep, "heads x train patterns x seeds, in parallel; report and champions", needs=PIPELINE)
+    sp = add("pipeline", cmd_pipeline, "extract -> DVC -> sweep -> report", needs=PIPELINE)
     sp.add_argument("--no-dvc", action="store_true")
     from models.protocol_presets import PRESETS
     sp = add("protocol", cmd_protocol, "run a paper's protocol preset (map-v1: 001 Tables 1 and 6; srmm-table6-v1: "
                                        "004 Table VI; mmp-table3-v1: 000 Table III); published rows beside ours "
-                                       "on food101 / mmimdb")
+                                       "on food101 / mmimdb", needs=("flows.protocol",))
     sp.add_argument("preset", choices=list(PRESETS))
     sp.add_argument("--seeds", nargs="+", type=int, help="default: the preset's")
     sp.add_argument("--epochs", type=_positive, help="default: the preset's (else the config's)")
     sp.add_argument("--heads", nargs="+", help="default: the preset's (oracle: one per modality)")
     sp.add_argument("--no-paper-rows", action="store_true", help="leave out the paper-constants rows")
-    sp = add("compare", cmd_compare, "paper-style table of MLflow runs (mean +- sd over seeds, grid mean)")
+    sp = add("compare", cmd_compare, "paper-style table of MLflow runs (mean +- sd over seeds, grid mean)",
+             needs=("runs.reporting", "stores.tracking.runs"))
     sp.add_argument("--metric", default="acc")
-    sp = add("predict", cmd_predict, "classify one sample with any modalities missing")
+    sp = add("predict", cmd_predict, "classify one sample with any modalities missing", needs=("stores.tracking.runs",))
     sp.add_argument("--model", required=True)
     sp.add_argument("--image")
     sp.add_argument("--text")
@@ -419,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("deploy", help="serve the cron-scheduled deployments of one or more configs", parents=[common])
     sp.add_argument("configs", nargs="+")
     sp.add_argument("--set", action="append", default=[])
-    sp.set_defaults(fn=cmd_deploy)
+    sp.set_defaults(fn=cmd_deploy, needs=("flows.deploy",))
     return p
 
 
@@ -458,8 +466,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd in FLOW_COMMANDS:  # `mm serve`'s server when it runs, else a temporary one ending with this
             with prefect_server.flow_api():
                 check_prefect_api(args.connect_timeout)
+                collector.imported(*args.needs)
                 args.fn(args)
         else:
+            collector.imported(*args.needs)
             args.fn(args)
     except (ConfigError, StoreError, DatasetError, ServiceUnreachable) as e:
         if args.debug:
@@ -498,5 +508,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(3)
 
 
+def run() -> None:
+    """The ``mm`` console script: ``main`` under the command-line process's collector policy (flows.collector)."""
+    with collector.running():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,6 +1,7 @@
 """Fixed costs of a training process (issue 21): the logged model keeps its input example, but the training process
 does not load the model back to validate it (MLflow's serving-input check, 4 s of a 200-row ``mm train``); the
-stored example is answered here instead, through MLflow's own scoring path."""
+stored example is answered here instead, through MLflow's own scoring path. The ``mm`` process's collector policy
+(flows.collector) and the imports a command leaves out."""
 from __future__ import annotations
 
 import json
@@ -140,3 +141,54 @@ def test_a_local_model_folder_is_fingerprinted_without_transformers(tiny_hf):
                          cwd=Path(__file__).resolve().parents[1])
     revision, imported = out.stdout.split()
     assert revision != "unknown" and imported == "False"
+
+
+def test_the_collector_is_paused_for_the_imports_and_on_for_the_work():
+    """flows.collector in a fresh interpreter: no full collection while the command's modules are imported, what
+    they built frozen (later collections skip it), the collector back on for the work, where cyclic garbage is
+    still collected, and the heap frozen when the command ends (the interpreter's exit walks no more of it)."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, weakref
+from flows import collector
+full = []
+gc.callbacks.append(lambda phase, info: phase == "stop" and info["generation"] == 2 and full.append(1))
+with collector.running():
+    paused = not gc.isenabled()
+    collector.imported("torch", "lancedb")
+    during, frozen = len(full), gc.get_freeze_count()
+    class Node: pass
+    a, b = Node(), Node()
+    a.peer, b.peer = b, a
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    print(paused, during, frozen > 100_000, gc.isenabled(), gone() is None)
+print(gc.isenabled(), gc.get_freeze_count() > frozen)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["True", "0", "True", "True", "True", "True", "True"], out.stdout + out.stderr
+
+
+def test_the_mm_script_runs_commands_under_the_collector_policy(colour_store, tmp_path):
+    """The installed ``mm`` is ``flows.cli:run`` (``main`` under flows.collector's policy), and a command run
+    through it answers as ``main`` does: a query's neighbours as JSON, exit 0."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    import yaml
+
+    assert entry_points(group="console_scripts")["mm"].value == "flows.cli:run"
+    path = tmp_path / "colours.yaml"
+    path.write_text(yaml.safe_dump(colour_store[0].model_dump(mode="json")))
+    out = subprocess.run([str(Path(sys.executable).parent / "mm"), "query", "-c", str(path), "--id", "s006",
+                          "--modality", "image", "-k", "3", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["neighbours"]
+    assert len(hits) == 3 and "s006" not in [h["id"] for h in hits]
