@@ -28,14 +28,15 @@ _paused = False  # True inside ``running`` until the command's modules are impor
 def running() -> Iterator[None]:
     """The whole life of an ``mm`` command: the collector paused until ``imported``, the heap frozen at exit."""
     global _paused
-    _paused = gc.isenabled()
+    was_enabled = _paused = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         _paused = False
         gc.freeze()  # before the interpreter's finalisation, which would otherwise collect the whole heap
-        gc.enable()
+        if was_enabled:  # a collector its caller had turned off stays off
+            gc.enable()
 
 
 def imported(*modules: str) -> None:
@@ -48,4 +49,3 @@ def imported(*modules: str) -> None:
         _paused = False
         gc.freeze()
         gc.enable()
-
